@@ -1,0 +1,151 @@
+"""Balancing terms: the seed's Switch loss alpha * sum f_i P_i, CV^2 penalties, router z-loss, and the
+statistics behind them, reduced over the balance group in ONE all-reduce per layer.
+
+Shape legend: T tokens, N experts, K top-k.
+
+    f_i = N / (K T) * #{t : i in TopK(t)}      (no gradient; the routing choice before capacity drop)
+    P_i = 1/T * sum_t s_{i,t}
+    CV^2(z) = (mean(z^2) - mean(z)^2) / mean(z)^2   (population variance, as in the seed)
+    z-loss  = mean_t (logsumexp_i logits_{t,i})^2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moe_dist.comm import all_reduce_sum_scaled_grad
+from moe_dist.config import MoEConfig
+from moe_dist.errors import NonFiniteError
+from moe_dist.router import RouterOutput
+
+
+@dataclass
+class MoEStats:
+    tokens_per_expert: Tensor
+    """int64 [N]: (token, expert) assignments per expert, summed over the balance group."""
+    f: Tensor
+    """[N]: the seed's normalised load f_i over the balance group (sums to N)."""
+    P: Tensor
+    """[N]: the seed's mean score P_i over the balance group."""
+    dropped: Tensor
+    """int64 scalar: (token, expert) pairs dropped by capacity, summed over the balance group."""
+    num_tokens: Tensor
+    """int64 scalar: tokens seen by the balance group in this call."""
+
+
+@dataclass
+class BalanceResult:
+    aux_loss: Tensor
+    terms: dict[str, Tensor]
+    stats: MoEStats
+    counts_N: Tensor
+    """float64 [N] counts over the balance group (the bias-update and running-f window adds these)."""
+
+
+def cv_squared(z_N: Tensor) -> Tensor:
+    """Seed's CV^2 with the population variance; 0 iff all entries are equal."""
+    mu = z_N.mean()
+    nu = (z_N * z_N).mean()
+    return (nu - mu * mu) / (mu * mu)
+
+
+def balance_terms(
+    cfg: MoEConfig,
+    route: RouterOutput,
+    dropped_local: Tensor,
+    group,
+    layer: int,
+    window_counts_N: Tensor | None = None,
+    window_tokens: Tensor | None = None,
+) -> BalanceResult:
+    """Compute every balancing term, pooled over ``group`` (None: this rank only).
+
+    ``window_counts_N``/``window_tokens`` are the running global counts of earlier micro-batches of the
+    step; with balance_scope="global_batch", f_i is taken over them plus this call.
+    """
+    N, K = cfg.num_experts, cfg.top_k
+    scores_TN = route.scores_TN
+    dtype = scores_TN.dtype
+    T_local = scores_TN.shape[0]
+    # why int64 counts (then fp64 for the packed reduce, exact to 2^53): bf16 counts flip bias signs
+    counts_local_N = torch.bincount(route.topk_idx_TK.flatten(), minlength=N)
+    nonfinite = (~torch.isfinite(route.logits_TN)).any() if cfg.check_finite else scores_TN.new_zeros((), dtype=torch.bool)
+
+    diff_parts = [scores_TN.sum(0)]
+    want_z = cfg.z_loss_coef > 0
+    if want_z:
+        lse_T = torch.logsumexp(route.logits_TN, dim=-1)
+        diff_parts.append((lse_T * lse_T).sum().reshape(1))
+    if route.load_prob_TN is not None:
+        diff_parts.append(route.load_prob_TN.sum(0))
+    diff_local = torch.cat(diff_parts).to(torch.float64)
+    plain_local = torch.cat(
+        [
+            counts_local_N.to(torch.float64),
+            torch.tensor([T_local], dtype=torch.float64, device=scores_TN.device),
+            dropped_local.to(torch.float64).reshape(1),
+            nonfinite.to(torch.float64).reshape(1),
+        ]
+    )
+    n_diff = diff_local.numel()
+    local_vec = torch.cat([diff_local, plain_local])
+    # one collective per layer carries the stats, the gradient-carrying sums and the non-finite flag
+    global_vec = all_reduce_sum_scaled_grad(local_vec, group) if group is not None else local_vec
+
+    plain_global = global_vec[n_diff:].detach()
+    bad_ranks = int(plain_global[N + 2].item()) if cfg.check_finite else 0
+    if bad_ranks:
+        here = "yes" if bool(nonfinite) else "no"
+        raise NonFiniteError(
+            f"MoE layer {layer}: router logits hold NaN/Inf on {bad_ranks} rank(s) of the balance group "
+            f"(this rank: {here}); raised on every rank together, before dispatch"
+        )
+    counts_N = plain_global[:N]
+    T_global = plain_global[N]
+    dropped_global = plain_global[N + 1]
+
+    def unpack(vec: Tensor, T: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        Tc = T.clamp(min=1).to(dtype)
+        P_N = vec[:N].to(dtype) / Tc
+        z = vec[N].to(dtype) / Tc if want_z else None
+        off = N + (1 if want_z else 0)
+        load = vec[off : off + N].to(dtype) * (N / (K * Tc)) if route.load_prob_TN is not None else None
+        return P_N, z, load
+
+    P_glob, z_glob, load_glob = unpack(global_vec[:n_diff], T_global)
+    f_glob = counts_N.to(dtype) * (N / (K * T_global.clamp(min=1).to(dtype)))
+
+    if cfg.balance_scope == "local":
+        P_N, z, smooth_f = unpack(diff_local, torch.tensor(float(T_local), dtype=torch.float64))
+        f_N = counts_local_N.to(dtype) * (N / (K * max(T_local, 1)))
+    else:
+        P_N, z, smooth_f = P_glob, z_glob, load_glob
+        f_N = f_glob
+        if cfg.balance_scope == "global_batch" and window_counts_N is not None:
+            run_counts = window_counts_N + counts_N
+            run_T = (window_tokens + T_global).clamp(min=1)
+            f_N = (run_counts * (N / (K * run_T))).to(dtype)
+
+    terms: dict[str, Tensor] = {}
+    zero = scores_TN.new_zeros(())
+    terms["switch"] = cfg.aux_loss_coef * (f_N.detach() * P_N).sum() if cfg.aux_loss_coef > 0 else zero
+    if cfg.cv_importance_coef > 0:
+        terms["cv_importance"] = cfg.cv_importance_coef * cv_squared(P_N)
+    if cfg.cv_load_coef > 0:
+        # with hard top-K, f carries no gradient: this term is then reported but trains nothing
+        terms["cv_load"] = cfg.cv_load_coef * cv_squared(smooth_f if smooth_f is not None else f_N.detach())
+    if want_z:
+        terms["z"] = cfg.z_loss_coef * z
+    aux = sum(terms.values(), zero)
+
+    stats = MoEStats(
+        tokens_per_expert=counts_N.round().to(torch.int64),
+        f=f_glob.detach(),
+        P=P_glob.detach(),
+        dropped=dropped_global.round().to(torch.int64),
+        num_tokens=T_global.round().to(torch.int64),
+    )
+    return BalanceResult(aux_loss=aux, terms=terms, stats=stats, counts_N=counts_N)

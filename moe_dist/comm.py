@@ -1,0 +1,100 @@
+"""Differentiable collectives and permutations used by the dispatcher and the balancing losses.
+
+Shape legend: T tokens, D model dim, R ranks in a group, P (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; its backward is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x_PD: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        # why contiguous: NCCL and gloo both need dense buffers for the uneven split layout
+        x_PD = x_PD.contiguous()
+        y_PD = x_PD.new_empty((sum(out_splits),) + tuple(x_PD.shape[1:]))
+        dist.all_to_all_single(y_PD, x_PD, out_splits, in_splits, group=group)
+        return y_PD
+
+    @staticmethod
+    def backward(ctx, grad_PD: Tensor):
+        grad_PD = grad_PD.contiguous()
+        g_PD = grad_PD.new_empty((sum(ctx.in_splits),) + tuple(grad_PD.shape[1:]))
+        dist.all_to_all_single(g_PD, grad_PD, ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return g_PD, None, None, None
+
+
+def all_to_all(x_PD: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    """Send ``in_splits[r]`` rows to rank r and receive ``out_splits[r]`` rows from rank r."""
+    return _AllToAll.apply(x_PD, out_splits, in_splits, group)
+
+
+class _AllReduceSumScaledGrad(torch.autograd.Function):
+    """Forward: sum over the group. Backward: the local gradient times the group size, no communication.
+
+    why: every rank computes the *same* loss from the summed value, so d(loss)/d(sum) is identical on all
+    ranks, and the true gradient of the group's summed objective w.r.t. this rank's input is R times it.
+    After the usual mean over data-parallel ranks (divide by R), parameters see exactly the gradient of the
+    single-process loss on the concatenated batch, whatever the per-rank token counts (Megatron-LM #3672).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.scale = dist.get_world_size(group)
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
+def all_reduce_sum_scaled_grad(x: Tensor, group) -> Tensor:
+    return _AllReduceSumScaledGrad.apply(x, group)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """y = x[idx] for a permutation idx; backward gathers with the inverse permutation.
+
+    why: the default backward of indexing is a scatter (index_put) that is slower than a gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, idx: Tensor, inv_idx: Tensor) -> Tensor:
+        ctx.save_for_backward(inv_idx)
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inv_idx,) = ctx.saved_tensors
+        return grad.index_select(0, inv_idx), None, None
+
+
+def permute_rows(x: Tensor, idx: Tensor, inv_idx: Tensor) -> Tensor:
+    return _PermuteRows.apply(x, idx, inv_idx)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    why: F.grouped_mm's CPU backward rejects stride-0 gradients such as the one ``.sum()`` produces.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.contiguous()
+
+
+def contiguous_grad(x: Tensor) -> Tensor:
+    return _ContiguousGrad.apply(x)

@@ -1,0 +1,142 @@
+"""The MoE layer: h = u + sum_i g_i FFN_i(u) (the seed), expert-parallel over an optional EP group.
+
+Shape legend: T tokens, D model dim, N experts, K top-k, L local experts, P dispatched rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moe_dist.balance import BalanceResult, MoEStats, balance_terms
+from moe_dist.config import MoEConfig
+from moe_dist.dispatcher import AllToAllDispatcher, LocalDispatcher, plan_routes
+from moe_dist.errors import ConfigError
+from moe_dist.experts import GroupedExperts
+from moe_dist.router import Router
+from moe_dist.timing import TimingHook, stage_range
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MoEOutput:
+    hidden: Tensor
+    """Same shape as the input."""
+    aux_loss: Tensor
+    """Sum of the enabled balancing terms (the global value under global scopes, equal on every rank)."""
+    terms: dict[str, Tensor]
+    """Each enabled term by name: switch, cv_importance, cv_load, z."""
+    stats: MoEStats
+
+
+class MoELayer(nn.Module):
+    """Route -> dispatch -> experts -> combine.
+
+    Args:
+        cfg: the layer's config.
+        ep_group: ranks the N experts are split across (N/R each, contiguous); None = all local.
+        balance_group: ranks whose tokens are pooled for f_i and P_i; None = no pooling.
+        layer_idx: names the layer in profiler ranges, timing records and errors.
+        timing_hook: the profiler's hook (see ``moe_dist.timing``); None = no timing.
+    """
+
+    def __init__(self, cfg: MoEConfig, ep_group=None, balance_group=None, layer_idx: int = 0,
+                 timing_hook: TimingHook | None = None) -> None:
+        super().__init__()
+        self.cfg, self.layer_idx, self.balance_group = cfg, layer_idx, balance_group
+        ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        if cfg.num_experts % ep_size:
+            raise ConfigError(
+                f"moe.num_experts={cfg.num_experts} is not divisible by the EP group size {ep_size}"
+            )
+        ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        self.num_local = cfg.num_experts // ep_size
+        self.first_expert = ep_rank * self.num_local
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(self.num_local, cfg.d_model, cfg.d_ff, cfg.activation)
+        self.experts.init_from_global(self.first_expert, cfg.num_experts)
+        if ep_group is not None and ep_size > 1:
+            self.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group, layer_idx, timing_hook)
+        else:
+            self.dispatcher = LocalDispatcher(cfg.num_experts, layer_idx, timing_hook)
+        self.timing_hook = timing_hook
+        # counting window of one optimizer step: global counts for the bias update and running f
+        self.register_buffer("window_counts", torch.zeros(cfg.num_experts, dtype=torch.float64),
+                             persistent=False)
+        self.register_buffer("window_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        if cfg.cv_load_coef > 0 and not cfg.noisy_gating:
+            # warnings (not logging) so that it shows once per process, not once per layer
+            warnings.warn("moe.cv_load_coef > 0 without noisy_gating: CV^2(f) of a hard top-K has no "
+                          "gradient, so it is reported but trains nothing", stacklevel=2)
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        """1. route: scores, top-K and the balancing terms (one all-reduce over the balance group);
+        2. dispatch: permute pairs by expert and all-to-all them to the expert's rank;
+        3. experts: one grouped GEMM per projection over the local experts;
+        4. combine: all-to-all back, unpermute, weight by the gates, add the residual.
+        """
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        route, plan, bal = self._route(x_TD)
+        x_PD, counts_L, meta = self.dispatcher.dispatch(x_TD, plan)
+        y_PD = self._experts(x_PD, counts_L)
+        out_TD = self.dispatcher.combine(y_PD, route.gates_TK, meta)
+        if self.cfg.residual:
+            out_TD = x_TD + out_TD
+        return MoEOutput(out_TD.reshape(shape), bal.aux_loss, bal.terms, bal.stats)
+
+    def _route(self, x_TD: Tensor):
+        with stage_range(self.layer_idx, "router"):
+            route = self.router(x_TD)
+            plan = plan_routes(route.topk_idx_TK, route.topk_scores_TK, self.cfg.num_experts,
+                               self.cfg.capacity_factor)
+            bal: BalanceResult = balance_terms(
+                self.cfg, route, plan.dropped, self.balance_group, self.layer_idx,
+                self.window_counts, self.window_tokens,
+            )
+        # why the graph-task check: activation recompute re-runs forward inside backward; counting it
+        # again would double the step's counts (torchtitan PR #1593)
+        if self.training and torch._C._current_graph_task_id() == -1:
+            self.window_counts += bal.counts_N
+            self.window_tokens += bal.stats.num_tokens.to(torch.float64)
+        return route, plan, bal
+
+    def _experts(self, x_PD: Tensor, counts_L: Tensor) -> Tensor:
+        hook = self.timing_hook
+        if hook is not None:
+            hook.record(self.layer_idx, "fwd", "experts_start")
+            hook.expert_delay(self.layer_idx)
+        with stage_range(self.layer_idx, "experts"):
+            y_PD = self.experts(x_PD, counts_L)
+        if hook is not None:
+            hook.record(self.layer_idx, "fwd", "experts_end")
+        return y_PD
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> Tensor:
+        """Once per optimizer step: b_i += gamma * sign(mean_j n_j - n_i) on the step's global counts,
+        then open a new counting window. Returns the counts used. With gamma = 0 it only resets.
+        """
+        counts_N = self.window_counts.clone()
+        gamma = self.cfg.bias_update_rate
+        if gamma > 0 and float(self.window_tokens) > 0:
+            delta = torch.sign(counts_N.mean() - counts_N)
+            self.router.expert_bias += (gamma * delta).to(self.router.expert_bias.dtype)
+        self.window_counts.zero_()
+        self.window_tokens.zero_()
+        return counts_N
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def update_expert_biases(model: nn.Module) -> list[Tensor]:
+    """Call once per optimizer step, after ``optimizer.step()``: updates every MoE layer's bias."""
+    return [m.update_expert_bias() for m in moe_layers(model)]
