@@ -72,7 +72,11 @@ def balance_terms(
     T_local = scores_TN.shape[0]
     # why int64 counts (then fp64 for the packed reduce, exact to 2^53): bf16 counts flip bias signs
     counts_local_N = torch.bincount(route.topk_idx_TK.flatten(), minlength=N)
-    nonfinite = (~torch.isfinite(route.logits_TN)).any() if cfg.check_finite else scores_TN.new_zeros((), dtype=torch.bool)
+    nonfinite = (
+        (~torch.isfinite(route.logits_TN)).any()
+        if cfg.check_finite
+        else scores_TN.new_zeros((), dtype=torch.bool)
+    )
 
     diff_parts = [scores_TN.sum(0)]
     want_z = cfg.z_loss_coef > 0

@@ -82,8 +82,14 @@ class MoEConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"{owner}.{name} must be one of {choices}, got {value!r}")
-        for name in ("aux_loss_coef", "z_loss_coef", "cv_importance_coef", "cv_load_coef",
-                     "bias_update_rate", "router_init_std"):
+        for name in (
+            "aux_loss_coef",
+            "z_loss_coef",
+            "cv_importance_coef",
+            "cv_load_coef",
+            "bias_update_rate",
+            "router_init_std",
+        ):
             value = getattr(self, name)
             check_type(owner, name, value, (int, float))
             if not math.isfinite(value) or value < 0:

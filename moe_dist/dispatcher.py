@@ -46,8 +46,9 @@ class DispatchMeta:
     regroup_inv: Tensor | None = None
 
 
-def plan_routes(topk_idx_TK: Tensor, topk_scores_TK: Tensor, num_experts: int,
-                capacity_factor: float | None) -> RoutePlan:
+def plan_routes(
+    topk_idx_TK: Tensor, topk_scores_TK: Tensor, num_experts: int, capacity_factor: float | None
+) -> RoutePlan:
     """Sort pairs by expert; with a capacity, keep each expert's top-C pairs by score on this rank."""
     T, K = topk_idx_TK.shape
     expert_P = topk_idx_TK.reshape(-1)

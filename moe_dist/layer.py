@@ -46,8 +46,14 @@ class MoELayer(nn.Module):
         timing_hook: the profiler's hook (see ``moe_dist.timing``); None = no timing.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group=None, balance_group=None, layer_idx: int = 0,
-                 timing_hook: TimingHook | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        ep_group=None,
+        balance_group=None,
+        layer_idx: int = 0,
+        timing_hook: TimingHook | None = None,
+    ) -> None:
         super().__init__()
         self.cfg, self.layer_idx, self.balance_group = cfg, layer_idx, balance_group
         ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -67,13 +73,17 @@ class MoELayer(nn.Module):
             self.dispatcher = LocalDispatcher(cfg.num_experts, layer_idx, timing_hook)
         self.timing_hook = timing_hook
         # counting window of one optimizer step: global counts for the bias update and running f
-        self.register_buffer("window_counts", torch.zeros(cfg.num_experts, dtype=torch.float64),
-                             persistent=False)
+        self.register_buffer(
+            "window_counts", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False
+        )
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         if cfg.cv_load_coef > 0 and not cfg.noisy_gating:
             # warnings (not logging) so that it shows once per process, not once per layer
-            warnings.warn("moe.cv_load_coef > 0 without noisy_gating: CV^2(f) of a hard top-K has no "
-                          "gradient, so it is reported but trains nothing", stacklevel=2)
+            warnings.warn(
+                "moe.cv_load_coef > 0 without noisy_gating: CV^2(f) of a hard top-K has no "
+                "gradient, so it is reported but trains nothing",
+                stacklevel=2,
+            )
 
     def forward(self, x: Tensor) -> MoEOutput:
         """1. route: scores, top-K and the balancing terms (one all-reduce over the balance group);
@@ -94,11 +104,17 @@ class MoELayer(nn.Module):
     def _route(self, x_TD: Tensor):
         with stage_range(self.layer_idx, "router"):
             route = self.router(x_TD)
-            plan = plan_routes(route.topk_idx_TK, route.topk_scores_TK, self.cfg.num_experts,
-                               self.cfg.capacity_factor)
+            plan = plan_routes(
+                route.topk_idx_TK, route.topk_scores_TK, self.cfg.num_experts, self.cfg.capacity_factor
+            )
             bal: BalanceResult = balance_terms(
-                self.cfg, route, plan.dropped, self.balance_group, self.layer_idx,
-                self.window_counts, self.window_tokens,
+                self.cfg,
+                route,
+                plan.dropped,
+                self.balance_group,
+                self.layer_idx,
+                self.window_counts,
+                self.window_tokens,
             )
         # why the graph-task check: activation recompute re-runs forward inside backward; counting it
         # again would double the step's counts (torchtitan PR #1593)
