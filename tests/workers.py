@@ -1,0 +1,103 @@
+"""Rank-side bodies for the distributed layer tests (run under tests.distributed.run_ranks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moe_dist import MoEConfig, MoELayer
+from tests.oracle import Case, make_tensors
+
+
+def build_layer(case: Case, t: dict, rank: int, world: int, group) -> MoELayer:
+    cfg = MoEConfig(**case.cfg)
+    layer = MoELayer(cfg, ep_group=group, balance_group=group).double()
+    L = cfg.num_experts // world
+    with torch.no_grad():
+        layer.router.weight.copy_(t["router"])
+        layer.router.expert_bias.copy_(t["bias"])
+        layer.experts.w1.copy_(t["w1"][rank * L : (rank + 1) * L])
+        layer.experts.w2.copy_(t["w2"][rank * L : (rank + 1) * L])
+    return layer
+
+
+def layer_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
+    """Forward + backward of <h, cot> + aux on this rank's tokens, for every case."""
+    group = dist.group.WORLD if world > 1 else None
+    results = []
+    for case in cases:
+        t = make_tensors(case)
+        layer = build_layer(case, t, rank, world, group)
+        x = t["xs"][rank].clone().requires_grad_()
+        out = layer(x)
+        loss = (out.hidden * t["cot"][rank]).sum() + out.aux_loss
+        loss.backward()
+        results.append(
+            {
+                "hidden": out.hidden.detach(),
+                "aux": out.aux_loss.detach(),
+                "terms": {k: v.detach() for k, v in out.terms.items()},
+                "f": out.stats.f,
+                "P": out.stats.P,
+                "counts": out.stats.tokens_per_expert,
+                "dropped": int(out.stats.dropped),
+                "grad_x": x.grad,
+                "grad_router": layer.router.weight.grad,
+                "grad_w1": layer.experts.w1.grad,
+                "grad_w2": layer.experts.w2.grad,
+            }
+        )
+    return results
+
+
+def accumulation_worker(rank: int, world: int, case: Case, micro: int) -> dict:
+    """global_batch scope over ``micro`` micro-batches: the switch term of each, and the final window."""
+    group = dist.group.WORLD if world > 1 else None
+    t = make_tensors(case)
+    layer = build_layer(case, t, rank, world, group)
+    x_all = t["xs"][rank]
+    switch, Ps = [], []
+    for chunk in x_all.chunk(micro):
+        out = layer(chunk)
+        switch.append(out.terms["switch"].detach())
+        Ps.append(out.stats.P)
+    counts = layer.window_counts.clone()
+    tokens = layer.window_tokens.clone()
+    used = layer.update_expert_bias()
+    return {
+        "switch": switch,
+        "P": Ps,
+        "window_counts": counts,
+        "window_tokens": tokens,
+        "used": used,
+        "after_reset": layer.window_counts.clone(),
+    }
+
+
+def bias_worker(rank: int, world: int, case: Case, steps: int) -> dict:
+    """Skewed router + bias updates only: global max/mean load per step, and the final bias."""
+    group = dist.group.WORLD if world > 1 else None
+    t = make_tensors(case)
+    layer = build_layer(case, t, rank, world, group)
+    g = torch.Generator().manual_seed(100 + rank)
+    maxvio = []
+    for _ in range(steps):
+        x = torch.randn(64, case.cfg["d_model"], generator=g, dtype=torch.float64) + 1.0
+        with torch.no_grad():
+            out = layer(x)
+        n = out.stats.tokens_per_expert.double()
+        maxvio.append(float(n.max() / n.mean() - 1))
+        layer.update_expert_bias()
+    return {"maxvio": maxvio, "bias": layer.router.expert_bias.clone()}
+
+
+def nan_worker(rank: int, world: int, case: Case) -> None:
+    """Rank 1 feeds a NaN token; every rank must raise NonFiniteError, none may hang."""
+    group = dist.group.WORLD
+    t = make_tensors(case)
+    layer = build_layer(case, t, rank, world, group)
+    layer.layer_idx = 7
+    x = t["xs"][rank].clone()
+    if rank == 1:
+        x[0, 0] = float("nan")
+    layer(x)
