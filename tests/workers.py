@@ -82,7 +82,7 @@ def bias_worker(rank: int, world: int, case: Case, steps: int) -> dict:
     g = torch.Generator().manual_seed(100 + rank)
     maxvio = []
     for _ in range(steps):
-        x = torch.randn(64, case.cfg["d_model"], generator=g, dtype=torch.float64) + 1.0
+        x = torch.randn(256, case.cfg["d_model"], generator=g, dtype=torch.float64) + 2.0
         with torch.no_grad():
             out = layer(x)
         n = out.stats.tokens_per_expert.double()
