@@ -47,8 +47,14 @@ def main(steps: int = 20, tokens: int = 512) -> None:
             layer.update_expert_bias()
             n = out.stats.tokens_per_expert.double()
             if rank == 0:
-                log.info("step %d loss %.4f aux %.4f MaxVio %.2f tokens/expert %s", step, task.item(),
-                         out.aux_loss.item(), (n.max() / n.mean() - 1).item(), n.long().tolist())
+                log.info(
+                    "step %d loss %.4f aux %.4f MaxVio %.2f tokens/expert %s",
+                    step,
+                    task.item(),
+                    out.aux_loss.item(),
+                    (n.max() / n.mean() - 1).item(),
+                    n.long().tolist(),
+                )
     finally:
         dist.destroy_process_group()
 

@@ -64,6 +64,11 @@ class Router(nn.Module):
         return torch.promote_types(x.dtype, torch.float32)
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
+        # why autocast off: under bf16 autocast the matmul would silently drop to bf16 and flip top-K picks
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return self._route(x_TD)
+
+    def _route(self, x_TD: Tensor) -> RouterOutput:
         cfg = self.cfg
         dtype = self.compute_dtype(x_TD)
         x_TD = x_TD.to(dtype)

@@ -1,0 +1,134 @@
+"""Byte-level corpora: the interpreter's standard library (default), a user's text files, or a synthetic
+corpus with controllable topic skew. Each rank reads a disjoint shard; batches are a pure function of
+(seed, rank, step, micro-batch), so the data position on resume is just the step.
+"""
+
+from __future__ import annotations
+
+import glob
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moe_dist.errors import ConfigError
+from moe_dist.run_config import DataConfig
+
+
+class DataError(ConfigError):
+    """The corpus cannot be built: a bad path, an empty corpus, or a shard too small for one sequence."""
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    # why exclude site-packages: it is not the standard library, and what is installed there changes
+    files = sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
+    return root, files
+
+
+def text_files(patterns: list[str]) -> tuple[Path, list[Path]]:
+    files: list[Path] = []
+    for pat in patterns:
+        hits = [Path(h) for h in glob.glob(pat, recursive=True)]
+        hits = [h for h in hits if h.is_file()]
+        if not hits:
+            raise DataError(f"data.paths entry {pat!r} matches no file")
+        files.extend(hits)
+    return Path("/"), sorted(set(files))
+
+
+def _read(files: list[Path], root: Path, max_bytes: int) -> bytes:
+    chunks, total = [], 0
+    for f in files:
+        try:
+            b = f.read_bytes()  # bytes, not text: any encoding (or none) is fine
+        except OSError as e:
+            raise DataError(f"cannot read {f}: {e}") from None
+        chunks.append(b)
+        total += len(b)
+        if max_bytes and total >= max_bytes:
+            break
+    return b"".join(chunks)[: max_bytes or None]
+
+
+def synthetic_corpus(cfg: DataConfig, n_bytes: int, seed: int) -> bytes:
+    """Documents of 64-512 bytes; each from one topic drawn with Zipf(s) probabilities. Topic t emits
+    bytes from its own band of 24 printable values, so routing by byte identity is skewed by topic."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, cfg.topics + 1, dtype=torch.float64) ** cfg.zipf_s
+    out, total = [], 0
+    while total < n_bytes:
+        topic = int(torch.multinomial(weights, 1, generator=g))
+        length = int(torch.randint(64, 513, (1,), generator=g))
+        band = 32 + (topic * 24) % (127 - 32 - 24)
+        doc = torch.randint(band, band + 24, (length,), generator=g, dtype=torch.uint8)
+        out.append(bytes(doc.tolist()))
+        total += length
+    return b"".join(out)[:n_bytes]
+
+
+@dataclass
+class Corpus:
+    train: Tensor
+    """uint8 bytes of this rank's training shard."""
+    val: Tensor
+    """uint8 bytes of this rank's validation shard."""
+    description: str
+
+    @classmethod
+    def build(cls, cfg: DataConfig, seq_len: int, rank: int, world: int, seed: int) -> Corpus:
+        if cfg.kind == "synthetic":
+            size = cfg.max_bytes or 4_000_000
+            train_b = synthetic_corpus(cfg, size, seed)
+            val_b = synthetic_corpus(cfg, max(size // 10, (seq_len + 1) * world * 4), seed + 1)
+            desc = f"synthetic: {cfg.topics} topics, zipf s={cfg.zipf_s}"
+        else:
+            root, files = stdlib_files() if cfg.kind == "stdlib" else text_files(cfg.paths)
+            if not files:
+                raise DataError(f"the {cfg.kind} corpus has no files")
+
+            def is_val(f: Path) -> bool:  # a stable per-file split, independent of directory order
+                return zlib.crc32(str(f.relative_to(root)).encode()) % cfg.val_every == 0
+
+            val_files = [f for f in files if is_val(f)]
+            train_files = [f for f in files if not is_val(f)]
+            if not val_files or not train_files:  # tiny corpora: split the one stream instead
+                train_files = val_files = files
+            train_b = _read(train_files, root, cfg.max_bytes)
+            val_b = _read(val_files, root, max(cfg.max_bytes // cfg.val_every, 0))
+            desc = f"{cfg.kind}: {len(files)} files ({len(train_files)} train, {len(val_files)} val)"
+            if train_files is val_files:
+                cut = len(train_b) * 9 // 10
+                train_b, val_b = train_b[:cut], train_b[cut:]
+        train = _shard(train_b, rank, world, seq_len, "train")
+        val = _shard(val_b, rank, world, seq_len, "validation")
+        desc += f", {len(train_b) / 1e6:.1f} MB train, {len(val_b) / 1e6:.2f} MB val"
+        return cls(train, val, desc)
+
+    def batch(
+        self, split: str, batch: int, seq_len: int, seed: int, rank: int, step: int, micro: int
+    ) -> tuple[Tensor, Tensor]:
+        """Random windows of this rank's shard; a pure function of its arguments (resumable)."""
+        data = self.train if split == "train" else self.val
+        key = f"{split}:{seed}:{rank}:{step}:{micro}".encode()
+        g = torch.Generator().manual_seed(zlib.crc32(key))
+        starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=g)
+        idx = starts[:, None] + torch.arange(seq_len + 1)
+        window = data[idx].long()
+        return window[:, :-1], window[:, 1:]
+
+
+def _shard(data: bytes, rank: int, world: int, seq_len: int, what: str) -> Tensor:
+    if not data:
+        raise DataError(f"the {what} corpus is empty")
+    per = len(data) // world
+    if per < 2 * (seq_len + 1):
+        raise DataError(
+            f"the {what} corpus ({len(data)} bytes) is too small for {world} ranks of "
+            f"sequences of {seq_len} bytes (each shard needs >= {2 * (seq_len + 1)} bytes)"
+        )
+    chunk = data[rank * per : (rank + 1) * per]
+    return torch.frombuffer(bytearray(chunk), dtype=torch.uint8)

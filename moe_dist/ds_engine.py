@@ -1,0 +1,103 @@
+"""``engine: deepspeed``: our model inside ``deepspeed.initialize``, expert params registered the way
+DeepSpeed's own MoE layer registers them, so its engine reduces them over the expert-data-parallel group.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moe_dist.engine import autocast_ctx, lr_lambda, param_groups
+from moe_dist.model import expert_params
+from moe_dist.parallel import ParallelLayout
+from moe_dist.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: RunConfig, world: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON config generated from the YAML (``deepspeed.extra`` is merged last)."""
+    t = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        # why: we hand DeepSpeed a torch AdamW (its fused Adam needs CUDA), which ZeRO calls "untested"
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": device.type == "cuda" and t.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    ds.update(cfg.deepspeed.extra)
+    return ds
+
+
+class DeepSpeedEngine:
+    def __init__(
+        self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
+    ) -> None:
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        from deepspeed.utils import groups
+
+        self.cfg, self.layout, self.device = cfg, layout, device
+        ep = layout.ep
+        group_name = f"ep_size_{ep}"
+        if group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(ep)
+        # why assert: DeepSpeed reduces expert grads over ITS groups; they must hold the ranks ours do
+        ds_edp = dist.get_process_group_ranks(groups._get_expert_data_parallel_group(group_name))
+        if ds_edp != layout.edp_ranks(layout.ep_rank):
+            raise RuntimeError(
+                f"DeepSpeed's expert-data-parallel ranks {ds_edp} differ from ours "
+                f"{layout.edp_ranks(layout.ep_rank)}"
+            )
+        for p in expert_params(model):
+            p.allreduce = False  # DeepSpeed's marker for expert params (deepspeed.moe.utils.is_moe_param)
+            p.group_name = group_name
+        groups_ = split_params_into_different_moe_groups_for_optimizer(
+            param_groups(model, cfg.optim.weight_decay)
+        )
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(groups_, lr=o.lr, betas=(o.beta1, o.beta2))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.ds_config = deepspeed_config(cfg, layout.world, device)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.model = model
+        self._last_norm = 0.0
+
+    def forward(self, idx: Tensor):
+        with autocast_ctx(self.cfg, self.device):
+            return self.engine(idx)
+
+    def backward(self, loss: Tensor) -> None:
+        # DeepSpeed scales by 1/gradient_accumulation_steps itself; step() only updates at the boundary
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

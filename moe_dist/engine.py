@@ -1,0 +1,130 @@
+"""Two engines behind one trainer: plain torch.distributed (``engine: torch``, under torchrun) and
+DeepSpeed (``engine: deepspeed``, under the deepspeed launcher).
+
+Gradient semantics (both engines): the objective is the mean over all ranks of each rank's loss.
+- Dense params are replicated: their grads are averaged over the world.
+- Expert params live on one EP rank per replica; each one's local grad already sums the tokens of its
+  whole EP group (through the all-to-all backward), so grads are summed over the expert-data-parallel
+  group and divided by the world size. DeepSpeed's engine does the same (``_reduce_expert_gradients``
+  divides the expert-data-parallel sum by the data-parallel world size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moe_dist.model import dense_params, expert_params
+from moe_dist.parallel import ParallelLayout
+from moe_dist.run_config import RunConfig
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup to 1, then cosine to min_lr/lr at the last step (a multiplier of optim.lr)."""
+    o, steps = cfg.optim, cfg.train.steps
+    floor = o.min_lr / o.lr
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        t = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def autocast_ctx(cfg: RunConfig, device: torch.device):
+    if device.type == "cuda" and cfg.train.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class TorchEngine:
+    def __init__(
+        self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
+    ) -> None:
+        self.model, self.cfg, self.layout, self.device = model, cfg, layout, device
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.dense = dense_params(model)
+        self.experts = expert_params(model)
+
+    def forward(self, idx: Tensor):
+        with autocast_ctx(self.cfg, self.device):
+            return self.model(idx)
+
+    def backward(self, loss: Tensor) -> None:
+        # micro-batch losses are averaged over the step, like DeepSpeed's gradient-accumulation scaling
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def step(self) -> float:
+        """Sync grads, clip, update. Returns the global grad norm before clipping."""
+        world = self.layout.world
+        for p in self.dense + self.experts:
+            if p.grad is None:  # an expert that got no tokens on this step still takes part
+                p.grad = torch.zeros_like(p)
+        if world > 1:
+            _all_reduce_flat([p.grad for p in self.dense], self.layout.world_group, 1.0 / world)
+            if self.layout.edp_group is not None:
+                _all_reduce_flat([p.grad for p in self.experts], self.layout.edp_group, 1.0 / world)
+            else:
+                for p in self.experts:
+                    p.grad.mul_(1.0 / world)
+        norm = self._global_norm()
+        clip = self.cfg.optim.grad_clip
+        if clip > 0 and norm > clip:
+            for p in self.dense + self.experts:
+                p.grad.mul_(clip / (norm + 1e-6))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm
+
+    def _global_norm(self) -> float:
+        dense_sq = sum((p.grad.float() ** 2).sum() for p in self.dense)
+        expert_sq = sum((p.grad.float() ** 2).sum() for p in self.experts)
+        expert_sq = torch.as_tensor(expert_sq, dtype=torch.float32, device=self.device)
+        if self.layout.ep_group is not None:
+            # why: each EP rank holds different experts; dense grads are already identical everywhere
+            dist.all_reduce(expert_sq, group=self.layout.ep_group)
+        return float(torch.sqrt(dense_sq + expert_sq))
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _all_reduce_flat(grads: list[Tensor], group, scale: float) -> None:
+    """One all-reduce over a flat buffer instead of one per tensor."""
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(synced)

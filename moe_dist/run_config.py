@@ -1,0 +1,317 @@
+"""The run's config: nested dataclasses loaded from YAML with dotted CLI overrides.
+
+    cfg = load_config("configs/cpu_demo.yaml", ["model.moe.top_k=1", "train.steps=50"])
+
+Unknown keys fail with the nearest valid name; every section validates itself in ``__post_init__``, so a
+bad config is rejected before any process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe_dist.config import MoEConfig, check_type
+from moe_dist.errors import ConfigError
+
+
+def _positive(owner: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        check_type(owner, name, value, (int, float))
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{owner}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    """D: residual stream width."""
+    n_layers: int = 4
+    """Transformer blocks."""
+    n_heads: int = 4
+    """Attention heads (d_model must divide by it)."""
+    seq_len: int = 128
+    """Context length in bytes."""
+    moe_every: int = 1
+    """An MoE FFN in every k-th block (k=1: every block); the others get a dense FFN."""
+    d_ff_dense: int = 512
+    """Hidden width of the dense FFN blocks."""
+    init_std: float = 0.02
+    """Std of the embedding and attention weight init."""
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128))
+    """The MoE layers. moe.d_model follows d_model. The block adds the residual stream
+    (x + MoE(norm(x))), so the layer is built with its own residual off."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "seq_len", "moe_every", "d_ff_dense"):
+            _positive("model", self, name)
+            check_type("model", name, getattr(self, name), (int,))
+        _positive("model", self, "init_std")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+            )
+        if self.moe.d_model != self.d_model:
+            raise ConfigError(f"model.moe.d_model={self.moe.d_model} must equal model.d_model={self.d_model}")
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1
+    """Expert-parallel size; the data-parallel size is world / ep."""
+    backend: str = "auto"
+    """"auto" (nccl with CUDA, else gloo), "gloo" or "nccl"."""
+    timeout_s: float = 300.0
+    """Collective timeout: a rank stuck in a collective fails after this long instead of hanging."""
+
+    def __post_init__(self) -> None:
+        check_type("parallel", "ep", self.ep, (int,))
+        if self.ep < 1:
+            raise ConfigError(f"parallel.ep must be >= 1, got {self.ep}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"parallel.backend must be auto, gloo or nccl, got {self.backend!r}")
+        _positive("parallel", self, "timeout_s")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "stdlib"
+    """"stdlib" (this interpreter's standard-library source, as bytes), "text" (``paths``) or "synthetic"."""
+    paths: list[str] = field(default_factory=list)
+    """Files or globs for kind=text."""
+    val_every: int = 20
+    """Every val_every-th file (in sorted order, by a stable hash) goes to validation."""
+    max_bytes: int = 0
+    """Cap on the corpus size in bytes (0 = no cap); keeps start-up fast on big corpora."""
+    topics: int = 16
+    """Synthetic: number of topics, each its own byte distribution."""
+    zipf_s: float = 1.2
+    """Synthetic: topic t is drawn with probability proportional to 1 / (t+1)^zipf_s (0 = uniform)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("stdlib", "text", "synthetic"):
+            raise ConfigError(f"data.kind must be stdlib, text or synthetic, got {self.kind!r}")
+        check_type("data", "paths", self.paths, (list,))
+        if self.kind == "text" and not self.paths:
+            raise ConfigError("data.kind=text needs data.paths (files or globs)")
+        for name in ("val_every", "topics"):
+            check_type("data", name, getattr(self, name), (int,))
+        if self.val_every < 2:
+            raise ConfigError(f"data.val_every must be >= 2, got {self.val_every}")
+        _positive("data", self, "topics")
+        _positive("data", self, "max_bytes", "zipf_s", allow_zero=True)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 3e-4
+    """Floor of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms or the router bias)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+
+    def __post_init__(self) -> None:
+        _positive("optim", self, "lr")
+        _positive("optim", self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            check_type("optim", name, value, (int, float))
+            if not 0 <= value < 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {value}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps."""
+    micro_batch: int = 8
+    """Sequences per micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    """Validation every k steps (and at the end)."""
+    eval_batches: int = 4
+    ckpt_every: int = 0
+    """Checkpoint every k steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    collapse_patience: int = 20
+    """Warn when an expert stays under half the mean load for this many consecutive steps."""
+    resume: bool = True
+    """Resume from the run directory's latest checkpoint if one exists."""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "micro_batch",
+            "grad_accum",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "keep_last",
+            "collapse_patience",
+        ):
+            check_type("train", name, getattr(self, name), (int,))
+            _positive("train", self, name)
+        check_type("train", "seed", self.seed, (int,))
+        check_type("train", "ckpt_every", self.ckpt_every, (int,))
+        _positive("train", self, "ckpt_every", allow_zero=True)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage 0, 1 or 2."""
+    extra: dict = field(default_factory=dict)
+    """Merged verbatim into the generated DeepSpeed JSON config."""
+
+    def __post_init__(self) -> None:
+        check_type("deepspeed", "zero_stage", self.zero_stage, (int,))
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run directory name under out_dir."""
+    out_dir: str = "runs"
+    engine: str = "torch"
+    """"torch" (launch with torchrun) or "deepspeed" (launch with the deepspeed launcher)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("torch", "deepspeed"):
+            raise ConfigError(f"engine must be torch or deepspeed, got {self.engine!r}")
+        check_type("run", "name", self.name, (str,))
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name must be a non-empty directory name, got {self.name!r}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def check_world(self, world: int) -> None:
+        """Divisibility of world, EP size and experts; called before any process group work."""
+        ep, n = self.parallel.ep, self.model.moe.num_experts
+        if world % ep:
+            raise ConfigError(f"parallel.ep={ep} does not divide the world size {world}")
+        if n % ep:
+            raise ConfigError(f"model.moe.num_experts={n} is not divisible by parallel.ep={ep}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Hash of the resolved config, compared across ranks at start."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Build ``tp`` (a dataclass or a simple annotation) from YAML data, with clear errors."""
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        for key in value:
+            if key not in names:
+                near = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {where + '.' if where else ''}{near[0]}?" if near else ""
+                raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{hint}")
+        kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except TypeError as e:  # e.g. a field given a value of a type the dataclass cannot take
+            raise ConfigError(f"{where or 'config'}: {e}") from None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, where)
+    return value  # scalars and containers: each section's __post_init__ checks type and range
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    data = dict(data or {})
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("moe", {}), dict):
+        # moe.d_model follows model.d_model unless given (then it must match)
+        model = dict(model)
+        model["moe"] = {"d_model": model.get("d_model", ModelConfig.d_model), **model.get("moe", {})}
+        data["model"] = model
+    return _convert(RunConfig, data, "")
+
+
+def apply_override(data: dict, dotted: str) -> None:
+    """``a.b.c=value`` sets data[a][b][c]; the value is parsed as YAML (numbers, bools, null, lists)."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like key.sub=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    node, tp, where = data, RunConfig, ""
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(tp)]
+        if part not in names:
+            near = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean {where}{near[0]}?" if near else ""
+            raise ConfigError(f"unknown key {where}{part}{hint}")
+        if i == len(parts) - 1:
+            node[part] = yaml.safe_load(raw)
+            return
+        tp = typing.get_type_hints(tp)[part]
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{where}{part} is not a section; cannot set {key}")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}{part} must be a mapping")
+        where += part + "."
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    for item in overrides or []:
+        apply_override(data, item)
+    return config_from_dict(data)
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

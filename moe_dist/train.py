@@ -1,0 +1,93 @@
+"""Entry point, the same under torchrun and the deepspeed launcher:
+
+python -m moe_dist.train CONFIG.yaml [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from moe_dist.errors import ConfigError
+from moe_dist.parallel import ParallelLayout
+from moe_dist.run_config import RunConfig, load_config
+
+log = logging.getLogger("moe_dist.train")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s",
+        force=True,
+    )
+
+
+def init_distributed(cfg: RunConfig) -> tuple[torch.device, str]:
+    """Process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+    use_cuda = torch.cuda.is_available() and cfg.parallel.backend != "gloo"
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA devices; use gloo (or auto) on CPU")
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=cfg.parallel.timeout_s)
+    if cfg.engine == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+    return device, backend
+
+
+def check_same_config(cfg: RunConfig) -> None:
+    """Ranks launched with different configs are named, before any model collective."""
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, cfg.digest())
+    if len(set(digests)) > 1:
+        groups: dict[str, list[int]] = {}
+        for r, d in enumerate(digests):
+            groups.setdefault(d, []).append(r)
+        detail = "; ".join(f"ranks {rs} have config {d}" for d, rs in groups.items())
+        raise ConfigError(f"ranks disagree on the resolved config: {detail}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    setup_logging(rank)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)  # noqa: T201 - usage text for the command line
+        return {}
+    path = argv[0] if not argv[0].count("=") else None
+    overrides = argv[1:] if path else argv
+    # every check that needs no process group runs before one exists
+    cfg = load_config(path, overrides)
+    cfg.check_world(world)
+    device, backend = init_distributed(cfg)
+    try:
+        check_same_config(cfg)
+        layout = ParallelLayout.build(cfg.parallel.ep)
+        from moe_dist.trainer import Trainer
+
+        return Trainer(cfg, layout, device).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        logging.getLogger("moe_dist").error("%s: %s", type(e).__name__, e)
+        sys.exit(2)

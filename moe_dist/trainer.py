@@ -1,0 +1,307 @@
+"""The training loop shared by both engines: data, steps, logging, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from moe_dist.checkpoint import CheckpointError, load_obj, save_checkpoint, verified_checkpoints
+from moe_dist.data import Corpus
+from moe_dist.errors import NonFiniteError
+from moe_dist.layer import moe_layers, update_expert_biases
+from moe_dist.metrics import MetricsLogger, NullLogger
+from moe_dist.model import MoETransformer, active_params, expert_params
+from moe_dist.parallel import ParallelLayout
+from moe_dist.run_config import RunConfig, dump_config
+
+log = logging.getLogger("moe_dist.train")
+
+
+@dataclass
+class CollapseMonitor:
+    """Warn when an expert stays under half the mean load for ``patience`` consecutive steps."""
+
+    patience: int
+    streak: dict[tuple[int, int], int] = field(default_factory=dict)
+    warned: set[tuple[int, int]] = field(default_factory=set)
+
+    def update(self, step: int, layer: int, counts: list[float]) -> int:
+        mean = sum(counts) / len(counts)
+        collapsed = 0
+        for e, n in enumerate(counts):
+            key = (layer, e)
+            self.streak[key] = self.streak.get(key, 0) + 1 if n < 0.5 * mean else 0
+            if self.streak[key] >= self.patience:
+                collapsed += 1
+                if key not in self.warned:
+                    self.warned.add(key)
+                    log.warning(
+                        "step %d: expert %d of MoE layer %d has stayed under half the mean load for "
+                        "%d steps; the balancing coefficient looks too low",
+                        step,
+                        e,
+                        layer,
+                        self.streak[key],
+                    )
+        return collapsed
+
+
+def load_stats(counts: torch.Tensor) -> dict[str, float]:
+    n = counts.double()
+    mean = n.mean()
+    return {
+        "maxvio": float(n.max() / mean - 1) if mean > 0 else 0.0,
+        "cv": float(n.std(unbiased=False) / mean) if mean > 0 else 0.0,
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> None:
+        self.cfg, self.layout, self.device = cfg, layout, device
+        self.rank, self.world = layout.rank, layout.world
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.barrier()
+        torch.manual_seed(cfg.train.seed)  # same on every rank: identical dense init, same expert draws
+        random.seed(cfg.train.seed)
+        self.corpus = Corpus.build(cfg.data, cfg.model.seq_len, self.rank, self.world, cfg.train.seed)
+        self.model = MoETransformer(cfg.model, layout.ep_group, layout.balance_group).to(device)
+        if cfg.engine == "deepspeed":
+            from moe_dist.ds_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(self.model, cfg, layout, device)
+        else:
+            from moe_dist.engine import TorchEngine
+
+            self.engine = TorchEngine(self.model, cfg, layout, device)
+        self.metrics = MetricsLogger(self.run_dir) if self.rank == 0 else NullLogger()
+        self.collapse = CollapseMonitor(cfg.train.collapse_patience)
+        self.step = 0
+        self.n_active = active_params(self.model, cfg.model)
+        if self.rank == 0:
+            log.info(
+                "corpus %s; %d layers, %d MoE, %.2fM params on rank 0, %.2fM active per token; "
+                "world %d = dp %d x ep %d; engine %s",
+                self.corpus.description,
+                cfg.model.n_layers,
+                len(moe_layers(self.model)),
+                sum(p.numel() for p in self.model.parameters()) / 1e6,
+                self.n_active / 1e6,
+                self.world,
+                layout.dp,
+                layout.ep,
+                cfg.engine,
+            )
+
+    # --- collectives -------------------------------------------------------------------------
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean_over_ranks(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+            t /= self.world
+        return t.tolist()
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _my_files(self) -> list[str]:
+        names = [f"rank{self.rank}.pt", "dense.pt"]
+        names.append(f"experts_ep{self.layout.ep_rank}.pt")
+        return names
+
+    def save(self) -> None:
+        expert_ids = {id(p) for p in expert_params(self.model)}
+        state = self.model.state_dict(keep_vars=True)
+        dense = {k: v.detach() for k, v in state.items() if id(v) not in expert_ids}
+        experts = {k: v.detach() for k, v in state.items() if id(v) in expert_ids}
+        files: dict = {
+            f"rank{self.rank}.pt": {
+                "engine": self.engine.state_dict(),
+                "step": self.step,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            }
+        }
+        if self.rank == 0:
+            files["dense.pt"] = dense
+        if self.layout.dp_rank == 0:  # one copy of each EP rank's experts
+            files[f"experts_ep{self.layout.ep_rank}.pt"] = experts
+        meta = {"world": self.world, "ep": self.layout.ep, "config_digest": self.cfg.digest()}
+        path = save_checkpoint(
+            self.ckpt_root, self.step, files, self.rank, self.barrier, meta, self.cfg.train.keep_last
+        )
+        if self.rank == 0:
+            log.info("checkpoint %s", path)
+
+    def maybe_resume(self) -> None:
+        if not self.cfg.train.resume:
+            return
+        good, found = verified_checkpoints(self.ckpt_root, self._my_files(), self.world, self.layout.ep)
+        all_good = [set(good)]
+        if self.world > 1:
+            all_good = [None] * self.world
+            dist.all_gather_object(all_good, set(good))
+        common = set.intersection(*all_good)
+        if not common:
+            if found:
+                raise CheckpointError(
+                    f"{found} checkpoint(s) under {self.ckpt_root}, none complete on every rank"
+                )
+            return
+        ckpt = good[max(common)]
+        dense = load_obj(ckpt / "dense.pt")
+        experts = load_obj(ckpt / f"experts_ep{self.layout.ep_rank}.pt")
+        self.model.load_state_dict({**dense, **experts})
+        own = load_obj(ckpt / f"rank{self.rank}.pt")
+        self.engine.load_state_dict(own["engine"])
+        torch.set_rng_state(own["rng"]["torch"])
+        random.setstate(own["rng"]["python"])
+        self.step = own["step"]
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.maybe_resume()
+        bar = tqdm(
+            total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc=cfg.name
+        )
+        tokens_per_step = t.micro_batch * cfg.model.seq_len * t.grad_accum * self.world
+        history: list[dict] = []
+        last_eval: dict = {}
+        while self.step < t.steps:
+            record = self.train_step()
+            history.append(record)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                tok_s=f"{tokens_per_step / record['step_time']:.0f}",
+                maxvio=f"{record['maxvio_mean']:.2f}",
+            )
+            if self.step % t.eval_every == 0 or self.step == t.steps:
+                last_eval = self.evaluate()
+                self.metrics.log(self.step, last_eval)
+                if self.rank == 0:
+                    bar.write(
+                        f"step {self.step}: val loss {last_eval['val_loss']:.4f}, "
+                        f"bpb {last_eval['val_bpb']:.4f}"
+                    )
+            if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+                self.save()
+        bar.close()
+        summary = self.summary(history, last_eval, tokens_per_step)
+        if self.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.metrics.close()
+        return summary
+
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.model.train()
+        t0 = time.perf_counter()
+        ce_sum, aux_sum = 0.0, 0.0
+        term_sums: dict[str, float] = {}
+        dropped = [0] * len(moe_layers(self.model))
+        for micro in range(t.grad_accum):
+            x, y = self.corpus.batch(
+                "train", t.micro_batch, cfg.model.seq_len, t.seed, self.rank, self.step, micro
+            )
+            out = self.engine.forward(x.to(self.device))
+            ce = F.cross_entropy(
+                out.logits_BSV.float().reshape(-1, out.logits_BSV.shape[-1]), y.to(self.device).reshape(-1)
+            )
+            self.engine.backward(ce + out.aux_loss)
+            ce_sum += float(ce.detach())
+            aux_sum += float(out.aux_loss.detach())
+            for layer_out in out.moe:
+                for k, v in layer_out.terms.items():
+                    term_sums[k] = term_sums.get(k, 0.0) + float(v.detach())
+            for i, layer_out in enumerate(out.moe):
+                dropped[i] += int(layer_out.stats.dropped)
+        grad_norm = self.engine.step()
+        lr = self.engine.lr
+        counts = update_expert_biases(self.model)  # the step's global counts per layer
+        loss, aux = self.mean_over_ranks([ce_sum / t.grad_accum, aux_sum / t.grad_accum])
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"step {self.step}: the training loss is {loss}")
+        step_time = time.perf_counter() - t0
+        record: dict = {
+            "loss": loss,
+            "aux_loss": aux,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time": step_time,
+            "tokens_per_s": t.micro_batch * cfg.model.seq_len * t.grad_accum * self.world / step_time,
+        }
+        for k, v in term_sums.items():
+            record[f"aux/{k}"] = v / t.grad_accum
+        maxvios = []
+        for i, c in enumerate(counts):
+            st = load_stats(c)
+            maxvios.append(st["maxvio"])
+            record[f"load/L{i}/maxvio"] = st["maxvio"]
+            record[f"load/L{i}/cv"] = st["cv"]
+            record[f"load/L{i}/dropped"] = dropped[i]
+            record[f"load/L{i}/collapsed"] = self.collapse.update(self.step, i, c.tolist())
+        record["maxvio_mean"] = sum(maxvios) / max(1, len(maxvios))
+        scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
+        record["tokens_per_expert"] = [c.long().tolist() for c in counts]
+        self.metrics.log(self.step, record, scalars)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.model.eval()
+        total = 0.0
+        for b in range(t.eval_batches):
+            x, y = self.corpus.batch("val", t.micro_batch, cfg.model.seq_len, t.seed, self.rank, 0, b)
+            out = self.engine.forward(x.to(self.device))
+            total += float(
+                F.cross_entropy(
+                    out.logits_BSV.float().reshape(-1, out.logits_BSV.shape[-1]),
+                    y.to(self.device).reshape(-1),
+                )
+            )
+        (val,) = self.mean_over_ranks([total / t.eval_batches])
+        self.model.train()
+        return {"val_loss": val, "val_bpb": val / math.log(2)}
+
+    def summary(self, history: list[dict], last_eval: dict, tokens_per_step: int) -> dict:
+        n_layers = len(moe_layers(self.model))
+        timed = history[1:] or history  # the first step includes one-off warm-up costs
+        mean_time = sum(r["step_time"] for r in timed) / max(1, len(timed))
+        return {
+            "steps": self.step,
+            "final_train_loss": history[-1]["loss"] if history else None,
+            "final_val_loss": last_eval.get("val_loss"),
+            "final_val_bpb": last_eval.get("val_bpb"),
+            "tokens_per_s": tokens_per_step / mean_time if history else None,
+            "mean_maxvio_per_layer": [
+                sum(r[f"load/L{i}/maxvio"] for r in history) / max(1, len(history)) for i in range(n_layers)
+            ],
+            "active_params": self.n_active,
+            "world": self.world,
+            "ep": self.layout.ep,
+            "engine": self.cfg.engine,
+        }
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=1))
