@@ -38,6 +38,26 @@ def deepspeed_config(cfg: RunConfig, world: int, device: torch.device) -> dict[s
     return ds
 
 
+def _moe_marker(num_experts: int, group_name: str) -> nn.Module:
+    """A parameter-free module that DeepSpeed's engine counts as an MoE layer.
+
+    why: DeepSpeed turns on its expert-gradient path only when it finds an instance of its own
+    ``deepspeed.moe.layer.MoE`` in the model; our layers register their params the same way but are not
+    that class. The marker holds no params, never runs forward, and the process groups already exist.
+    """
+    from deepspeed.moe.layer import MoE
+
+    class _DeepSpeedMoEMarker(MoE):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)
+            self.num_experts, self.expert_group_name = num_experts, group_name
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass
+
+    return _DeepSpeedMoEMarker()
+
+
 class DeepSpeedEngine:
     def __init__(
         self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
@@ -64,6 +84,7 @@ class DeepSpeedEngine:
         groups_ = split_params_into_different_moe_groups_for_optimizer(
             param_groups(model, cfg.optim.weight_decay)
         )
+        model.add_module("deepspeed_moe_marker", _moe_marker(cfg.model.moe.num_experts, group_name))
         o = cfg.optim
         optimizer = torch.optim.AdamW(groups_, lr=o.lr, betas=(o.beta1, o.beta2))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

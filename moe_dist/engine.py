@@ -77,17 +77,7 @@ class TorchEngine:
 
     def step(self) -> float:
         """Sync grads, clip, update. Returns the global grad norm before clipping."""
-        world = self.layout.world
-        for p in self.dense + self.experts:
-            if p.grad is None:  # an expert that got no tokens on this step still takes part
-                p.grad = torch.zeros_like(p)
-        if world > 1:
-            _all_reduce_flat([p.grad for p in self.dense], self.layout.world_group, 1.0 / world)
-            if self.layout.edp_group is not None:
-                _all_reduce_flat([p.grad for p in self.experts], self.layout.edp_group, 1.0 / world)
-            else:
-                for p in self.experts:
-                    p.grad.mul_(1.0 / world)
+        self.sync_grads()
         norm = self._global_norm()
         clip = self.cfg.optim.grad_clip
         if clip > 0 and norm > clip:
@@ -98,10 +88,30 @@ class TorchEngine:
         self.scheduler.step()
         return norm
 
+    def sync_grads(self) -> None:
+        """Dense grads: mean over the world. Expert grads: sum over the expert-data-parallel group / world."""
+        world = self.layout.world
+        for p in self.dense + self.experts:
+            if p.grad is None:  # an expert that got no tokens on this step still takes part
+                p.grad = torch.zeros_like(p)
+        if world == 1:
+            return
+        _all_reduce_flat([p.grad for p in self.dense], self.layout.world_group, 1.0 / world)
+        if self.layout.edp_group is not None:
+            _all_reduce_flat([p.grad for p in self.experts], self.layout.edp_group, 1.0 / world)
+        else:
+            for p in self.experts:
+                p.grad.mul_(1.0 / world)
+
     def _global_norm(self) -> float:
-        dense_sq = sum((p.grad.float() ** 2).sum() for p in self.dense)
-        expert_sq = sum((p.grad.float() ** 2).sum() for p in self.experts)
-        expert_sq = torch.as_tensor(expert_sq, dtype=torch.float32, device=self.device)
+        # why fp64 accumulation: the norm decides clipping; it must not depend on summation order noise
+        def sq(params: list[nn.Parameter]) -> Tensor:
+            return sum(
+                (p.grad.pow(2).sum(dtype=torch.float64) for p in params),
+                torch.zeros((), dtype=torch.float64, device=self.device),
+            )
+
+        dense_sq, expert_sq = sq(self.dense), sq(self.experts)
         if self.layout.ep_group is not None:
             # why: each EP rank holds different experts; dense grads are already identical everywhere
             dist.all_reduce(expert_sq, group=self.layout.ep_group)

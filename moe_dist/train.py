@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moe_dist.data import text_files
 from moe_dist.errors import ConfigError
 from moe_dist.parallel import ParallelLayout
 from moe_dist.run_config import RunConfig, load_config
@@ -62,6 +63,8 @@ def check_same_config(cfg: RunConfig) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     setup_logging(rank)
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     # every check that needs no process group runs before one exists
     cfg = load_config(path, overrides)
     cfg.check_world(world)
+    if cfg.data.kind == "text":
+        text_files(cfg.data.paths)  # a bad path fails here, not after the launch has gathered every rank
     device, backend = init_distributed(cfg)
     try:
         check_same_config(cfg)

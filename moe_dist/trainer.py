@@ -184,6 +184,10 @@ class Trainer:
         tokens_per_step = t.micro_batch * cfg.model.seq_len * t.grad_accum * self.world
         history: list[dict] = []
         last_eval: dict = {}
+        if self.step == 0:  # the untrained model's val loss: the baseline the run improves on
+            first_eval = self.evaluate()
+            self.metrics.log(0, first_eval)
+            self.initial_val_loss = first_eval["val_loss"]
         while self.step < t.steps:
             record = self.train_step()
             history.append(record)
@@ -290,6 +294,7 @@ class Trainer:
         return {
             "steps": self.step,
             "final_train_loss": history[-1]["loss"] if history else None,
+            "initial_val_loss": getattr(self, "initial_val_loss", None),
             "final_val_loss": last_eval.get("val_loss"),
             "final_val_bpb": last_eval.get("val_bpb"),
             "tokens_per_s": tokens_per_step / mean_time if history else None,

@@ -1,0 +1,74 @@
+"""Rank-side bodies for the training-system tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_dist.data import Corpus
+from moe_dist.engine import TorchEngine
+from moe_dist.model import MoETransformer
+from moe_dist.parallel import ParallelLayout
+from moe_dist.run_config import config_from_dict
+
+
+def tiny(**sections) -> dict:
+    """A small, fast run config as a dict (sections merged one level deep)."""
+    base = {
+        "name": "tiny",
+        "model": {
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "seq_len": 16,
+            "d_ff_dense": 64,
+            "moe": {"num_experts": 4, "top_k": 2, "d_ff": 32, "z_loss_coef": 1e-3},
+        },
+        "parallel": {"ep": 1, "backend": "gloo", "timeout_s": 60},
+        "data": {"kind": "synthetic", "max_bytes": 200_000},
+        "train": {"steps": 4, "micro_batch": 4, "eval_every": 2, "eval_batches": 2, "log_every": 1},
+        "optim": {"warmup_steps": 2},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged = dict(base[key])
+            for k, v in value.items():
+                merged[k] = (
+                    {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+                )
+            base[key] = merged
+        else:
+            base[key] = value
+    return base
+
+
+def grad_sync_worker(rank: int, world: int, cfg_dict: dict) -> dict:
+    """One step's synced grads (fp64) from the torch engine, plus this rank's batches."""
+    cfg = config_from_dict(cfg_dict)
+    layout = ParallelLayout.build(cfg.parallel.ep)
+    torch.manual_seed(cfg.train.seed)
+    model = MoETransformer(cfg.model, layout.ep_group, layout.balance_group).double()
+    engine = TorchEngine(model, cfg, layout, torch.device("cpu"))
+    corpus = Corpus.build(cfg.data, cfg.model.seq_len, rank, world, cfg.train.seed)
+    batches = []
+    for micro in range(cfg.train.grad_accum):
+        x, y = corpus.batch("train", cfg.train.micro_batch, cfg.model.seq_len, cfg.train.seed, rank, 0, micro)
+        out = model(x)
+        engine.backward(F.cross_entropy(out.logits_BSV.reshape(-1, 256), y.reshape(-1)) + out.aux_loss)
+        batches.append((x, y))
+    engine.sync_grads()
+    return {
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+        "batches": batches,
+        "ep_rank": layout.ep_rank,
+        "norm": engine._global_norm(),
+    }
+
+
+def train_worker(rank: int, world: int, cfg_dict: dict) -> dict:
+    """A whole training run in-process (the trainer as the entry point builds it)."""
+    from moe_dist.trainer import Trainer
+
+    cfg = config_from_dict(cfg_dict)
+    layout = ParallelLayout.build(cfg.parallel.ep)
+    return Trainer(cfg, layout, torch.device("cpu")).train()
