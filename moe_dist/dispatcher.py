@@ -158,6 +158,8 @@ class AllToAllDispatcher(LocalDispatcher):
             meta.send_splits = [sum(row) for row in send_RL]
             meta.recv_splits = [sum(row) for row in recv_RL]
             x_PD = all_to_all(x_PD, meta.recv_splits, meta.send_splits, self.group)
+        if hook is not None:
+            hook.record(self.layer, "fwd", "dispatch_end")
         with stage_range(self.layer, "permute"):
             # rows arrive grouped (source rank, local expert); experts want (local expert, source rank)
             counts_L = [sum(recv_RL[r][e] for r in range(R)) for e in range(L)]
@@ -179,6 +181,8 @@ class AllToAllDispatcher(LocalDispatcher):
         with stage_range(self.layer, "unpermute"):
             if meta.regroup_idx is not None:
                 y_PD = permute_rows(y_PD, meta.regroup_inv, meta.regroup_idx)
+        if self.hook is not None:
+            self.hook.record(self.layer, "fwd", "combine_start")
         with stage_range(self.layer, "combine_a2a"):
             y_PD = all_to_all(y_PD, meta.send_splits, meta.recv_splits, self.group)
         if self.hook is not None:

@@ -23,13 +23,24 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, jsonl_name: str = "metrics.jsonl", tb_dir: Path | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = run_dir / jsonl_name
-        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self.run_dir, self.default = run_dir, jsonl_name
+        self._files: dict[str, Any] = {}
         self.tb = SummaryWriter(str(tb_dir or run_dir / "tb"))
 
-    def log(self, step: int, record: dict[str, Any], scalars: dict[str, float] | None = None) -> None:
-        """Write ``record`` to JSONL and ``scalars`` (default: the record's numbers) to TensorBoard."""
-        self._file.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in record.items()}}) + "\n")
+    def log(
+        self,
+        step: int,
+        record: dict[str, Any],
+        scalars: dict[str, float] | None = None,
+        jsonl: str | None = None,
+    ) -> None:
+        """Write ``record`` to a JSONL file (default metrics.jsonl) and ``scalars`` (default: the record's
+        top-level numbers) to TensorBoard."""
+        name = jsonl or self.default
+        if name not in self._files:
+            self._files[name] = open(self.run_dir / name, "a", buffering=1)  # noqa: SIM115 - see close()
+        line = {"step": step, **{k: _jsonable(v) for k, v in record.items()}}
+        self._files[name].write(json.dumps(line) + "\n")
         if scalars is None:
             scalars = {
                 k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)
@@ -38,7 +49,8 @@ class MetricsLogger:
             self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
+        for f in self._files.values():
+            f.close()
         self.tb.flush()
         self.tb.close()
 
@@ -46,7 +58,13 @@ class MetricsLogger:
 class NullLogger:
     """What ranks other than 0 hold: the same calls, no output."""
 
-    def log(self, step: int, record: dict[str, Any], scalars: dict[str, float] | None = None) -> None:
+    def log(
+        self,
+        step: int,
+        record: dict[str, Any],
+        scalars: dict[str, float] | None = None,
+        jsonl: str | None = None,
+    ) -> None:
         pass
 
     def close(self) -> None:

@@ -194,6 +194,36 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ProfileConfig:
+    enabled: bool = True
+    """Straggler timers (needs parallel.ep > 1): per layer, rank and step, expert time vs wait."""
+    trace: bool = False
+    """Also run torch.profiler with the schedule below; traces go to the run's tb/ directory."""
+    wait: int = 5
+    warmup: int = 2
+    active: int = 3
+    repeat: int = 1
+    inject_delay_ms: float = 0.0
+    """Validation knob: a known delay on inject_rank in MoE layer inject_layer (0 = off)."""
+    inject_layer: int = 0
+    inject_rank: int = 0
+    inject_where: str = "experts"
+    """"experts" (inside the expert stage) or "before_dispatch" (a control that must NOT count)."""
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "trace"):
+            check_type("profile", name, getattr(self, name), (bool,))
+        for name in ("wait", "warmup", "active", "repeat", "inject_layer", "inject_rank"):
+            check_type("profile", name, getattr(self, name), (int,))
+            _positive("profile", self, name, allow_zero=name not in ("active",))
+        _positive("profile", self, "inject_delay_ms", allow_zero=True)
+        if self.inject_where not in ("experts", "before_dispatch"):
+            raise ConfigError(
+                f"profile.inject_where must be experts or before_dispatch, got {self.inject_where!r}"
+            )
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     """Run directory name under out_dir."""
@@ -206,6 +236,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         if self.engine not in ("torch", "deepspeed"):

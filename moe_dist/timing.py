@@ -2,7 +2,8 @@
 
 A hook receives ``record(layer, phase, event)`` calls at the stage boundaries of the expert-parallel path:
 
-    forward  (phase="fwd"): dispatch_start, experts_start, experts_end, combine_end
+    forward  (phase="fwd"): dispatch_start, dispatch_end (the dispatch all-to-all, count exchange
+                            included), experts_start, experts_end, combine_start, combine_end
     backward (phase="bwd"): experts_start (combine all-to-all backward done),
                             experts_end (dispatch all-to-all backward about to start)
 

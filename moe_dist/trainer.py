@@ -23,6 +23,7 @@ from moe_dist.metrics import MetricsLogger, NullLogger
 from moe_dist.model import MoETransformer, active_params, expert_params
 from moe_dist.parallel import ParallelLayout
 from moe_dist.run_config import RunConfig, dump_config
+from profiling.straggler import StragglerProfiler
 
 log = logging.getLogger("moe_dist.train")
 
@@ -78,7 +79,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same on every rank: identical dense init, same expert draws
         random.seed(cfg.train.seed)
         self.corpus = Corpus.build(cfg.data, cfg.model.seq_len, self.rank, self.world, cfg.train.seed)
-        self.model = MoETransformer(cfg.model, layout.ep_group, layout.balance_group).to(device)
+        self.metrics = MetricsLogger(self.run_dir) if self.rank == 0 else NullLogger()
+        moe_ids = [i for i in range(cfg.model.n_layers) if (i + 1) % cfg.model.moe_every == 0]
+        self.profiler = StragglerProfiler(
+            cfg, self.rank, self.world, layout.ep, device, self.run_dir, self.metrics, moe_ids
+        )
+        self.model = MoETransformer(cfg.model, layout.ep_group, layout.balance_group, self.profiler.hook).to(
+            device
+        )
         if cfg.engine == "deepspeed":
             from moe_dist.ds_engine import DeepSpeedEngine
 
@@ -87,7 +95,6 @@ class Trainer:
             from moe_dist.engine import TorchEngine
 
             self.engine = TorchEngine(self.model, cfg, layout, device)
-        self.metrics = MetricsLogger(self.run_dir) if self.rank == 0 else NullLogger()
         self.collapse = CollapseMonitor(cfg.train.collapse_patience)
         self.step = 0
         self.n_active = active_params(self.model, cfg.model)
@@ -209,6 +216,7 @@ class Trainer:
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                 self.save()
         bar.close()
+        self.profiler.close()
         summary = self.summary(history, last_eval, tokens_per_step)
         if self.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -267,12 +275,32 @@ class Trainer:
         scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
         record["tokens_per_expert"] = [c.long().tolist() for c in counts]
         self.metrics.log(self.step, record, scalars)
+        self.metrics.log(
+            self.step, {"tokens_per_expert": record["tokens_per_expert"]}, {}, jsonl="routing.jsonl"
+        )
+        self.profiler.step_end(self.step, step_time, {"dropped": dropped, **self._padding(counts)})
         return record
+
+    def _padding(self, counts: list[torch.Tensor]) -> dict:
+        """Capacity mode: the rows a fixed-capacity (padded) buffer would carry beyond the kept tokens."""
+        moe = self.cfg.model.moe
+        if moe.capacity_factor is None:
+            return {}
+        t = self.cfg.train
+        T_local = t.micro_batch * self.cfg.model.seq_len
+        cap = math.ceil(moe.capacity_factor * moe.top_k * T_local / moe.num_experts)
+        slots = cap * moe.num_experts * self.world * t.grad_accum  # every source rank's buffer, per step
+        return {
+            "capacity_padding": [
+                slots - float(c.clamp(max=cap * self.world * t.grad_accum).sum()) for c in counts
+            ]
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.model.eval()
+        self.profiler.pause(True)
         total = 0.0
         for b in range(t.eval_batches):
             x, y = self.corpus.batch("val", t.micro_batch, cfg.model.seq_len, t.seed, self.rank, 0, b)
@@ -285,6 +313,7 @@ class Trainer:
             )
         (val,) = self.mean_over_ranks([total / t.eval_batches])
         self.model.train()
+        self.profiler.pause(False)
         return {"val_loss": val, "val_bpb": val / math.log(2)}
 
     def summary(self, history: list[dict], last_eval: dict, tokens_per_step: int) -> dict:
