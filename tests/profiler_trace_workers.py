@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 
-def profiled_all_to_all_worker(rank: int, world: int, logdir: str, steps: int = 3) -> list[str]:
-    """Profile ``steps`` steps of matmul + uneven ``all_to_all_single`` + ``all_reduce``; return worker name.
+def profiled_all_to_all_worker(rank: int, world: int, logdir: str, steps: int = 3) -> str:
+    """Profile ``steps`` steps of matmul, uneven ``all_to_all_single`` and ``all_reduce``; return worker name.
 
     Writes ``<logdir>/<host>_<rank>.<ts>.pt.trace.json`` through ``tensorboard_trace_handler``; the trace
     carries ``distributedInfo`` because the gloo process group is initialized.
@@ -37,4 +37,4 @@ def profiled_all_to_all_worker(rank: int, world: int, logdir: str, steps: int = 
             total = out.sum().reshape(1)
             dist.all_reduce(total)
             prof.step()
-    return [worker]
+    return worker

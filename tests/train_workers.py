@@ -28,6 +28,7 @@ def tiny(**sections) -> dict:
         "data": {"kind": "synthetic", "max_bytes": 200_000},
         "train": {"steps": 4, "micro_batch": 4, "eval_every": 2, "eval_batches": 2, "log_every": 1},
         "optim": {"warmup_steps": 2},
+        "profile": {},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

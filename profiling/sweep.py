@@ -1,0 +1,214 @@
+"""Imbalance sweep: expert-parallel MoE layers under a controlled routing skew, timed by the profiler.
+
+    torchrun --nproc-per-node 4 -m profiling.sweep --out runs/sweep [--loads 1 1.25 1.5 2 3 4]
+
+Routing is set exactly: token features carry a one-hot block that the router (centroids = [I, 0]) turns
+into logits, so each token's top-K is chosen by construction. A fraction p of every rank's tokens goes to
+rank 0's experts and the rest round-robin over the other ranks' experts, so rank 0's load is
+max/mean = p*R (p = 1/R is perfectly balanced). For each max/mean load it reports step time (forward +
+backward of ``layers`` stacked MoE layers), straggler time, and the ideal step time if only the busiest
+rank's expert work grew: t(1) + (rho - 1) * E(1), with E(1) the expert time at balance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moe_dist import MoEConfig, MoELayer
+from profiling.analysis import StragglerAnalyzer
+from profiling.timer import Injection, StragglerTimer
+
+log = logging.getLogger("moe_dist.sweep")
+
+
+@dataclass
+class SweepSpec:
+    load: float = 1.0
+    """Target max/mean token load of rank 0 (1 = balanced; at most the number of ranks)."""
+    tokens: int = 2048
+    d_model: int = 128
+    d_ff: int = 512
+    experts_per_rank: int = 2
+    top_k: int = 2
+    layers: int = 2
+    steps: int = 8
+    warmup: int = 2
+    injection: Injection = field(default_factory=Injection)
+    timers: bool = True
+
+
+def routed_inputs(spec: SweepSpec, rank: int, world: int) -> torch.Tensor:
+    """Tokens whose top-K is set by construction (see the module docstring)."""
+    L, K, T, D = spec.experts_per_rank, spec.top_k, spec.tokens, spec.d_model
+    N = L * world
+    if not 1.0 <= spec.load <= world or K > L or N >= D:
+        raise ValueError(f"need 1 <= load <= {world}, top_k <= experts_per_rank, N < d_model; got {spec}")
+    hot = round(T * spec.load / world)
+    g = torch.Generator().manual_seed(1000 + rank)
+    x = torch.randn(T, D, generator=g) * 0.1
+    others = list(range(L, N))
+    for t in range(T):
+        if t < hot:
+            chosen = [(t + k) % L for k in range(K)]
+        else:
+            chosen = [others[(t * K + k) % len(others)] for k in range(K)] if others else list(range(K))
+        for i, e in enumerate(chosen):
+            x[t, e] = 8.0 - i  # distinct margins: the choice is exact, K-th pick included
+    return x
+
+
+def build_layers(spec: SweepSpec, world: int, hook) -> list[MoELayer]:
+    N = spec.experts_per_rank * world
+    cfg = MoEConfig(
+        d_model=spec.d_model,
+        d_ff=spec.d_ff,
+        num_experts=N,
+        top_k=spec.top_k,
+        aux_loss_coef=0.0,
+        residual=False,
+    )
+    group = dist.group.WORLD if world > 1 else None
+    layers = []
+    for i in range(spec.layers):
+        layer = MoELayer(cfg, ep_group=group, balance_group=group, layer_idx=i, timing_hook=hook)
+        with torch.no_grad():
+            layer.router.weight.zero_()
+            layer.router.weight[:, :N] = torch.eye(N)
+        layers.append(layer)
+    return layers
+
+
+def run_layer_experiment(rank: int, world: int, spec: SweepSpec) -> dict:
+    """Timed steps on every rank; rank 0 returns the analyzer records and step times."""
+    torch.manual_seed(0)
+    timer = StragglerTimer(list(range(spec.layers)), rank, torch.device("cpu"), spec.injection)
+    timer.enabled = spec.timers
+    layers = build_layers(spec, world, timer if spec.timers else None)
+    x = routed_inputs(spec, rank, world)
+    analyzer = StragglerAnalyzer(list(range(spec.layers)), world)
+    records, step_ms = [], []
+    for step in range(spec.warmup + spec.steps):
+        if world > 1:
+            dist.barrier()  # why: start every step together so step times compare across loads
+        t0 = time.perf_counter()
+        h = x.requires_grad_()
+        for layer in layers:
+            h = layer(h).hidden + h  # the residual stream between layers
+        h.square().mean().backward()
+        elapsed = (time.perf_counter() - t0) * 1e3
+        data = timer.collect()
+        if world > 1:
+            gathered = [torch.empty_like(data) for _ in range(world)]
+            dist.all_gather(gathered, data)
+        else:
+            gathered = [data]
+        x = x.detach()
+        if step >= spec.warmup:
+            step_ms.append(elapsed)
+            if spec.timers:
+                records.append(analyzer.update(step, elapsed, torch.stack(gathered)))
+    return {"records": records, "step_ms": step_ms}
+
+
+def summarize(load: float, res: dict) -> dict:
+    recs = res["records"]
+    e_max = [sum(max(entry[p]["E"]) for entry in r["layers"] for p in ("fwd", "bwd")) for r in recs]
+    return {
+        "load": load,
+        "step_ms": statistics.median(res["step_ms"]),
+        "straggler_ms": statistics.median(r["straggler_ms"] for r in recs),
+        "straggler_frac": statistics.median(r["straggler_frac"] for r in recs),
+        "token_explained_frac": statistics.median(r["token_explained_frac"] for r in recs),
+        "expert_ms_max_rank": statistics.median(e_max),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m profiling.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--loads", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = []
+    try:
+        for load in args.loads:
+            if load > world:
+                if rank == 0:
+                    log.info("skipping load %.2f: at most %d with %d ranks", load, world, world)
+                continue
+            res = run_layer_experiment(
+                rank, world, SweepSpec(load=load, tokens=args.tokens, steps=args.steps)
+            )
+            if rank == 0:
+                rows.append(summarize(load, res))
+                log.info("load %.2f: %s", load, rows[-1])
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        write_outputs(Path(args.out), rows, world, args)
+
+
+def write_outputs(out: Path, rows: list[dict], world: int, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = rows[0]
+    for r in rows:
+        r["ideal_step_ms"] = base["step_ms"] + (r["load"] - base["load"]) * base["expert_ms_max_rank"]
+    meta = {
+        "ranks": world,
+        "tokens_per_rank": args.tokens,
+        "steps": args.steps,
+        "spec": asdict(SweepSpec(tokens=args.tokens, steps=args.steps)),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        "| max/mean load | step ms | straggler ms | straggler % of step | token-explained | ideal step ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['load']:.2f} | {r['step_ms']:.1f} | {r['straggler_ms']:.1f} | "
+            f"{100 * r['straggler_frac']:.0f}% | {100 * r['token_explained_frac']:.0f}% | "
+            f"{r['ideal_step_ms']:.1f} |"
+        )
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    loads = [r["load"] for r in rows]
+    ax.plot(loads, [r["step_ms"] for r in rows], "o-", label="step time")
+    ax.plot(loads, [r["straggler_ms"] for r in rows], "s-", label="straggler time")
+    ax.plot(loads, [r["ideal_step_ms"] for r in rows], "--", label="ideal (∝ max rank load)")
+    ax.set_xlabel("max/mean token load per rank")
+    ax.set_ylabel("ms per step (fwd+bwd)")
+    ax.set_title(f"{world} ranks, {args.tokens} tokens/rank")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=120)
+    log.info("wrote %s/sweep.{json,md,png}\n%s", out, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
+
+
+def run_specs(rank: int, world: int, specs: list[SweepSpec]) -> list[dict]:
+    """Several experiments in one process group (tests and benchmarks amortise the start-up)."""
+    return [run_layer_experiment(rank, world, s) for s in specs]
