@@ -1,0 +1,182 @@
+"""Layer benchmark: our MoELayer (dropless and with capacity) vs DeepSpeed's MoE layer vs a dense FFN of
+equal active FLOPs (d_ff * K wide), in one run, on the same process group and the same inputs.
+
+    python -m profiling.bench_layer --ranks 2 --experts 8 32 128 --topk 2 --tokens 4096 --out BENCH.json
+
+Every rank runs forward + backward; a step's time is the slowest rank's (barrier before each step); we
+report the median of ``--iters`` steps after ``--warmup``, and ratios to the dense FFN. ``--skew RHO``
+routes a chosen share of tokens to rank 0's experts (max/mean rank load RHO) for every layer, by setting
+the gate weights of ours and DeepSpeed's to the same one-hot router (``profiling.sweep.routed_inputs``).
+Memory: the RSS growth of the process across the timed steps of each layer (CPU) or the CUDA allocator's
+peak (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moe_dist import MoEConfig, MoELayer
+from moe_dist.spawn import run_ranks
+from profiling.sweep import SweepSpec, routed_inputs
+
+log = logging.getLogger("moe_dist.bench")
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d: int, f: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, f, bias=False)
+        self.down = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_layer(fn, params: list[nn.Parameter], x: torch.Tensor, warmup: int, iters: int,
+               world: int) -> tuple[float, float]:
+    """Median over steps of the slowest rank's fwd+bwd ms, and the RSS growth in MB."""
+    times = []
+    rss0 = _rss_mb()
+    for i in range(warmup + iters):
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        xi = x.detach().requires_grad_()
+        fn(xi).float().square().mean().backward()
+        for p in params:  # as in training: grads are set to None after each optimizer step
+            p.grad = None
+        ms = torch.tensor([(time.perf_counter() - t0) * 1e3])
+        if world > 1:
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(float(ms))
+    return statistics.median(times), _rss_mb() - rss0
+
+
+def ours(cfg: MoEConfig, group, skew: float | None):
+    layer = MoELayer(cfg, ep_group=group, balance_group=group)
+    if skew is not None:
+        with torch.no_grad():
+            layer.router.weight.zero_()
+            layer.router.weight[:, : cfg.num_experts] = torch.eye(cfg.num_experts)
+    return (lambda x: layer(x).hidden), list(layer.parameters())
+
+
+def deepspeed_moe(d: int, f: int, n: int, k: int, world: int, cf: float, skew: float | None):
+    from deepspeed.moe.layer import MoE
+
+    moe = MoE(hidden_size=d, expert=DenseFFN(d, f), num_experts=n, ep_size=world, k=k, capacity_factor=cf,
+              eval_capacity_factor=cf, min_capacity=4, drop_tokens=True, use_rts=False,
+              top2_2nd_expert_sampling=False)
+    if skew is not None:
+        with torch.no_grad():
+            wg = moe.deepspeed_moe.gate.wg.weight
+            wg.zero_()
+            wg[:, :n] = torch.eye(n)
+    return (lambda x: moe(x)[0]), list(moe.parameters())
+
+
+def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
+    torch.set_num_threads(1)
+    group = dist.group.WORLD if world > 1 else None
+    rows = []
+    ds_ok = args["deepspeed"]
+    if ds_ok:
+        try:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
+        except Exception as e:  # noqa: BLE001 - the benchmark still reports our layer and dense
+            log.warning("DeepSpeed unavailable: %s", e)
+            ds_ok = False
+    for n, k, tokens in itertools.product(args["experts"], args["topk"], args["tokens"]):
+        d, f = args["d_model"], args["d_ff"]
+        torch.manual_seed(0)
+        skew = args["skew"]
+        if skew is not None:
+            spec = SweepSpec(load=skew, tokens=tokens, d_model=d, experts_per_rank=n // world, top_k=k)
+            x = routed_inputs(spec, rank, world)
+        else:
+            x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(rank))
+        dense = DenseFFN(d, f * k)
+        layers = {"dense": (dense, list(dense.parameters()))}
+        base = dict(d_model=d, d_ff=f, num_experts=n, top_k=k, aux_loss_coef=1e-2, residual=False)
+        layers["ours_dropless"] = ours(MoEConfig(**base), group, skew)
+        layers["ours_cf1.25"] = ours(MoEConfig(**base, capacity_factor=1.25), group, skew)
+        if ds_ok:
+            layers["deepspeed_cf1.25"] = deepspeed_moe(d, f, n, k, world, 1.25, skew)
+        row = {"ranks": world, "experts": n, "top_k": k, "tokens_per_rank": tokens, "d_model": d, "d_ff": f,
+               "skew": skew}
+        for name, (fn, params) in layers.items():
+            ms, mem = time_layer(fn, params, x, args["warmup"], args["iters"], world)
+            row[f"{name}_ms"] = ms
+            row[f"{name}_rss_growth_mb"] = mem
+        for name in layers:
+            if name != "dense":
+                row[f"{name}_vs_dense"] = row[f"{name}_ms"] / row["dense_ms"]
+        rows.append(row)
+        if rank == 0:
+            log.info("%s", {k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    names = [k[:-3] for k in rows[0] if k.endswith("_ms") and k != "dense_ms"]
+    head = "| R | E | K | T/rank | dense ms | " + " | ".join(f"{n} ms (×dense)" for n in names) + " |"
+    lines = [head, "|" + "---|" * (5 + len(names))]
+    for r in rows:
+        cells = [f"{r[n + '_ms']:.1f} ({r[n + '_vs_dense']:.2f}×)" if n + "_ms" in r else "–" for n in names]
+        lines.append(f"| {r['ranks']} | {r['experts']} | {r['top_k']} | {r['tokens_per_rank']} | "
+                     f"{r['dense_ms']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m profiling.bench_layer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=int, nargs="+", default=[2])
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--topk", type=int, nargs="+", default=[2])
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-ff", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--skew", type=float, default=None, help="max/mean rank load via a one-hot router")
+    p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument("--out", default=None, help="write JSON here (and a .md table beside it)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = {"experts": a.experts, "topk": a.topk, "tokens": a.tokens, "d_model": a.d_model, "d_ff": a.d_ff,
+            "warmup": a.warmup, "iters": a.iters, "skew": a.skew, "deepspeed": not a.no_deepspeed}
+    rows: list[dict] = []
+    for world in a.ranks:
+        rows += run_ranks(bench_worker, world, args, timeout=3600)[0]
+    table = markdown(rows)
+    log.info("\n%s", table)
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
