@@ -97,7 +97,8 @@ def balance_terms(
     n_diff = diff_local.numel()
     local_vec = torch.cat([diff_local, plain_local])
     # one collective per layer carries the stats, the gradient-carrying sums and the non-finite flag
-    global_vec = all_reduce_sum_scaled_grad(local_vec, group) if group is not None else local_vec
+    where = f"MoE layer {layer}: router statistics all-reduce"
+    global_vec = all_reduce_sum_scaled_grad(local_vec, group, where) if group is not None else local_vec
 
     plain_global = global_vec[n_diff:].detach()
     bad_ranks = int(plain_global[N + 2].item()) if cfg.check_finite else 0

@@ -5,34 +5,55 @@ Shape legend: T tokens, D model dim, R ranks in a group, P (token, expert) pairs
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from moe_dist.errors import CollectiveError
+
+
+@contextmanager
+def named_collective(where: str) -> Iterator[None]:
+    """Re-raise a failed or timed-out collective with the layer and stage that issued it.
+
+    why: a peer that died or skipped a collective otherwise surfaces as an anonymous backend timeout.
+    """
+    try:
+        yield
+    except RuntimeError as e:  # gloo/NCCL timeouts and peer failures (DistBackendError is one)
+        raise CollectiveError(f"{where} failed: {e}") from e
 
 
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits; its backward is the reverse all-to-all."""
 
     @staticmethod
-    def forward(ctx, x_PD: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+    def forward(ctx, x_PD: Tensor, out_splits: list[int], in_splits: list[int], group, where: str) -> Tensor:
+        ctx.group, ctx.out_splits, ctx.in_splits, ctx.where = group, out_splits, in_splits, where
         # why contiguous: NCCL and gloo both need dense buffers for the uneven split layout
         x_PD = x_PD.contiguous()
         y_PD = x_PD.new_empty((sum(out_splits),) + tuple(x_PD.shape[1:]))
-        dist.all_to_all_single(y_PD, x_PD, out_splits, in_splits, group=group)
+        with named_collective(where):
+            dist.all_to_all_single(y_PD, x_PD, out_splits, in_splits, group=group)
         return y_PD
 
     @staticmethod
     def backward(ctx, grad_PD: Tensor):
         grad_PD = grad_PD.contiguous()
         g_PD = grad_PD.new_empty((sum(ctx.in_splits),) + tuple(grad_PD.shape[1:]))
-        dist.all_to_all_single(g_PD, grad_PD, ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return g_PD, None, None, None
+        with named_collective(f"{ctx.where} (backward)"):
+            dist.all_to_all_single(g_PD, grad_PD, ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return g_PD, None, None, None, None
 
 
-def all_to_all(x_PD: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+def all_to_all(
+    x_PD: Tensor, out_splits: list[int], in_splits: list[int], group, where: str = "all-to-all"
+) -> Tensor:
     """Send ``in_splits[r]`` rows to rank r and receive ``out_splits[r]`` rows from rank r."""
-    return _AllToAll.apply(x_PD, out_splits, in_splits, group)
+    return _AllToAll.apply(x_PD, out_splits, in_splits, group, where)
 
 
 class _AllReduceSumScaledGrad(torch.autograd.Function):
@@ -45,19 +66,20 @@ class _AllReduceSumScaledGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
+    def forward(ctx, x: Tensor, group, where: str) -> Tensor:
         ctx.scale = dist.get_world_size(group)
         y = x.clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        with named_collective(where):
+            dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad * ctx.scale, None
+        return grad * ctx.scale, None, None
 
 
-def all_reduce_sum_scaled_grad(x: Tensor, group) -> Tensor:
-    return _AllReduceSumScaledGrad.apply(x, group)
+def all_reduce_sum_scaled_grad(x: Tensor, group, where: str = "all-reduce") -> Tensor:
+    return _AllReduceSumScaledGrad.apply(x, group, where)
 
 
 class _PermuteRows(torch.autograd.Function):

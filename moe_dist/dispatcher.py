@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_dist.comm import all_to_all, permute_rows
+from moe_dist.comm import all_to_all, named_collective, permute_rows
 from moe_dist.timing import TimingHook, backward_mark, stage_range
 
 
@@ -153,11 +153,18 @@ class AllToAllDispatcher(LocalDispatcher):
         with stage_range(self.layer, "dispatch_a2a"):
             # why: receivers must size their buffers, so counts go first (the one host sync per layer)
             recv_counts = torch.empty_like(plan.counts_N)
-            dist.all_to_all_single(recv_counts, plan.counts_N.contiguous(), group=self.group)
+            with named_collective(f"MoE layer {self.layer}: dispatch count exchange"):
+                dist.all_to_all_single(recv_counts, plan.counts_N.contiguous(), group=self.group)
             send_RL, recv_RL = torch.stack([plan.counts_N, recv_counts]).view(2, R, L).tolist()
             meta.send_splits = [sum(row) for row in send_RL]
             meta.recv_splits = [sum(row) for row in recv_RL]
-            x_PD = all_to_all(x_PD, meta.recv_splits, meta.send_splits, self.group)
+            x_PD = all_to_all(
+                x_PD,
+                meta.recv_splits,
+                meta.send_splits,
+                self.group,
+                f"MoE layer {self.layer}: dispatch all-to-all",
+            )
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_end")
         with stage_range(self.layer, "permute"):
@@ -184,7 +191,13 @@ class AllToAllDispatcher(LocalDispatcher):
         if self.hook is not None:
             self.hook.record(self.layer, "fwd", "combine_start")
         with stage_range(self.layer, "combine_a2a"):
-            y_PD = all_to_all(y_PD, meta.send_splits, meta.recv_splits, self.group)
+            y_PD = all_to_all(
+                y_PD,
+                meta.send_splits,
+                meta.recv_splits,
+                self.group,
+                f"MoE layer {self.layer}: combine all-to-all",
+            )
         if self.hook is not None:
             self.hook.record(self.layer, "fwd", "combine_end")
         return super().combine(y_PD, gates_TK, meta)

@@ -8,3 +8,7 @@ class ConfigError(ValueError):
 
 class NonFiniteError(FloatingPointError):
     """NaN or Inf met in router logits or the loss; the message names the step and layer."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names the MoE layer and stage that issued it."""

@@ -22,13 +22,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+def _entry(
+    rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple, pg_timeout_s: float = 60.0
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # why one thread: 2 cores shared by up to 4 ranks; oversubscription wrecks progress and timings
     torch.set_num_threads(1)
     result: Any
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout_s))
         result = ("ok", fn(rank, world, *args))
     except BaseException as e:  # noqa: BLE001 - the parent re-raises with the rank's traceback
         result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
@@ -39,7 +41,12 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
 
 
 def run_ranks(
-    fn: Callable, world: int, *args: Any, timeout: float = 240.0, expect_errors: bool = False
+    fn: Callable,
+    world: int,
+    *args: Any,
+    timeout: float = 240.0,
+    expect_errors: bool = False,
+    pg_timeout_s: float = 60.0,
 ) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return each rank's result.
 
@@ -50,7 +57,10 @@ def run_ranks(
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
-        procs = [ctx.Process(target=_entry, args=(r, world, port, out_dir, fn, args)) for r in range(world)]
+        procs = [
+            ctx.Process(target=_entry, args=(r, world, port, out_dir, fn, args, pg_timeout_s))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         for p in procs:

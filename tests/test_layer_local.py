@@ -14,7 +14,7 @@ from moe_dist import ConfigError, MoEConfig, MoELayer, NonFiniteError, cv_square
 from moe_dist.router import smooth_load
 from tests.distributed import run_ranks
 from tests.oracle import Case, make_tensors, oracle
-from tests.workers import bias_worker, nan_worker
+from tests.workers import bias_worker, nan_worker, skip_collective_worker
 
 SMALL = dict(num_experts=8, d_model=16, d_ff=32)
 
@@ -222,3 +222,14 @@ def test_capacity_formula() -> None:
     x[:, 0] = torch.rand(T) + 1
     out = layer(x)
     assert int(out.stats.dropped) == T - math.ceil(cf * K * T / N)
+
+
+@pytest.mark.parametrize(
+    "skip,stage", [("dispatch", "dispatch count exchange"), ("combine", "combine all-to-all")]
+)
+def test_skipped_collective_names_layer_and_stage(skip: str, stage: str) -> None:
+    case = Case("skip", dict(SMALL, top_k=2), [16, 16], seed=6)
+    res = run_ranks(skip_collective_worker, 2, case, skip, expect_errors=True, timeout=120, pg_timeout_s=3)
+    status, msg = res[0]
+    assert status == "error" and "CollectiveError" in msg and f"MoE layer 3: {stage} failed" in msg, msg[:500]
+    assert res[1][0] == "ok"

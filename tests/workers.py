@@ -101,3 +101,23 @@ def nan_worker(rank: int, world: int, case: Case) -> None:
     if rank == 1:
         x[0, 0] = float("nan")
     layer(x)
+
+
+def skip_collective_worker(rank: int, world: int, case: Case, skip: str) -> None:
+    """Rank 1 leaves out one stage's collectives (``skip`` = "dispatch" or "combine") and lingers; rank 0
+    must fail with an error that names the layer and the stage, not hang."""
+    import time
+
+    group = dist.group.WORLD
+    t = make_tensors(case)
+    layer = build_layer(case, t, rank, world, group)
+    layer.layer_idx = layer.dispatcher.layer = 3
+    x = t["xs"][rank].clone()
+    if rank == 1:
+        route, plan, _ = layer._route(x)
+        if skip == "combine":
+            x_PD, counts, meta = layer.dispatcher.dispatch(x, plan)
+            layer.experts(x_PD, counts)
+        time.sleep(7)  # alive but absent: rank 0 must time out, not see a closed connection
+        return
+    layer(x)
