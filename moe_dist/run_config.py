@@ -161,6 +161,8 @@ class TrainConfig:
     """Resume from the run directory's latest checkpoint if one exists."""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
+    on_nonfinite: str = "raise"
+    """NaN/Inf in router logits or the loss: "raise" (an error naming step and layer) or "skip" the step."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -176,6 +178,8 @@ class TrainConfig:
             check_type("train", name, getattr(self, name), (int,))
             _positive("train", self, name)
         check_type("train", "seed", self.seed, (int,))
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"train.on_nonfinite must be raise or skip, got {self.on_nonfinite!r}")
         check_type("train", "ckpt_every", self.ckpt_every, (int,))
         _positive("train", self, "ckpt_every", allow_zero=True)
 

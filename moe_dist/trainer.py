@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,10 @@ class Trainer:
             self.engine = TorchEngine(self.model, cfg, layout, device)
         self.collapse = CollapseMonitor(cfg.train.collapse_patience)
         self.step = 0
+        self.skipped = 0
+        self.saved_at = -1
+        self.stop_flag = 0.0
+        self._sigterm = False
         self.n_active = active_params(self.model, cfg.model)
         if self.rank == 0:
             log.info(
@@ -112,6 +117,9 @@ class Trainer:
                 layout.ep,
                 cfg.engine,
             )
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True  # acted on at the end of the step, when every rank agrees
 
     # --- collectives -------------------------------------------------------------------------
     def barrier(self) -> None:
@@ -148,6 +156,7 @@ class Trainer:
         if self.layout.dp_rank == 0:  # one copy of each EP rank's experts
             files[f"experts_ep{self.layout.ep_rank}.pt"] = experts
         meta = {"world": self.world, "ep": self.layout.ep, "config_digest": self.cfg.digest()}
+        self.saved_at = self.step
         path = save_checkpoint(
             self.ckpt_root, self.step, files, self.rank, self.barrier, meta, self.cfg.train.keep_last
         )
@@ -195,11 +204,18 @@ class Trainer:
             first_eval = self.evaluate()
             self.metrics.log(0, first_eval)
             self.initial_val_loss = first_eval["val_loss"]
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        preempted = False
         while self.step < t.steps:
             record = self.train_step()
-            history.append(record)
             self.step += 1
             bar.update(1)
+            if record.get("skipped"):
+                if self.stop_flag > 0:
+                    preempted = True
+                    break
+                continue
+            history.append(record)
             bar.set_postfix(
                 loss=f"{record['loss']:.3f}",
                 tok_s=f"{tokens_per_step / record['step_time']:.0f}",
@@ -215,9 +231,19 @@ class Trainer:
                     )
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                 self.save()
+            if self.stop_flag > 0:  # SIGTERM on any rank: every rank saves and leaves together
+                preempted = True
+                break
+        if preempted:
+            if self.saved_at != self.step:
+                self.save()
+            if self.rank == 0:
+                log.warning("SIGTERM: saved a final checkpoint at step %d and stopped", self.step)
+        signal.signal(signal.SIGTERM, previous)
         bar.close()
         self.profiler.close()
         summary = self.summary(history, last_eval, tokens_per_step)
+        summary.update(preempted=preempted, skipped_steps=self.skipped)
         if self.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.metrics.close()
@@ -234,10 +260,17 @@ class Trainer:
             x, y = self.corpus.batch(
                 "train", t.micro_batch, cfg.model.seq_len, t.seed, self.rank, self.step, micro
             )
-            out = self.engine.forward(x.to(self.device))
+            try:  # NaN/Inf router logits raise on every rank together (the flag rides a collective)
+                out = self.engine.forward(x.to(self.device))
+            except NonFiniteError as e:
+                return self._skip_step(t0, str(e))
             ce = F.cross_entropy(
                 out.logits_BSV.float().reshape(-1, out.logits_BSV.shape[-1]), y.to(self.device).reshape(-1)
             )
+            # why all-reduce here: every rank must take the same skip/raise decision before backward
+            (ce_global,) = self.mean_over_ranks([float(ce.detach())])
+            if not math.isfinite(ce_global):
+                return self._skip_step(t0, f"step {self.step}: the training loss is {ce_global}")
             self.engine.backward(ce + out.aux_loss)
             ce_sum += float(ce.detach())
             aux_sum += float(out.aux_loss.detach())
@@ -249,9 +282,9 @@ class Trainer:
         grad_norm = self.engine.step()
         lr = self.engine.lr
         counts = update_expert_biases(self.model)  # the step's global counts per layer
-        loss, aux = self.mean_over_ranks([ce_sum / t.grad_accum, aux_sum / t.grad_accum])
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"step {self.step}: the training loss is {loss}")
+        loss, aux, self.stop_flag = self.mean_over_ranks(
+            [ce_sum / t.grad_accum, aux_sum / t.grad_accum, float(self._sigterm)]
+        )
         step_time = time.perf_counter() - t0
         record: dict = {
             "loss": loss,
@@ -281,6 +314,21 @@ class Trainer:
         self.profiler.step_end(self.step, step_time, {"dropped": dropped, **self._padding(counts)})
         return record
 
+    def _skip_step(self, t0: float, why: str) -> dict:
+        """train.on_nonfinite: raise (default) or drop this step's gradients and move on."""
+        if self.cfg.train.on_nonfinite == "raise" or self.cfg.engine == "deepspeed":
+            raise NonFiniteError(why)
+        log.warning("%s; skipping the step (train.on_nonfinite=skip)", why)
+        self.model.zero_grad(set_to_none=True)
+        for layer in moe_layers(self.model):
+            layer.window_counts.zero_()
+            layer.window_tokens.zero_()
+        self.skipped += 1
+        (self.stop_flag,) = self.mean_over_ranks([float(self._sigterm)])
+        record = {"skipped": True, "reason": why, "step_time": time.perf_counter() - t0}
+        self.metrics.log(self.step, record, {"skipped": 1.0})
+        return record
+
     def _padding(self, counts: list[torch.Tensor]) -> dict:
         """Capacity mode: the rows a fixed-capacity (padded) buffer would carry beyond the kept tokens."""
         moe = self.cfg.model.moe
@@ -304,12 +352,17 @@ class Trainer:
         total = 0.0
         for b in range(t.eval_batches):
             x, y = self.corpus.batch("val", t.micro_batch, cfg.model.seq_len, t.seed, self.rank, 0, b)
-            out = self.engine.forward(x.to(self.device))
+            try:
+                out = self.engine.forward(x.to(self.device))
+            except NonFiniteError as e:
+                if t.on_nonfinite == "raise":
+                    raise
+                log.warning("evaluation: %s", e)
+                total = float("nan")
+                break
+            logits = out.logits_BSV.float()
             total += float(
-                F.cross_entropy(
-                    out.logits_BSV.float().reshape(-1, out.logits_BSV.shape[-1]),
-                    y.to(self.device).reshape(-1),
-                )
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1))
             )
         (val,) = self.mean_over_ranks([total / t.eval_batches])
         self.model.train()
