@@ -178,6 +178,8 @@ class TrainConfig:
             check_type("train", name, getattr(self, name), (int,))
             _positive("train", self, name)
         check_type("train", "seed", self.seed, (int,))
+        for name in ("resume", "bf16"):
+            check_type("train", name, getattr(self, name), (bool,))
         if self.on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"train.on_nonfinite must be raise or skip, got {self.on_nonfinite!r}")
         check_type("train", "ckpt_every", self.ckpt_every, (int,))
@@ -193,6 +195,7 @@ class DeepSpeedConfig:
 
     def __post_init__(self) -> None:
         check_type("deepspeed", "zero_stage", self.zero_stage, (int,))
+        check_type("deepspeed", "extra", self.extra, (dict,))
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
 
@@ -246,6 +249,7 @@ class RunConfig:
         if self.engine not in ("torch", "deepspeed"):
             raise ConfigError(f"engine must be torch or deepspeed, got {self.engine!r}")
         check_type("run", "name", self.name, (str,))
+        check_type("run", "out_dir", self.out_dir, (str,))
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty directory name, got {self.name!r}")
 

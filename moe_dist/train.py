@@ -44,9 +44,35 @@ def init_distributed(cfg: RunConfig) -> tuple[torch.device, str]:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        dist.init_process_group(
+            backend,
+            store=_attempt_store(timeout),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timeout,
+        )
     else:
         dist.init_process_group(backend, timeout=timeout)
     return device, backend
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store:
+    """The launcher's store under a prefix of our own per restart attempt.
+
+    why: under torchrun --max-restarts (torch 2.13, gloo), the restarted workers' env:// rendezvous read
+    the previous attempt's peer addresses and fail in connectFullMesh; a fresh prefix per attempt avoids it.
+    """
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=not agent_hosts and int(os.environ["RANK"]) == 0,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"moe_dist/attempt_{attempt}", store)
 
 
 def check_same_config(cfg: RunConfig) -> None:
