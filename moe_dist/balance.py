@@ -60,9 +60,11 @@ def balance_terms(
     layer: int,
     window_counts_N: Tensor | None = None,
     window_tokens: Tensor | None = None,
+    alpha: Tensor | float | None = None,
 ) -> BalanceResult:
     """Compute every balancing term, pooled over ``group`` (None: this rank only).
 
+    ``alpha`` overrides cfg.aux_loss_coef (the layer's controller-set buffer).
     ``window_counts_N``/``window_tokens`` are the running global counts of earlier micro-batches of the
     step; with balance_scope="global_batch", f_i is taken over them plus this call.
     """
@@ -136,7 +138,11 @@ def balance_terms(
 
     terms: dict[str, Tensor] = {}
     zero = scores_TN.new_zeros(())
-    terms["switch"] = cfg.aux_loss_coef * (f_N.detach() * P_N).sum() if cfg.aux_loss_coef > 0 else zero
+    if alpha is None:
+        alpha = cfg.initial_alpha
+    elif isinstance(alpha, Tensor):  # set by a controller; no host sync, and the loss keeps its dtype
+        alpha = alpha.to(dtype)
+    terms["switch"] = alpha * (f_N.detach() * P_N).sum() if isinstance(alpha, Tensor) or alpha > 0 else zero
     if cfg.cv_importance_coef > 0:
         terms["cv_importance"] = cfg.cv_importance_coef * cv_squared(P_N)
     if cfg.cv_load_coef > 0:

@@ -39,8 +39,11 @@ class MoEConfig:
     """The seed's G: "softmax" over experts, elementwise "sigmoid", or elementwise "exp"."""
     normalize_topk: bool = False
     """Renormalise the K gates of a token to sum to 1 (Mixtral); off in the seed."""
-    aux_loss_coef: float = 1e-2
-    """alpha in the Switch loss alpha * sum_i f_i P_i."""
+    aux_loss_coef: float | str = 1e-2
+    """alpha in the Switch loss alpha * sum_i f_i P_i, or "auto": the trainer's balance controller sets it
+    (``auto_aux`` in the run config) and the layer starts from ``auto_aux_init``."""
+    auto_aux_init: float = 1e-3
+    """Starting alpha when aux_loss_coef is "auto"."""
     z_loss_coef: float = 0.0
     """Router z-loss weight: coef * mean_t (logsumexp_i logits_ti)^2 (ST-MoE)."""
     cv_importance_coef: float = 0.0
@@ -83,7 +86,8 @@ class MoEConfig:
             if value not in choices:
                 raise ConfigError(f"{owner}.{name} must be one of {choices}, got {value!r}")
         for name in (
-            "aux_loss_coef",
+            *(() if self.aux_loss_coef == "auto" else ("aux_loss_coef",)),
+            "auto_aux_init",
             "z_loss_coef",
             "cv_importance_coef",
             "cv_load_coef",
@@ -104,6 +108,10 @@ class MoEConfig:
         if self.noisy_gating and self.bias_update_rate > 0:
             # why: the smooth load estimator models noise on logits and has no term for the selection bias
             raise ConfigError("moe.noisy_gating and moe.bias_update_rate > 0 cannot be combined; pick one")
+
+    @property
+    def initial_alpha(self) -> float:
+        return float(self.auto_aux_init if self.aux_loss_coef == "auto" else self.aux_loss_coef)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -77,6 +77,8 @@ class MoELayer(nn.Module):
             "window_counts", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False
         )
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        # alpha of the Switch loss as state: a balance controller may change it, and checkpoints keep it
+        self.register_buffer("aux_coef", torch.tensor(cfg.initial_alpha, dtype=torch.float64))
         if cfg.cv_load_coef > 0 and not cfg.noisy_gating:
             # warnings (not logging) so that it shows once per process, not once per layer
             warnings.warn(
@@ -115,6 +117,7 @@ class MoELayer(nn.Module):
                 self.layer_idx,
                 self.window_counts,
                 self.window_tokens,
+                self.aux_coef if self.cfg.aux_loss_coef == "auto" else None,  # None: the config's float
             )
         # why the graph-task check: activation recompute re-runs forward inside backward; counting it
         # again would double the step's counts (torchtitan PR #1593)

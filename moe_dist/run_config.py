@@ -161,6 +161,8 @@ class TrainConfig:
     """Resume from the run directory's latest checkpoint if one exists."""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device, for the MFU estimate (0 = unknown: only TFLOP/s is logged)."""
     on_nonfinite: str = "raise"
     """NaN/Inf in router logits or the loss: "raise" (an error naming step and layer) or "skip" the step."""
 
@@ -183,6 +185,7 @@ class TrainConfig:
         if self.on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"train.on_nonfinite must be raise or skip, got {self.on_nonfinite!r}")
         check_type("train", "ckpt_every", self.ckpt_every, (int,))
+        _positive("train", self, "peak_tflops", allow_zero=True)
         _positive("train", self, "ckpt_every", allow_zero=True)
 
 
@@ -198,6 +201,30 @@ class DeepSpeedConfig:
         check_type("deepspeed", "extra", self.extra, (dict,))
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+
+
+@dataclass
+class AutoAuxConfig:
+    """The balance controller, active when model.moe.aux_loss_coef is "auto" (see README for the law)."""
+
+    target_maxvio: float = 0.5
+    """A step is balanced when the global MaxVio (max/mean - 1) is at most this ..."""
+    target_min_load: float = 0.5
+    """... and the least-loaded expert has at least this fraction of the mean load."""
+    up: float = 1.5
+    """alpha is multiplied by this after every unbalanced step."""
+    down: float = 0.8
+    """alpha is multiplied by this after ``window`` balanced steps in a row."""
+    window: int = 20
+    min_coef: float = 1e-5
+    max_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("auto_aux", self, "target_maxvio", "target_min_load", "min_coef", "max_coef", "up", "down")
+        check_type("auto_aux", "window", self.window, (int,))
+        _positive("auto_aux", self, "window")
+        if self.up <= 1 or not 0 < self.down < 1 or self.min_coef > self.max_coef:
+            raise ConfigError("auto_aux needs up > 1, 0 < down < 1 and min_coef <= max_coef")
 
 
 @dataclass
@@ -244,6 +271,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    auto_aux: AutoAuxConfig = field(default_factory=AutoAuxConfig)
 
     def __post_init__(self) -> None:
         if self.engine not in ("torch", "deepspeed"):

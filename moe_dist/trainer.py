@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from moe_dist.balance_controller import AuxController
 from moe_dist.checkpoint import CheckpointError, load_obj, save_checkpoint, verified_checkpoints
 from moe_dist.data import Corpus
 from moe_dist.errors import NonFiniteError
@@ -34,6 +35,7 @@ class CollapseMonitor:
     """Warn when an expert stays under half the mean load for ``patience`` consecutive steps."""
 
     patience: int
+    rank: int = 0
     streak: dict[tuple[int, int], int] = field(default_factory=dict)
     warned: set[tuple[int, int]] = field(default_factory=set)
 
@@ -45,7 +47,7 @@ class CollapseMonitor:
             self.streak[key] = self.streak.get(key, 0) + 1 if n < 0.5 * mean else 0
             if self.streak[key] >= self.patience:
                 collapsed += 1
-                if key not in self.warned:
+                if key not in self.warned and self.rank == 0:
                     self.warned.add(key)
                     log.warning(
                         "step %d: expert %d of MoE layer %d has stayed under half the mean load for "
@@ -96,13 +98,19 @@ class Trainer:
             from moe_dist.engine import TorchEngine
 
             self.engine = TorchEngine(self.model, cfg, layout, device)
-        self.collapse = CollapseMonitor(cfg.train.collapse_patience)
+        self.collapse = CollapseMonitor(cfg.train.collapse_patience, self.rank)
+        self.controller = None
+        if cfg.model.moe.aux_loss_coef == "auto":
+            self.controller = AuxController(cfg.auto_aux, moe_layers(self.model))
         self.step = 0
         self.skipped = 0
         self.saved_at = -1
         self.stop_flag = 0.0
         self._sigterm = False
         self.n_active = active_params(self.model, cfg.model)
+        m = cfg.model
+        # nanoGPT's estimate per token: 6 x active params (fwd+bwd) + attention 12 * layers * d_model * seq
+        self.flops_per_token = 6 * self.n_active + 12 * m.n_layers * m.d_model * m.seq_len
         if self.rank == 0:
             log.info(
                 "corpus %s; %d layers, %d MoE, %.2fM params on rank 0, %.2fM active per token; "
@@ -147,6 +155,7 @@ class Trainer:
         files: dict = {
             f"rank{self.rank}.pt": {
                 "engine": self.engine.state_dict(),
+                "controller": self.controller.state_dict() if self.controller else None,
                 "step": self.step,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             }
@@ -184,6 +193,8 @@ class Trainer:
         self.model.load_state_dict({**dense, **experts})
         own = load_obj(ckpt / f"rank{self.rank}.pt")
         self.engine.load_state_dict(own["engine"])
+        if self.controller is not None and own.get("controller"):
+            self.controller.load_state_dict(own["controller"])
         torch.set_rng_state(own["rng"]["torch"])
         random.setstate(own["rng"]["python"])
         self.step = own["step"]
@@ -282,6 +293,7 @@ class Trainer:
         grad_norm = self.engine.step()
         lr = self.engine.lr
         counts = update_expert_biases(self.model)  # the step's global counts per layer
+        alphas = self.controller.update(counts) if self.controller is not None else None
         loss, aux, self.stop_flag = self.mean_over_ranks(
             [ce_sum / t.grad_accum, aux_sum / t.grad_accum, float(self._sigterm)]
         )
@@ -296,6 +308,8 @@ class Trainer:
         }
         for k, v in term_sums.items():
             record[f"aux/{k}"] = v / t.grad_accum
+        for i, a in enumerate(alphas or []):
+            record[f"aux/alpha/L{i}"] = a
         maxvios = []
         for i, c in enumerate(counts):
             st = load_stats(c)
@@ -305,6 +319,9 @@ class Trainer:
             record[f"load/L{i}/dropped"] = dropped[i]
             record[f"load/L{i}/collapsed"] = self.collapse.update(self.step, i, c.tolist())
         record["maxvio_mean"] = sum(maxvios) / max(1, len(maxvios))
+        record["tflops"] = record["tokens_per_s"] * self.flops_per_token / 1e12
+        if t.peak_tflops > 0:
+            record["mfu"] = record["tflops"] / (t.peak_tflops * self.world)
         scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
         record["tokens_per_expert"] = [c.long().tolist() for c in counts]
         self.metrics.log(self.step, record, scalars)
@@ -384,6 +401,17 @@ class Trainer:
                 sum(r[f"load/L{i}/maxvio"] for r in history) / max(1, len(history)) for i in range(n_layers)
             ],
             "active_params": self.n_active,
+            "tflops": tokens_per_step / mean_time * self.flops_per_token / 1e12 if history else None,
+            "mfu": (
+                tokens_per_step
+                / mean_time
+                * self.flops_per_token
+                / 1e12
+                / (self.cfg.train.peak_tflops * self.world)
+                if history and self.cfg.train.peak_tflops > 0
+                else None
+            ),
+            "collapse_warnings": len(self.collapse.warned),
             "world": self.world,
             "ep": self.layout.ep,
             "engine": self.cfg.engine,

@@ -7,8 +7,9 @@ Every rank runs forward + backward; a step's time is the slowest rank's (barrier
 report the median of ``--iters`` steps after ``--warmup``, and ratios to the dense FFN. ``--skew RHO``
 routes a chosen share of tokens to rank 0's experts (max/mean rank load RHO) for every layer, by setting
 the gate weights of ours and DeepSpeed's to the same one-hot router (``profiling.sweep.routed_inputs``).
-Memory: the RSS growth of the process across the timed steps of each layer (CPU) or the CUDA allocator's
-peak (GPU).
+The layers take turns step by step, so a drifting machine slows all of them alike. Memory: the largest
+growth of the process's peak RSS during one of the layer's steps (CPU only; 0 once an earlier layer has
+already pushed the peak higher, so read it as a lower bound).
 """
 
 from __future__ import annotations
@@ -49,25 +50,30 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_layer(fn, params: list[nn.Parameter], x: torch.Tensor, warmup: int, iters: int,
-               world: int) -> tuple[float, float]:
-    """Median over steps of the slowest rank's fwd+bwd ms, and the RSS growth in MB."""
-    times = []
-    rss0 = _rss_mb()
+def time_layers(layers: dict, x: torch.Tensor, warmup: int, iters: int, world: int) -> dict[str, tuple]:
+    """Per layer: median over steps of the slowest rank's fwd+bwd ms, and the RSS growth in MB.
+
+    The layers take turns step by step (round robin), so slow drifts of a shared machine hit all alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    rss: dict[str, float] = {name: 0.0 for name in layers}
     for i in range(warmup + iters):
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
-        xi = x.detach().requires_grad_()
-        fn(xi).float().square().mean().backward()
-        for p in params:  # as in training: grads are set to None after each optimizer step
-            p.grad = None
-        ms = torch.tensor([(time.perf_counter() - t0) * 1e3])
-        if world > 1:
-            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-        if i >= warmup:
-            times.append(float(ms))
-    return statistics.median(times), _rss_mb() - rss0
+        for name, (fn, params) in layers.items():
+            if world > 1:
+                dist.barrier()
+            rss0 = _rss_mb()
+            t0 = time.perf_counter()
+            xi = x.detach().requires_grad_()
+            fn(xi).float().square().mean().backward()
+            for p in params:  # as in training: grads are set to None after each optimizer step
+                p.grad = None
+            ms = torch.tensor([(time.perf_counter() - t0) * 1e3])
+            if world > 1:
+                dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+            rss[name] = max(rss[name], _rss_mb() - rss0)
+            if i >= warmup:
+                times[name].append(float(ms))
+    return {name: (statistics.median(ts), rss[name]) for name, ts in times.items()}
 
 
 def ours(cfg: MoEConfig, group, skew: float | None):
@@ -82,9 +88,19 @@ def ours(cfg: MoEConfig, group, skew: float | None):
 def deepspeed_moe(d: int, f: int, n: int, k: int, world: int, cf: float, skew: float | None):
     from deepspeed.moe.layer import MoE
 
-    moe = MoE(hidden_size=d, expert=DenseFFN(d, f), num_experts=n, ep_size=world, k=k, capacity_factor=cf,
-              eval_capacity_factor=cf, min_capacity=4, drop_tokens=True, use_rts=False,
-              top2_2nd_expert_sampling=False)
+    moe = MoE(
+        hidden_size=d,
+        expert=DenseFFN(d, f),
+        num_experts=n,
+        ep_size=world,
+        k=k,
+        capacity_factor=cf,
+        eval_capacity_factor=cf,
+        min_capacity=4,
+        drop_tokens=True,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    )
     if skew is not None:
         with torch.no_grad():
             wg = moe.deepspeed_moe.gate.wg.weight
@@ -122,10 +138,16 @@ def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
         layers["ours_cf1.25"] = ours(MoEConfig(**base, capacity_factor=1.25), group, skew)
         if ds_ok:
             layers["deepspeed_cf1.25"] = deepspeed_moe(d, f, n, k, world, 1.25, skew)
-        row = {"ranks": world, "experts": n, "top_k": k, "tokens_per_rank": tokens, "d_model": d, "d_ff": f,
-               "skew": skew}
-        for name, (fn, params) in layers.items():
-            ms, mem = time_layer(fn, params, x, args["warmup"], args["iters"], world)
+        row = {
+            "ranks": world,
+            "experts": n,
+            "top_k": k,
+            "tokens_per_rank": tokens,
+            "d_model": d,
+            "d_ff": f,
+            "skew": skew,
+        }
+        for name, (ms, mem) in time_layers(layers, x, args["warmup"], args["iters"], world).items():
             row[f"{name}_ms"] = ms
             row[f"{name}_rss_growth_mb"] = mem
         for name in layers:
@@ -143,8 +165,10 @@ def markdown(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (5 + len(names))]
     for r in rows:
         cells = [f"{r[n + '_ms']:.1f} ({r[n + '_vs_dense']:.2f}×)" if n + "_ms" in r else "–" for n in names]
-        lines.append(f"| {r['ranks']} | {r['experts']} | {r['top_k']} | {r['tokens_per_rank']} | "
-                     f"{r['dense_ms']:.1f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {r['ranks']} | {r['experts']} | {r['top_k']} | {r['tokens_per_rank']} | "
+            f"{r['dense_ms']:.1f} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -157,15 +181,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=7)
     p.add_argument("--skew", type=float, default=None, help="max/mean rank load via a one-hot router")
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--out", default=None, help="write JSON here (and a .md table beside it)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    args = {"experts": a.experts, "topk": a.topk, "tokens": a.tokens, "d_model": a.d_model, "d_ff": a.d_ff,
-            "warmup": a.warmup, "iters": a.iters, "skew": a.skew, "deepspeed": not a.no_deepspeed}
+    args = {
+        "experts": a.experts,
+        "topk": a.topk,
+        "tokens": a.tokens,
+        "d_model": a.d_model,
+        "d_ff": a.d_ff,
+        "warmup": a.warmup,
+        "iters": a.iters,
+        "skew": a.skew,
+        "deepspeed": not a.no_deepspeed,
+    }
     rows: list[dict] = []
     for world in a.ranks:
         rows += run_ranks(bench_worker, world, args, timeout=3600)[0]
