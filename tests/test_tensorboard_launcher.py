@@ -152,3 +152,37 @@ def test_plain_tensorboard_ignores_all_to_all(served: dict[str, Any]) -> None:
         assert sum(patched["waittime"]["data"]["all"][worker]) > sum(plain["waittime"]["data"]["all"][worker])
         comm = [sum(v["data"]["all"][worker][1:3]) for v in (patched["overlap"], plain["overlap"])]
         assert comm[0] > comm[1], comm
+
+
+def test_launcher_on_a_recorded_trainer_run(tmp_path: Path) -> None:
+    """The trainer's own 2-rank traces (profile.trace=true, EP=2): the launcher's Distributed view has an
+    all-to-all row for every worker."""
+    from tests.train_workers import tiny, train_worker
+
+    cfg = tiny(
+        out_dir=str(tmp_path),
+        name="run",
+        parallel={"ep": 2},
+        train={"steps": 4},
+        profile={"trace": True, "wait": 1, "warmup": 1, "active": 2},
+    )
+    run_ranks(train_worker, 2, cfg, timeout=120)
+    logdir = tmp_path / "run"  # its tb/ directory holds the traces, so the plugin's run is "tb"
+    with _server([sys.executable, "-m", "profiling.tensorboard"], logdir, "trainer") as (base, proc, log):
+        deadline = time.monotonic() + LOAD_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(log.read_text()[-3000:])
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
+                runs = _get(base, "/runs")
+                if "tb" in runs["runs"] and not runs["loading"]:
+                    break
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"run not loaded:\n{log.read_text()[-3000:]}")
+        spans = _get(base, "/spans", run="tb", worker="All")
+        commops = _get(base, "/distributed/commops", run="tb", worker="All", span=spans[0])
+    assert len(commops["data"]) == 2
+    for worker in commops["data"]:
+        rows = _rows(commops, worker)
+        assert rows["gloo:all_to_all"]["Calls"] > 0, rows.keys()
