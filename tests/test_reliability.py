@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from moe_dist.errors import ConfigError
 from moe_dist.run_config import config_from_dict, load_config
-from tests.distributed import free_port, run_ranks
-from tests.train_workers import tiny
+from tests.distributed import run_ranks
+from tests.train_workers import tiny, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,18 +57,7 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
 
 def _torchrun(cfg: Path, name: str, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        "torchrun",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        *extra,
-        "-m",
-        "moe_dist.train",
-        str(cfg),
-        f"name={name}",
-    ]
+    cmd = torchrun_cmd(cfg, name, *extra)
     # why a file, not a pipe: nobody reads a pipe while the job runs, and a full pipe blocks the job
     path = cfg.parent / f"{name}.log"
     with open(path, "w") as log:

@@ -68,17 +68,17 @@ def _server(cmd: list[str], logdir: Path, name: str) -> Iterator[tuple[str, subp
                 continue
 
 
-def _wait_loaded(base: str, proc: subprocess.Popen, log: Path, deadline: float) -> None:
-    """Wait until the plugin lists RUN and has finished loading it (bounded by ``deadline``)."""
+def _wait_loaded(base: str, proc: subprocess.Popen, log: Path, deadline: float, run: str = RUN) -> None:
+    """Wait until the plugin lists ``run`` and has finished loading it (bounded by ``deadline``)."""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
             runs = _get(base, "/runs")
-            if RUN in runs["runs"] and not runs["loading"]:
+            if run in runs["runs"] and not runs["loading"]:
                 return
         time.sleep(0.25)
-    pytest.fail(f"{proc.args}: run {RUN!r} not loaded within {LOAD_TIMEOUT}s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"{proc.args}: run {run!r} not loaded within {LOAD_TIMEOUT}s:\n{log.read_text()[-3000:]}")
 
 
 def _distributed(base: str) -> dict[str, Any]:
@@ -169,17 +169,7 @@ def test_launcher_on_a_recorded_trainer_run(tmp_path: Path) -> None:
     run_ranks(train_worker, 2, cfg, timeout=120)
     logdir = tmp_path / "run"  # its tb/ directory holds the traces, so the plugin's run is "tb"
     with _server([sys.executable, "-m", "profiling.tensorboard"], logdir, "trainer") as (base, proc, log):
-        deadline = time.monotonic() + LOAD_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(log.read_text()[-3000:])
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                runs = _get(base, "/runs")
-                if "tb" in runs["runs"] and not runs["loading"]:
-                    break
-            time.sleep(0.25)
-        else:
-            pytest.fail(f"run not loaded:\n{log.read_text()[-3000:]}")
+        _wait_loaded(base, proc, log, time.monotonic() + LOAD_TIMEOUT, run="tb")
         spans = _get(base, "/spans", run="tb", worker="All")
         commops = _get(base, "/distributed/commops", run="tb", worker="All", span=spans[0])
     assert len(commops["data"]) == 2

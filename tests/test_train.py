@@ -18,7 +18,7 @@ from moe_dist.errors import ConfigError
 from moe_dist.model import MoETransformer
 from moe_dist.run_config import config_from_dict, load_config
 from tests.distributed import free_port, run_ranks
-from tests.train_workers import grad_sync_worker, tiny, train_worker
+from tests.train_workers import grad_sync_worker, tiny, torchrun_cmd, train_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,20 +178,7 @@ def _yaml(tmp_path: Path, **sections) -> Path:
 
 def test_torchrun_launch(tmp_path: Path) -> None:
     cfg = _yaml(tmp_path, parallel={"ep": 2})
-    _launch(
-        [
-            "torchrun",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "moe_dist.train",
-            str(cfg),
-            "name=tr",
-        ],
-        tmp_path,
-    )
+    _launch(torchrun_cmd(cfg, "tr"), tmp_path)
     s = json.loads((tmp_path / "tr" / "summary.json").read_text())
     assert s["steps"] == 4 and s["engine"] == "torch" and s["ep"] == 2
 
@@ -202,20 +189,7 @@ def test_deepspeed_launch_matches_torch_engine(tmp_path: Path) -> None:
     DeepSpeed release that re-buckets its all-reduce does not fail for summation order alone."""
     pytest.importorskip("deepspeed")
     cfg = _yaml(tmp_path, parallel={"ep": 2}, train={"steps": 5})
-    _launch(
-        [
-            "torchrun",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "moe_dist.train",
-            str(cfg),
-            "name=t",
-        ],
-        tmp_path,
-    )
+    _launch(torchrun_cmd(cfg, "t"), tmp_path)
     t = [r["loss"] for r in _read_metrics(tmp_path / "t") if "loss" in r]
     assert len(t) == 5
     for zero in (0, 1, 2):
