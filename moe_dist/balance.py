@@ -45,6 +45,12 @@ class BalanceResult:
     """float64 [N] counts over the balance group (the bias-update and running-f window adds these)."""
 
 
+def count_experts(idx_TK: Tensor, n: int) -> Tensor:
+    """int64 [n] assignments per expert; scatter_add, because CUDA's bincount syncs with the host."""
+    flat = idx_TK.reshape(-1)
+    return torch.zeros(n, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def cv_squared(z_N: Tensor) -> Tensor:
     """Seed's CV^2 with the population variance; 0 iff all entries are equal."""
     mu = z_N.mean()
@@ -73,7 +79,7 @@ def balance_terms(
     dtype = scores_TN.dtype
     T_local = scores_TN.shape[0]
     # why int64 counts (then fp64 for the packed reduce, exact to 2^53): bf16 counts flip bias signs
-    counts_local_N = torch.bincount(route.topk_idx_TK.flatten(), minlength=N)
+    counts_local_N = count_experts(route.topk_idx_TK, N)
     nonfinite = (
         (~torch.isfinite(route.logits_TN)).any()
         if cfg.check_finite

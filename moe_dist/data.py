@@ -32,7 +32,7 @@ def stdlib_files() -> tuple[Path, list[Path]]:
 def text_files(patterns: list[str]) -> tuple[Path, list[Path]]:
     files: list[Path] = []
     for pat in patterns:
-        hits = [Path(h) for h in glob.glob(pat, recursive=True)]
+        hits = [Path(h).resolve() for h in glob.glob(pat, recursive=True)]  # absolute: relative_to("/")
         hits = [h for h in hits if h.is_file()]
         if not hits:
             raise DataError(f"data.paths entry {pat!r} matches no file")

@@ -52,7 +52,9 @@ def plan_routes(
     """Sort pairs by expert; with a capacity, keep each expert's top-C pairs by score on this rank."""
     T, K = topk_idx_TK.shape
     expert_P = topk_idx_TK.reshape(-1)
-    counts_N = torch.bincount(expert_P, minlength=num_experts)
+    counts_N = torch.zeros(num_experts, dtype=torch.int64, device=expert_P.device).scatter_add_(
+        0, expert_P, torch.ones_like(expert_P)
+    )  # not bincount: it syncs with the host on CUDA
     if capacity_factor is None:
         order = torch.argsort(expert_P, stable=True)
         slot = torch.empty_like(order)
@@ -155,7 +157,8 @@ class AllToAllDispatcher(LocalDispatcher):
             recv_counts = torch.empty_like(plan.counts_N)
             with named_collective(f"MoE layer {self.layer}: dispatch count exchange"):
                 dist.all_to_all_single(recv_counts, plan.counts_N.contiguous(), group=self.group)
-            send_RL, recv_RL = torch.stack([plan.counts_N, recv_counts]).view(2, R, L).tolist()
+                # the read-back is where an asynchronous backend (NCCL) actually waits
+                send_RL, recv_RL = torch.stack([plan.counts_N, recv_counts]).view(2, R, L).tolist()
             meta.send_splits = [sum(row) for row in send_RL]
             meta.recv_splits = [sum(row) for row in recv_RL]
             x_PD = all_to_all(

@@ -120,5 +120,10 @@ class DeepSpeedEngine:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.deepspeed.zero_stage > 0:
+            # ZeRO reads its own partition as state_dict_list[dp_rank]; this rank saved only its own
+            dp_world = self.engine.dp_world_size
+            self.optimizer.load_state_dict([state["optimizer"]] * dp_world)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -96,7 +96,12 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         route, plan, bal = self._route(x_TD)
-        x_PD, counts_L, meta = self.dispatcher.dispatch(x_TD, plan)
+        x_in = x_TD
+        if torch.is_autocast_enabled(x_TD.device.type):
+            # why: under autocast the residual stream stays fp32; the experts and the all-to-alls should run
+            # in the autocast dtype (half the bytes on the wire, and grouped_mm on CUDA needs bf16)
+            x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        x_PD, counts_L, meta = self.dispatcher.dispatch(x_in, plan)
         y_PD = self._experts(x_PD, counts_L)
         out_TD = self.dispatcher.combine(y_PD, route.gates_TK, meta)
         if self.cfg.residual:

@@ -157,7 +157,12 @@ class Trainer:
                 "engine": self.engine.state_dict(),
                 "controller": self.controller.state_dict() if self.controller else None,
                 "step": self.step,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                },
+                "initial_val_loss": getattr(self, "initial_val_loss", None),
             }
         }
         if self.rank == 0:
@@ -197,6 +202,10 @@ class Trainer:
             self.controller.load_state_dict(own["controller"])
         torch.set_rng_state(own["rng"]["torch"])
         random.setstate(own["rng"]["python"])
+        if own["rng"].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["rng"]["cuda"], self.device)  # noisy gating draws on the device
+        if own.get("initial_val_loss") is not None:
+            self.initial_val_loss = own["initial_val_loss"]
         self.step = own["step"]
         if self.rank == 0:
             log.info("resumed from %s at step %d", ckpt, self.step)
@@ -221,17 +230,13 @@ class Trainer:
             record = self.train_step()
             self.step += 1
             bar.update(1)
-            if record.get("skipped"):
-                if self.stop_flag > 0:
-                    preempted = True
-                    break
-                continue
-            history.append(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                tok_s=f"{tokens_per_step / record['step_time']:.0f}",
-                maxvio=f"{record['maxvio_mean']:.2f}",
-            )
+            if not record.get("skipped"):
+                history.append(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    tok_s=f"{tokens_per_step / record['step_time']:.0f}",
+                    maxvio=f"{record['maxvio_mean']:.2f}",
+                )
             if self.step % t.eval_every == 0 or self.step == t.steps:
                 last_eval = self.evaluate()
                 self.metrics.log(self.step, last_eval)

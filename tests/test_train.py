@@ -218,3 +218,65 @@ def test_deepspeed_launch_matches_torch_engine(tmp_path: Path) -> None:
 def test_shipped_configs_validate(path: Path) -> None:
     cfg = load_config(path)
     cfg.check_world(2 * cfg.parallel.ep)  # any world that the EP size divides
+
+
+def test_deepspeed_zero2_resume_is_exact(tmp_path: Path) -> None:
+    """engine=deepspeed with ZeRO-2: drop the step-6 checkpoint of a 6-step run and resume from step 3;
+    steps 4-6 repeat the uninterrupted run's losses exactly."""
+    pytest.importorskip("deepspeed")
+    cfg = _yaml(
+        tmp_path,
+        parallel={"ep": 2},
+        engine="deepspeed",
+        deepspeed={"zero_stage": 2},
+        train={"steps": 6, "ckpt_every": 3, "keep_last": 5},
+    )
+
+    def launch(name: str) -> None:
+        _launch(
+            [
+                "deepspeed",
+                "--num_gpus",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "--module",
+                "moe_dist.train",
+                str(cfg),
+                f"name={name}",
+            ],
+            tmp_path,
+        )
+
+    launch("a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "metrics.jsonl").write_text("")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step_00000003")
+    launch("b")
+    want = {r["step"]: r["loss"] for r in _read_metrics(tmp_path / "a") if "loss" in r}
+    got = {r["step"]: r["loss"] for r in _read_metrics(tmp_path / "b") if "loss" in r}
+    assert sorted(got) == [3, 4, 5] and all(got[s] == want[s] for s in got), (got, want)
+
+
+def test_text_corpus_with_relative_globs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative globs, a non-UTF-8 file and an empty file: read as bytes, split by file, sharded."""
+    from moe_dist.data import Corpus, DataError
+    from moe_dist.run_config import DataConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    for i in range(6):
+        (tmp_path / "d" / f"f{i}.txt").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "d" / "latin1.txt").write_bytes("café".encode("latin-1") * 500)
+    (tmp_path / "d" / "empty.txt").write_bytes(b"")
+    corpus = Corpus.build(DataConfig(kind="text", paths=["d/*.txt"], val_every=3), 16, 1, 2, 0)
+    assert corpus.train.numel() > 0 and corpus.val.numel() > 0
+    x, y = corpus.batch("train", 4, 16, 0, 1, 0, 0)
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(DataError, match="matches no file"):
+        Corpus.build(DataConfig(kind="text", paths=["nope/*.txt"]), 16, 0, 1, 0)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "z.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        Corpus.build(DataConfig(kind="text", paths=["e/*.txt"]), 16, 0, 1, 0)
