@@ -34,11 +34,20 @@ def main(argv: list[str] | None = None) -> None:
     res = run_ranks(run_specs, a.ranks, specs, timeout=3600)[0]
     off = [ms for s, r in zip(specs, res, strict=True) if not s.timers for ms in r["step_ms"]]
     on = [ms for s, r in zip(specs, res, strict=True) if s.timers for ms in r["step_ms"]]
-    out = {"ranks": a.ranks, "tokens_per_rank": a.tokens, "steps_each": len(on),
-           "median_off_ms": statistics.median(off), "median_on_ms": statistics.median(on)}
+    out = {
+        "ranks": a.ranks,
+        "tokens_per_rank": a.tokens,
+        "steps_each": len(on),
+        "median_off_ms": statistics.median(off),
+        "median_on_ms": statistics.median(on),
+    }
     out["overhead"] = out["median_on_ms"] / out["median_off_ms"] - 1
-    log.info("timers off %.1f ms, on %.1f ms: overhead %+.2f%%", out["median_off_ms"], out["median_on_ms"],
-             100 * out["overhead"])
+    log.info(
+        "timers off %.1f ms, on %.1f ms: overhead %+.2f%%",
+        out["median_off_ms"],
+        out["median_on_ms"],
+        100 * out["overhead"],
+    )
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
 
