@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from moe_dist.errors import ConfigError
 
@@ -112,7 +112,3 @@ class MoEConfig:
     @property
     def initial_alpha(self) -> float:
         return float(self.auto_aux_init if self.aux_loss_coef == "auto" else self.aux_loss_coef)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

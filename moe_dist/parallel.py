@@ -68,8 +68,3 @@ class ParallelLayout:
             if e == layout.ep_rank:
                 layout.edp_group = g if layout.dp > 1 else None
         return layout
-
-    @classmethod
-    def single(cls) -> ParallelLayout:
-        """One process, no groups: everything local."""
-        return cls(world=1, rank=0, ep=1)

@@ -9,7 +9,6 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -421,7 +420,3 @@ class Trainer:
             "ep": self.layout.ep,
             "engine": self.cfg.engine,
         }
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=1))

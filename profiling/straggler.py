@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from profiling.analysis import StragglerAnalyzer, scalars, summary_line
-from profiling.timer import FIELDS, Injection, StragglerTimer
+from profiling.timer import Injection, StragglerTimer
 
 log = logging.getLogger("moe_dist.profile")
 
@@ -91,6 +91,3 @@ class StragglerProfiler:
     def close(self) -> None:
         if self.prof is not None:
             self.prof.stop()
-
-
-__all__ = ["FIELDS", "StragglerProfiler"]

@@ -17,8 +17,8 @@ import yaml
 from moe_dist.errors import ConfigError
 from moe_dist.model import MoETransformer
 from moe_dist.run_config import config_from_dict, load_config
-from tests.distributed import free_port, run_ranks
-from tests.train_workers import grad_sync_worker, tiny, torchrun_cmd, train_worker
+from tests.distributed import run_ranks
+from tests.train_workers import deepspeed_cmd, grad_sync_worker, tiny, torchrun_cmd, train_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,22 +193,7 @@ def test_deepspeed_launch_matches_torch_engine(tmp_path: Path) -> None:
     t = [r["loss"] for r in _read_metrics(tmp_path / "t") if "loss" in r]
     assert len(t) == 5
     for zero in (0, 1, 2):
-        _launch(
-            [
-                "deepspeed",
-                "--num_gpus",
-                "2",
-                "--master_port",
-                str(free_port()),
-                "--module",
-                "moe_dist.train",
-                str(cfg),
-                f"name=d{zero}",
-                "engine=deepspeed",
-                f"deepspeed.zero_stage={zero}",
-            ],
-            tmp_path,
-        )
+        _launch(deepspeed_cmd(cfg, f"d{zero}", "engine=deepspeed", f"deepspeed.zero_stage={zero}"), tmp_path)
         d = [r["loss"] for r in _read_metrics(tmp_path / f"d{zero}") if "loss" in r]
         assert d == pytest.approx(t, rel=1e-6), f"ZeRO stage {zero}"
         assert json.loads((tmp_path / f"d{zero}" / "summary.json").read_text())["engine"] == "deepspeed"
@@ -233,20 +218,7 @@ def test_deepspeed_zero2_resume_is_exact(tmp_path: Path) -> None:
     )
 
     def launch(name: str) -> None:
-        _launch(
-            [
-                "deepspeed",
-                "--num_gpus",
-                "2",
-                "--master_port",
-                str(free_port()),
-                "--module",
-                "moe_dist.train",
-                str(cfg),
-                f"name={name}",
-            ],
-            tmp_path,
-        )
+        _launch(deepspeed_cmd(cfg, name), tmp_path)
 
     launch("a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
