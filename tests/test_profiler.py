@@ -75,12 +75,15 @@ def test_delay_before_dispatch_is_not_expert_straggling(delay_runs: list[dict]) 
 
 def test_balanced_control_and_token_skew() -> None:
     """Balanced routing keeps S at the noise floor; S rises monotonically with the skew and is mostly
-    explained by tokens."""
+    explained by tokens. The floor of 2 ranks sharing 2 cores with the test process measured 2.6-4.2% of
+    the step (CI once saw 5.0%) and 10-13% of S at load 1.5, so the bounds are 10% of the step and a quarter
+    of S at load 1.5."""
     loads = [1.0, 1.5, 2.0]
-    res = run_ranks(run_specs, 2, [SweepSpec(load=x, tokens=1024, steps=7) for x in loads], timeout=300)[0]
+    res = run_ranks(run_specs, 2, [SweepSpec(load=x, tokens=1024, steps=9) for x in loads], timeout=300)[0]
     S = [med(r["records"], lambda rec: rec["straggler_ms"]) for r in res]
     steps = [statistics.median(r["step_ms"]) for r in res]
-    assert S[0] < 0.05 * steps[0], f"balanced S {S[0]:.1f} ms of a {steps[0]:.1f} ms step"
+    assert S[0] < 0.10 * steps[0], f"balanced S {S[0]:.1f} ms of a {steps[0]:.1f} ms step"
+    assert S[0] < 0.25 * S[1], f"balanced S {S[0]:.1f} ms is not far below S at load 1.5 ({S[1]:.1f} ms)"
     assert S[0] < S[1] < S[2], f"S not monotone in skew: {S}"
     assert med(res[2]["records"], lambda rec: rec["token_explained_frac"]) > 0.7
 
