@@ -34,6 +34,8 @@ class MoEStats:
     """int64 scalar: (token, expert) pairs dropped by capacity, summed over the balance group."""
     num_tokens: Tensor
     """int64 scalar: tokens seen by the balance group in this call."""
+    tokens_per_expert_local: Tensor
+    """int64 [N]: this rank's assignments per expert (its micro-batch alone)."""
 
 
 @dataclass
@@ -164,5 +166,6 @@ def balance_terms(
         P=P_glob.detach(),
         dropped=dropped_global.round().to(torch.int64),
         num_tokens=T_global.round().to(torch.int64),
+        tokens_per_expert_local=counts_local_N,
     )
     return BalanceResult(aux_loss=aux, terms=terms, stats=stats, counts_N=counts_N)

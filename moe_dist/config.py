@@ -42,7 +42,7 @@ class MoEConfig:
     aux_loss_coef: float | str = 1e-2
     """alpha in the Switch loss alpha * sum_i f_i P_i, or "auto": the trainer's balance controller sets it
     (``auto_aux`` in the run config) and the layer starts from ``auto_aux_init``."""
-    auto_aux_init: float = 1e-3
+    auto_aux_init: float = 1e-2
     """Starting alpha when aux_loss_coef is "auto"."""
     z_loss_coef: float = 0.0
     """Router z-loss weight: coef * mean_t (logsumexp_i logits_ti)^2 (ST-MoE)."""

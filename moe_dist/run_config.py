@@ -207,22 +207,25 @@ class DeepSpeedConfig:
 class AutoAuxConfig:
     """The balance controller, active when model.moe.aux_loss_coef is "auto" (see README for the law)."""
 
-    target_maxvio: float = 0.5
-    """A step is balanced when the global MaxVio (max/mean - 1) is at most this ..."""
+    target_maxvio: float = 1.0
+    """A layer is balanced when its smoothed MaxVio (max/mean - 1) is at most this ..."""
     target_min_load: float = 0.5
-    """... and the least-loaded expert has at least this fraction of the mean load."""
-    up: float = 1.5
+    """... and its least-loaded expert has at least this fraction of the mean load (smoothed)."""
+    horizon: int = 10
+    """Steps of the moving average of the relative loads the law reads (1 = this step's loads only)."""
+    up: float = 1.05
     """alpha is multiplied by this after every unbalanced step."""
     down: float = 0.8
     """alpha is multiplied by this after ``window`` balanced steps in a row."""
     window: int = 20
     min_coef: float = 1e-5
-    max_coef: float = 1.0
+    max_coef: float = 0.3
 
     def __post_init__(self) -> None:
         _positive("auto_aux", self, "target_maxvio", "target_min_load", "min_coef", "max_coef", "up", "down")
-        check_type("auto_aux", "window", self.window, (int,))
-        _positive("auto_aux", self, "window")
+        for name in ("window", "horizon"):
+            check_type("auto_aux", name, getattr(self, name), (int,))
+        _positive("auto_aux", self, "window", "horizon")
         if self.up <= 1 or not 0 < self.down < 1 or self.min_coef > self.max_coef:
             raise ConfigError("auto_aux needs up > 1, 0 < down < 1 and min_coef <= max_coef")
 

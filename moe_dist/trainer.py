@@ -271,6 +271,7 @@ class Trainer:
         ce_sum, aux_sum = 0.0, 0.0
         term_sums: dict[str, float] = {}
         dropped = [0] * len(moe_layers(self.model))
+        local_maxvio = [0.0] * len(dropped)  # per-batch MaxVio: this rank's micro-batch alone
         for micro in range(t.grad_accum):
             x, y = self.corpus.batch(
                 "train", t.micro_batch, cfg.model.seq_len, t.seed, self.rank, self.step, micro
@@ -294,12 +295,14 @@ class Trainer:
                     term_sums[k] = term_sums.get(k, 0.0) + float(v.detach())
             for i, layer_out in enumerate(out.moe):
                 dropped[i] += int(layer_out.stats.dropped)
+                local = layer_out.stats.tokens_per_expert_local
+                local_maxvio[i] += load_stats(local)["maxvio"] / t.grad_accum
         grad_norm = self.engine.step()
         lr = self.engine.lr
         counts = update_expert_biases(self.model)  # the step's global counts per layer
         alphas = self.controller.update(counts) if self.controller is not None else None
-        loss, aux, self.stop_flag = self.mean_over_ranks(
-            [ce_sum / t.grad_accum, aux_sum / t.grad_accum, float(self._sigterm)]
+        loss, aux, self.stop_flag, *local_maxvio = self.mean_over_ranks(
+            [ce_sum / t.grad_accum, aux_sum / t.grad_accum, float(self._sigterm), *local_maxvio]
         )
         step_time = time.perf_counter() - t0
         record: dict = {
@@ -319,6 +322,7 @@ class Trainer:
             st = load_stats(c)
             maxvios.append(st["maxvio"])
             record[f"load/L{i}/maxvio"] = st["maxvio"]
+            record[f"load/L{i}/maxvio_local"] = local_maxvio[i]
             record[f"load/L{i}/cv"] = st["cv"]
             record[f"load/L{i}/dropped"] = dropped[i]
             record[f"load/L{i}/collapsed"] = self.collapse.update(self.step, i, c.tolist())
