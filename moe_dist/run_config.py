@@ -163,6 +163,9 @@ class TrainConfig:
     """bf16 autocast on CUDA (ignored on CPU)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device, for the MFU estimate (0 = unknown: only TFLOP/s is logged)."""
+    retain_host_memory: bool = True
+    """CPU runs: keep freed memory in the heap (glibc mallopt) so large per-step tensors reuse their pages
+    instead of page-faulting afresh every step (see moe_dist/hostmem.py)."""
     on_nonfinite: str = "raise"
     """NaN/Inf in router logits or the loss: "raise" (an error naming step and layer) or "skip" the step."""
 
@@ -180,7 +183,7 @@ class TrainConfig:
             check_type("train", name, getattr(self, name), (int,))
             _positive("train", self, name)
         check_type("train", "seed", self.seed, (int,))
-        for name in ("resume", "bf16"):
+        for name in ("resume", "bf16", "retain_host_memory"):
             check_type("train", name, getattr(self, name), (bool,))
         if self.on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"train.on_nonfinite must be raise or skip, got {self.on_nonfinite!r}")

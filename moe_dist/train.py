@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from moe_dist.data import text_files
 from moe_dist.errors import ConfigError
+from moe_dist.hostmem import retain_freed_memory
 from moe_dist.parallel import ParallelLayout
 from moe_dist.run_config import RunConfig, load_config
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.data.kind == "text":
         text_files(cfg.data.paths)  # a bad path fails here, not after the launch has gathered every rank
     device, backend = init_distributed(cfg)
+    if device.type == "cpu" and cfg.train.retain_host_memory:
+        retain_freed_memory()
     try:
         check_same_config(cfg)
         layout = ParallelLayout.build(cfg.parallel.ep)

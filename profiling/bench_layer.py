@@ -4,7 +4,9 @@ equal active FLOPs (d_ff * K wide), in one run, on the same process group and th
     python -m profiling.bench_layer --ranks 2 --experts 8 32 128 --topk 2 --tokens 4096 --out BENCH.json
 
 Every rank runs forward + backward; a step's time is the slowest rank's (barrier before each step); we
-report the median of ``--iters`` steps after ``--warmup``, and ratios to the dense FFN. ``--skew RHO``
+report the median of ``--iters`` steps after ``--warmup``, and ratios to the dense FFN: the median of the
+per-round ratios (the layers take turns, so round i pairs each layer with the dense step next to it),
+with their interquartile range. ``--skew RHO``
 routes a chosen share of tokens to rank 0's experts (max/mean rank load RHO) for every layer, by setting
 the gate weights of ours and DeepSpeed's to the same one-hot router (``profiling.sweep.routed_inputs``).
 The layers take turns step by step, so a drifting machine slows all of them alike. Memory: the largest
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer
+from moe_dist.hostmem import retain_freed_memory
 from moe_dist.spawn import run_ranks
 from profiling.sweep import SweepSpec, routed_inputs
 
@@ -50,10 +53,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_layers(layers: dict, x: torch.Tensor, warmup: int, iters: int, world: int) -> dict[str, tuple]:
-    """Per layer: median over steps of the slowest rank's fwd+bwd ms, and the RSS growth in MB.
+def time_layers(layers: dict, x: torch.Tensor, warmup: int, iters: int, world: int) -> dict[str, list]:
+    """Per layer: the slowest rank's fwd+bwd ms of each timed step, and the RSS growth in MB.
 
-    The layers take turns step by step (round robin), so slow drifts of a shared machine hit all alike.
+    The layers take turns step by step (round robin), so slow drifts of a shared machine hit all alike,
+    and step i of every layer can be paired with step i of the dense layer.
     """
     times: dict[str, list[float]] = {name: [] for name in layers}
     rss: dict[str, float] = {name: 0.0 for name in layers}
@@ -73,7 +77,20 @@ def time_layers(layers: dict, x: torch.Tensor, warmup: int, iters: int, world: i
             rss[name] = max(rss[name], _rss_mb() - rss0)
             if i >= warmup:
                 times[name].append(float(ms))
-    return {name: (statistics.median(ts), rss[name]) for name, ts in times.items()}
+    return {name: (ts, rss[name]) for name, ts in times.items()}
+
+
+def summarise(row: dict, timed: dict[str, tuple[list[float], float]]) -> None:
+    """Medians, and each layer's ratio to dense as the median of its per-round ratios (paired steps)."""
+    dense = timed["dense"][0]
+    for name, (ts, mem) in timed.items():
+        row[f"{name}_ms"] = statistics.median(ts)
+        row[f"{name}_rss_growth_mb"] = mem
+        if name != "dense":
+            ratios = sorted(t / d for t, d in zip(ts, dense, strict=True))
+            row[f"{name}_vs_dense"] = statistics.median(ratios)
+            # the middle half of the paired ratios: how much one run's figure can be trusted
+            row[f"{name}_vs_dense_iqr"] = [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]
 
 
 def ours(cfg: MoEConfig, group, skew: float | None):
@@ -111,6 +128,8 @@ def deepspeed_moe(d: int, f: int, n: int, k: int, world: int, cf: float, skew: f
 
 def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
     torch.set_num_threads(1)
+    if args["host_memory"] == "retain":  # as the trainer does on CPU (train.retain_host_memory)
+        retain_freed_memory()
     group = dist.group.WORLD if world > 1 else None
     rows = []
     ds_ok = args["deepspeed"]
@@ -146,13 +165,9 @@ def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
             "d_model": d,
             "d_ff": f,
             "skew": skew,
+            "host_memory": args["host_memory"],
         }
-        for name, (ms, mem) in time_layers(layers, x, args["warmup"], args["iters"], world).items():
-            row[f"{name}_ms"] = ms
-            row[f"{name}_rss_growth_mb"] = mem
-        for name in layers:
-            if name != "dense":
-                row[f"{name}_vs_dense"] = row[f"{name}_ms"] / row["dense_ms"]
+        summarise(row, time_layers(layers, x, args["warmup"], args["iters"], world))
         rows.append(row)
         if rank == 0:
             log.info("%s", {k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()})
@@ -161,10 +176,16 @@ def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     names = [k[:-3] for k in rows[0] if k.endswith("_ms") and k != "dense_ms"]
-    head = "| R | E | K | T/rank | dense ms | " + " | ".join(f"{n} ms (×dense)" for n in names) + " |"
+    head = "| R | E | K | T/rank | dense ms | " + " | ".join(f"{n} ms (×dense [IQR])" for n in names) + " |"
     lines = [head, "|" + "---|" * (5 + len(names))]
     for r in rows:
-        cells = [f"{r[n + '_ms']:.1f} ({r[n + '_vs_dense']:.2f}×)" if n + "_ms" in r else "–" for n in names]
+        cells = [
+            f"{r[n + '_ms']:.1f} ({r[n + '_vs_dense']:.2f}× [{r[n + '_vs_dense_iqr'][0]:.2f}, "
+            f"{r[n + '_vs_dense_iqr'][1]:.2f}])"
+            if n + "_ms" in r
+            else "–"
+            for n in names
+        ]
         lines.append(
             f"| {r['ranks']} | {r['experts']} | {r['top_k']} | {r['tokens_per_rank']} | "
             f"{r['dense_ms']:.1f} | " + " | ".join(cells) + " |"
@@ -184,6 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--skew", type=float, default=None, help="max/mean rank load via a one-hot router")
     p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument(
+        "--host-memory",
+        choices=["retain", "release"],
+        default="retain",
+        help="retain: keep freed memory in the heap, as the trainer does on CPU; release: glibc's default",
+    )
     p.add_argument("--out", default=None, help="write JSON here (and a .md table beside it)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -198,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         "iters": a.iters,
         "skew": a.skew,
         "deepspeed": not a.no_deepspeed,
+        "host_memory": a.host_memory,
     }
     rows: list[dict] = []
     for world in a.ranks:

@@ -68,6 +68,9 @@ def run_one(name: str, overrides: list[str], args, seed: int) -> Path:
         f"train.eval_every={args.steps}",
         *overrides,
     ]
+    if args.reuse and (out / run / "summary.json").exists():
+        log.info("reusing %s (--reuse)", out / run)
+        return out / run
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(out / f"{run}.log", "w") as f:
         subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="train.seed = 0 .. seeds-1 for every method")
+    p.add_argument("--reuse", action="store_true", help="keep runs that already have a summary.json")
     p.add_argument("--only", nargs="*", default=None, help=f"a subset of {list(METHODS)}")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

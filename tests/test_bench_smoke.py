@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from profiling import bench_layer, bench_overhead
 
@@ -52,3 +56,40 @@ def test_bench_overhead_smoke(tmp_path: Path) -> None:
     )
     res = json.loads(out.read_text())
     assert res["median_on_ms"] > 0 and res["median_off_ms"] > 0 and "overhead" in res
+
+
+def test_ratios_pair_each_round_with_its_dense_step() -> None:
+    """A layer's ratio to dense is the median of per-round ratios, not a ratio of medians: a slow round
+    slows both layers of that round and cancels."""
+    row: dict = {}
+    timed = {"dense": ([10.0, 20.0, 30.0, 40.0], 1.0), "ours": ([11.0, 24.0, 30.0, 48.0], 2.0)}
+    bench_layer.summarise(row, timed)
+    assert row["dense_ms"] == 25.0 and row["ours_ms"] == 27.0
+    # per-round ratios 1.1, 1.2, 1.0, 1.2 -> sorted 1.0, 1.1, 1.2, 1.2
+    assert row["ours_vs_dense"] == pytest.approx(1.15)
+    assert row["ours_vs_dense_iqr"] == pytest.approx([1.1, 1.2])
+    assert row["ours_rss_growth_mb"] == 2.0
+
+
+def _faults_refilling_64mb(retain: bool) -> int:
+    """Minor page faults of allocating and filling a 64 MB tensor after one was freed (child process)."""
+    code = (
+        "import resource, torch\n"
+        "from moe_dist.hostmem import retain_freed_memory\n"
+        f"assert {retain} is False or retain_freed_memory()\n"
+        "a = torch.empty(16 << 20); a.fill_(1); del a\n"
+        "f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "b = torch.empty(16 << 20); b.fill_(2)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return int(out.stdout.strip())
+
+
+def test_retained_host_memory_is_reused() -> None:
+    """glibc's default unmaps a freed 64 MB block, so the next one faults in all 16k pages again; after
+    retain_freed_memory the freed pages are reused (almost no faults)."""
+    assert _faults_refilling_64mb(retain=False) > 8000
+    assert _faults_refilling_64mb(retain=True) < 1000
