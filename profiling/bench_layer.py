@@ -9,9 +9,9 @@ per-round ratios (the layers take turns, so round i pairs each layer with the de
 with their interquartile range. ``--skew RHO``
 routes a chosen share of tokens to rank 0's experts (max/mean rank load RHO) for every layer, by setting
 the gate weights of ours and DeepSpeed's to the same one-hot router (``profiling.sweep.routed_inputs``).
-The layers take turns step by step, so a drifting machine slows all of them alike. Memory: the largest
-growth of the process's peak RSS during one of the layer's steps (CPU only; 0 once an earlier layer has
-already pushed the peak higher, so read it as a lower bound).
+The layers take turns step by step, so a drifting machine slows all of them alike. Memory: the peak of
+tensor bytes allocated during one more forward + backward of each layer (the CUDA allocator's peak, or on
+CPU the profiler's memory events), the largest over ranks.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import itertools
 import json
 import logging
 import os
-import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,35 +49,63 @@ class DenseFFN(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _one_step(fn, params: list, x: torch.Tensor) -> None:
+    xi = x.detach().requires_grad_()
+    fn(xi).float().square().mean().backward()
+    for p in params:  # as in training: grads are set to None after each optimizer step
+        p.grad = None
 
 
-def time_layers(layers: dict, x: torch.Tensor, warmup: int, iters: int, world: int) -> dict[str, list]:
-    """Per layer: the slowest rank's fwd+bwd ms of each timed step, and the RSS growth in MB.
+def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:
+    """Peak bytes of tensors allocated during one forward + backward, above what was live before.
+
+    CUDA: the caching allocator's peak. CPU: the profiler's memory events ("Total Allocated" counts the
+    tensors allocated inside the profiling window, so its maximum is the step's peak).
+    """
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        _one_step(fn, params, x)
+        return (torch.cuda.max_memory_allocated(x.device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _one_step(fn, params, x)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0) / 2**20
+
+
+def time_layers(layers: dict, x: torch.Tensor, warmup: int, iters: int, world: int) -> dict[str, tuple]:
+    """Per layer: the slowest rank's fwd+bwd ms of each timed step, and the largest rank's peak MB of one
+    further (profiled, untimed) step.
 
     The layers take turns step by step (round robin), so slow drifts of a shared machine hit all alike,
     and step i of every layer can be paired with step i of the dense layer.
     """
     times: dict[str, list[float]] = {name: [] for name in layers}
-    rss: dict[str, float] = {name: 0.0 for name in layers}
     for i in range(warmup + iters):
         for name, (fn, params) in layers.items():
             if world > 1:
                 dist.barrier()
-            rss0 = _rss_mb()
             t0 = time.perf_counter()
-            xi = x.detach().requires_grad_()
-            fn(xi).float().square().mean().backward()
-            for p in params:  # as in training: grads are set to None after each optimizer step
-                p.grad = None
+            _one_step(fn, params, x)
             ms = torch.tensor([(time.perf_counter() - t0) * 1e3])
             if world > 1:
                 dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-            rss[name] = max(rss[name], _rss_mb() - rss0)
             if i >= warmup:
                 times[name].append(float(ms))
-    return {name: (ts, rss[name]) for name, ts in times.items()}
+    peaks = {}
+    for name, (fn, params) in layers.items():
+        mb = torch.tensor([peak_memory_mb(fn, params, x)])
+        if world > 1:
+            dist.all_reduce(mb, op=dist.ReduceOp.MAX)
+        peaks[name] = float(mb)
+    return {name: (ts, peaks[name]) for name, ts in times.items()}
 
 
 def summarise(row: dict, timed: dict[str, tuple[list[float], float]]) -> None:
@@ -85,7 +113,7 @@ def summarise(row: dict, timed: dict[str, tuple[list[float], float]]) -> None:
     dense = timed["dense"][0]
     for name, (ts, mem) in timed.items():
         row[f"{name}_ms"] = statistics.median(ts)
-        row[f"{name}_rss_growth_mb"] = mem
+        row[f"{name}_peak_mb"] = mem
         if name != "dense":
             ratios = sorted(t / d for t, d in zip(ts, dense, strict=True))
             row[f"{name}_vs_dense"] = statistics.median(ratios)
@@ -176,19 +204,23 @@ def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     names = [k[:-3] for k in rows[0] if k.endswith("_ms") and k != "dense_ms"]
-    head = "| R | E | K | T/rank | dense ms | " + " | ".join(f"{n} ms (×dense [IQR])" for n in names) + " |"
+    head = (
+        "| R | E | K | T/rank | dense ms (MB) | "
+        + " | ".join(f"{n} ms (×dense [IQR]) MB" for n in names)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (5 + len(names))]
     for r in rows:
         cells = [
             f"{r[n + '_ms']:.1f} ({r[n + '_vs_dense']:.2f}× [{r[n + '_vs_dense_iqr'][0]:.2f}, "
-            f"{r[n + '_vs_dense_iqr'][1]:.2f}])"
+            f"{r[n + '_vs_dense_iqr'][1]:.2f}]) {r[n + '_peak_mb']:.0f}"
             if n + "_ms" in r
             else "–"
             for n in names
         ]
         lines.append(
             f"| {r['ranks']} | {r['experts']} | {r['top_k']} | {r['tokens_per_rank']} | "
-            f"{r['dense_ms']:.1f} | " + " | ".join(cells) + " |"
+            f"{r['dense_ms']:.1f} ({r['dense_peak_mb']:.0f}) | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 

@@ -44,6 +44,8 @@ def test_bench_layer_smoke(tmp_path: Path) -> None:
         "ours_cf1.25_ms",
         "deepspeed_cf1.25_ms",
         "ours_dropless_vs_dense",
+        "ours_dropless_peak_mb",
+        "deepspeed_cf1.25_peak_mb",
     ):
         assert rows[0][key] > 0, key
     assert out.with_suffix(".md").read_text().startswith("| R | E | K |")
@@ -68,7 +70,7 @@ def test_ratios_pair_each_round_with_its_dense_step() -> None:
     # per-round ratios 1.1, 1.2, 1.0, 1.2 -> sorted 1.0, 1.1, 1.2, 1.2
     assert row["ours_vs_dense"] == pytest.approx(1.15)
     assert row["ours_vs_dense_iqr"] == pytest.approx([1.1, 1.2])
-    assert row["ours_rss_growth_mb"] == 2.0
+    assert row["ours_peak_mb"] == 2.0
 
 
 def _faults_refilling_64mb(retain: bool) -> int:
@@ -93,3 +95,15 @@ def test_retained_host_memory_is_reused() -> None:
     retain_freed_memory the freed pages are reused (almost no faults)."""
     assert _faults_refilling_64mb(retain=False) > 8000
     assert _faults_refilling_64mb(retain=True) < 1000
+
+
+def test_peak_memory_counts_the_step_tensors() -> None:
+    """A 512 x 256 float output (0.5 MB) and its square, grads and the input grad must show up in the
+    CPU peak; nothing near 16 MB is allocated."""
+    import torch
+
+    lin = torch.nn.Linear(64, 256)
+    peak = bench_layer.peak_memory_mb(lin, list(lin.parameters()), torch.randn(512, 64))
+    assert 1.0 <= peak < 16.0, peak
+    wide = torch.nn.Linear(64, 2048)
+    assert bench_layer.peak_memory_mb(wide, list(wide.parameters()), torch.randn(512, 64)) > 4 * peak
