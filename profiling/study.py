@@ -149,22 +149,31 @@ def write(out: Path, rows: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (out / "study.json").write_text(json.dumps(rows, indent=1))
     seeds = max(r["seeds"] for r in rows.values())
+    base = rows.get("alpha0")
     lines = [
-        f"| method | val loss{' (spread)' if seeds > 1 else ''} | bpb | MaxVio step mean / max | "
-        "MaxVio batch | MaxVio global | collapsed | straggler % of step | final alpha |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| method | val loss{' (spread)' if seeds > 1 else ''} | vs alpha0, same seed | bpb | "
+        "MaxVio step mean / max | MaxVio batch | MaxVio global | collapsed | straggler % of step | "
+        "final alpha |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         strag = f"{100 * r['straggler_frac']:.1f}%" if r["straggler_frac"] is not None else "-"
         spread = f" ({r['val_loss_spread']:.3f})" if seeds > 1 else ""
         alpha = f"{r['alpha_L0'][-1]:.3g}" if r["alpha_L0"] else "-"
+        delta = "-"
+        if base is not None and name != "alpha0" and len(base["per_seed"]) == len(r["per_seed"]):
+            # why paired: the seed moves every method's loss together (init and data order), by more than
+            # the methods differ; the per-seed difference removes that shared part
+            d = [a["val_loss"] - b["val_loss"] for a, b in zip(r["per_seed"], base["per_seed"], strict=True)]
+            r["val_loss_vs_alpha0"] = d
+            delta = f"{sum(d) / len(d):+.3f}" + (f" [{min(d):+.3f}, {max(d):+.3f}]" if len(d) > 1 else "")
         lines.append(
-            f"| {name} | {r['val_loss']:.4f}{spread} | {r['val_bpb']:.3f} | {r['maxvio_step_mean']:.2f} / "
-            f"{r['maxvio_step_max']:.2f} | {r['maxvio_batch_mean']:.2f} | {r['maxvio_global']:.2f} | "
-            f"{100 * r['collapsed_frac']:.0f}% | {strag} | {alpha} |"
+            f"| {name} | {r['val_loss']:.4f}{spread} | {delta} | {r['val_bpb']:.3f} | "
+            f"{r['maxvio_step_mean']:.2f} / {r['maxvio_step_max']:.2f} | {r['maxvio_batch_mean']:.2f} | "
+            f"{r['maxvio_global']:.2f} | {100 * r['collapsed_frac']:.0f}% | {strag} | {alpha} |"
         )
+    (out / "study.json").write_text(json.dumps(rows, indent=1))
     n_layers = len(next(iter(rows.values()))["maxvio_global_per_layer"])
     lines += [
         "",

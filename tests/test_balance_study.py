@@ -142,3 +142,7 @@ def test_study_command_end_to_end(tmp_path: Path) -> None:
             ):
                 assert glob <= step_mean + 1e-3 and step_mean <= step_max
     assert rows["auto"]["alpha_L0"] is not None and rows["alpha0"]["alpha_L0"] is None
+    pairs = zip(rows["auto"]["per_seed"], rows["alpha0"]["per_seed"], strict=True)
+    assert rows["auto"]["val_loss_vs_alpha0"] == pytest.approx(
+        [a["val_loss"] - b["val_loss"] for a, b in pairs]
+    )
