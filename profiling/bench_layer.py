@@ -59,8 +59,8 @@ def _one_step(fn, params: list, x: torch.Tensor) -> None:
 def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:
     """Peak bytes of tensors allocated during one forward + backward, above what was live before.
 
-    CUDA: the caching allocator's peak. CPU: the profiler's memory events ("Total Allocated" counts the
-    tensors allocated inside the profiling window, so its maximum is the step's peak).
+    CUDA: the caching allocator's peak. CPU: the profiler's memory events, the running "Total Allocated"
+    taken relative to its value before the step's first allocation.
     """
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
@@ -76,8 +76,12 @@ def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max(totals, default=0) / 2**20
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not mem:
+        return 0.0
+    # why relative: the profiler's running total carries over tensors from earlier profiled steps
+    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] - base for e in mem) / 2**20
 
 
 def time_layers(layers: dict, x: torch.Tensor, warmup: int, iters: int, world: int) -> dict[str, tuple]:

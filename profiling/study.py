@@ -154,7 +154,7 @@ def write(out: Path, rows: dict[str, dict]) -> None:
     lines = [
         f"| method | val loss{' (spread)' if seeds > 1 else ''} | vs alpha0, same seed | bpb | "
         "MaxVio step mean / max | MaxVio batch | MaxVio global | collapsed | straggler % of step | "
-        "final alpha |",
+        "final alpha (seed 0) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
@@ -194,10 +194,12 @@ def write(out: Path, rows: dict[str, dict]) -> None:
     (out / "study.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in rows.items():
-        ax.scatter(r["maxvio_global"], r["val_loss"])
+        losses = [x["val_loss"] for x in r["per_seed"]]
+        lo, hi = r["val_loss"] - min(losses), max(losses) - r["val_loss"]
+        ax.errorbar(r["maxvio_global"], r["val_loss"], yerr=[[lo], [hi]], fmt="o", capsize=3)
         ax.annotate(name, (r["maxvio_global"], r["val_loss"]), fontsize=7)
     ax.set_xlabel("global MaxVio, second half of the run (max/mean - 1)")
-    ax.set_ylabel("final val loss (nats/byte)")
+    ax.set_ylabel("final val loss (nats/byte); bars: min-max over seeds")
     fig.tight_layout()
     fig.savefig(out / "loss_vs_maxvio.png", dpi=120)
     balanced = {k: r for k, r in rows.items() if is_balanced(r)} or rows
