@@ -20,8 +20,12 @@ import logging
 import os
 import subprocess
 from pathlib import Path
+from statistics import fmean as mean
+
+import torch
 
 from moe_dist.spawn import free_port
+from moe_dist.trainer import load_stats
 from profiling.report import load_run, plot_heatmaps, read_jsonl
 
 log = logging.getLogger("moe_dist.study")
@@ -48,6 +52,9 @@ METHODS: dict[str, list[str]] = {
 def run_one(name: str, overrides: list[str], args, seed: int) -> Path:
     out = Path(args.out)
     run = f"{name}-s{seed}"
+    if args.reuse and (out / run / "summary.json").exists():
+        log.info("reusing %s (--reuse)", out / run)
+        return out / run
     cmd = [
         "torchrun",
         "--nproc-per-node",
@@ -68,18 +75,10 @@ def run_one(name: str, overrides: list[str], args, seed: int) -> Path:
         f"train.eval_every={args.steps}",
         *overrides,
     ]
-    if args.reuse and (out / run / "summary.json").exists():
-        log.info("reusing %s (--reuse)", out / run)
-        return out / run
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(out / f"{run}.log", "w") as f:
         subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
     return out / run
-
-
-def maxvio(counts: list[float]) -> float:
-    mean = sum(counts) / len(counts)
-    return max(counts) / mean - 1 if mean > 0 else 0.0
 
 
 def analyse(run_dir: Path) -> dict:
@@ -93,10 +92,8 @@ def analyse(run_dir: Path) -> dict:
     layers = len(summary["mean_maxvio_per_layer"])
     step_mv = [[r[f"load/L{i}/maxvio"] for r in late] for i in range(layers)]
     batch_mv = [[r[f"load/L{i}/maxvio_local"] for r in late] for i in range(layers)]
-    global_mv = [
-        maxvio([sum(c) for c in zip(*[r["tokens_per_expert"][i] for r in late], strict=True)])
-        for i in range(layers)
-    ]
+    summed = [torch.tensor([r["tokens_per_expert"][i] for r in late]).sum(0) for i in range(layers)]
+    global_mv = [load_stats(counts)["maxvio"] for counts in summed]
     collapsed = 0
     for i in range(layers):
         per_expert = list(zip(*[r["tokens_per_expert"][i] for r in steps], strict=True))
@@ -109,7 +106,6 @@ def analyse(run_dir: Path) -> dict:
     n_experts = layers * len(steps[0]["tokens_per_expert"][0])
     strag = [r["straggler_frac"] for r in read_jsonl(run_dir / "straggler.jsonl")]
     alphas = [r.get("aux/alpha/L0") for r in steps if "aux/alpha/L0" in r]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {
         "val_loss": summary["final_val_loss"],
         "val_bpb": summary["final_val_bpb"],
