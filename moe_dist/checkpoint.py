@@ -99,11 +99,17 @@ def save_checkpoint(
     return final
 
 
-def _rotate(root: Path, keep_last: int) -> None:
-    steps = sorted(
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete step directories under ``root``, oldest first (``.tmp`` ones are half-written saves)."""
+    if not root.is_dir():
+        return []
+    return sorted(
         p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
     )
-    for old in steps[:-keep_last]:
+
+
+def _rotate(root: Path, keep_last: int) -> None:
+    for old in checkpoint_dirs(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -132,24 +138,25 @@ def verify(ckpt: Path, names: list[str] | None = None) -> dict:
     return manifest
 
 
-def verified_checkpoints(root: Path, names: list[str], world: int, ep: int) -> tuple[dict[int, Path], int]:
+def verified_checkpoints(
+    root: Path, names: list[str], world: int, ep: int
+) -> tuple[dict[int, Path], dict[int, str]]:
     """Checkpoints under ``root`` whose manifest and files ``names`` verify for this rank, by step, and
-    how many were found in all. The caller intersects the steps over ranks and resumes from the newest
-    common one, so a bad shard on any rank sends every rank back to the same older checkpoint.
+    the reason each other one failed, by step. The caller intersects the steps over ranks and resumes
+    from the newest common one, so a bad shard on any rank sends every rank back to the same older
+    checkpoint.
 
-    A checkpoint written under a different world size or EP size is a clear ConfigError, not a fallback.
+    A checkpoint written under a different world size or EP size is a clear ConfigError naming the
+    newest such checkpoint, not a fallback (the launch preflight normally refuses it first).
     """
-    if not root.is_dir():
-        return {}, 0
-    candidates = sorted(
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
-    )
     good: dict[int, Path] = {}
-    for ckpt in candidates:
+    errors: dict[int, str] = {}
+    for ckpt in reversed(checkpoint_dirs(root)):
+        step = int(ckpt.name.split("_")[1])
         try:
             manifest = verify(ckpt, names)
         except CheckpointError as e:
-            log.error("%s; an older checkpoint will be used if one verifies", e)
+            errors[step] = str(e)
             continue
         if manifest.get("world") != world or manifest.get("ep") != ep:
             raise ConfigError(
@@ -158,7 +165,7 @@ def verified_checkpoints(root: Path, names: list[str], world: int, ep: int) -> t
                 f"same layout or start a new run (train.resume=false or a new name)"
             )
         good[int(manifest["step"])] = ckpt
-    return good, len(candidates)
+    return good, errors
 
 
 def load_obj(path: Path) -> Any:

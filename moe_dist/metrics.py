@@ -19,13 +19,44 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-class MetricsLogger:
-    def __init__(self, run_dir: Path, jsonl_name: str = "metrics.jsonl", tb_dir: Path | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+# The JSONL files a run writes; a checkpoint records their sizes so that a resume can cut replayed rows.
+JSONL_FILES = ("metrics.jsonl", "straggler.jsonl", "routing.jsonl")
 
+
+class MetricsLogger:
+    """Creates nothing on disk until the first record (a refused launch leaves the run directory alone)."""
+
+    def __init__(self, run_dir: Path, jsonl_name: str = "metrics.jsonl", tb_dir: Path | None = None) -> None:
         self.run_dir, self.default = run_dir, jsonl_name
+        self.tb_dir = tb_dir or run_dir / "tb"
         self._files: dict[str, Any] = {}
-        self.tb = SummaryWriter(str(tb_dir or run_dir / "tb"))
+        self._tb = None
+        self._purge_step: int | None = None
+
+    @property
+    def tb(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # why purge_step: TensorBoard hides the events a crashed attempt wrote past the checkpoint
+            self._tb = SummaryWriter(str(self.tb_dir), purge_step=self._purge_step)
+        return self._tb
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes written so far to each JSONL file (0 for one not written yet)."""
+        for f in self._files.values():
+            f.flush()
+        paths = {n: self.run_dir / n for n in JSONL_FILES}
+        return {n: p.stat().st_size if p.exists() else 0 for n, p in paths.items()}
+
+    def resume_at(self, step: int, sizes: dict[str, int] | None) -> None:
+        """Cut each JSONL file back to its size at the checkpoint, so replayed steps appear once."""
+        self._purge_step = step
+        for name in JSONL_FILES if sizes is not None else ():
+            path = self.run_dir / name
+            if path.exists() and path.stat().st_size > sizes.get(name, 0):
+                with open(path, "r+b") as f:
+                    f.truncate(sizes.get(name, 0))
 
     def log(
         self,
@@ -51,8 +82,9 @@ class MetricsLogger:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self.tb.flush()
-        self.tb.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
 
 
 class NullLogger:
@@ -68,4 +100,10 @@ class NullLogger:
         pass
 
     def close(self) -> None:
+        pass
+
+    def sizes(self) -> dict[str, int]:
+        return {}
+
+    def resume_at(self, step: int, sizes: dict[str, int] | None) -> None:
         pass

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,27 @@ import yaml
 
 from moe_dist.config import MoEConfig, check_type
 from moe_dist.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: ``1e-3`` and ``3E+4`` are numbers, as a user writes them.
+
+    why: PyYAML implements YAML 1.1, whose float pattern needs a dot and a signed exponent, so ``1e-3``
+    (the README's own notation) would load as the string "1e-3".
+    """
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as the config reads it (files and ``key=value`` overrides alike)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _positive(owner: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
@@ -358,7 +380,7 @@ def apply_override(data: dict, dotted: str) -> None:
             hint = f"; did you mean {where}{near[0]}?" if near else ""
             raise ConfigError(f"unknown key {where}{part}{hint}")
         if i == len(parts) - 1:
-            node[part] = yaml.safe_load(raw)
+            node[part] = parse_yaml(raw)
             return
         tp = typing.get_type_hints(tp)[part]
         if not dataclasses.is_dataclass(tp):
@@ -376,7 +398,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

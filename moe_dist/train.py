@@ -1,6 +1,9 @@
 """Entry point, the same under torchrun and the deepspeed launcher:
 
 python -m moe_dist.train CONFIG.yaml [key.sub=value ...]
+
+Without a launcher (no RANK in the environment) a config with parallel.ep=1 runs as one process; one
+that needs several ranks says how to launch it.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moe_dist.checkpoint import CheckpointError
 from moe_dist.data import text_files
 from moe_dist.errors import ConfigError
 from moe_dist.hostmem import retain_freed_memory
 from moe_dist.parallel import ParallelLayout
+from moe_dist.resume import preflight
 from moe_dist.run_config import RunConfig, load_config
+from moe_dist.spawn import free_port
 
 log = logging.getLogger("moe_dist.train")
 
@@ -88,12 +94,25 @@ def check_same_config(cfg: RunConfig) -> None:
         raise ConfigError(f"ranks disagree on the resolved config: {detail}")
 
 
+def single_process_env(cfg: RunConfig, argv: list[str]) -> None:
+    """No launcher: run as a world of one if the config allows it, else say how to launch."""
+    if cfg.parallel.ep > 1:
+        n = cfg.parallel.ep
+        raise ConfigError(
+            f"parallel.ep={n} needs {n} ranks (or a multiple) and no launcher started this process; run "
+            f"`torchrun --nproc-per-node {n} -m moe_dist.train {' '.join(argv)}` (or the deepspeed "
+            f"launcher), or add parallel.ep=1 to train as one process"
+        )
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    log.info("no launcher found (RANK is not set): training as a single process")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
     setup_logging(rank)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)  # noqa: T201 - usage text for the command line
@@ -102,9 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = argv[1:] if path else argv
     # every check that needs no process group runs before one exists
     cfg = load_config(path, overrides)
+    if "RANK" not in os.environ:
+        single_process_env(cfg, argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
     cfg.check_world(world)
     if cfg.data.kind == "text":
         text_files(cfg.data.paths)  # a bad path fails here, not after the launch has gathered every rank
+    finished = preflight(cfg, world, rank)  # refuses an incompatible checkpoint on every rank alike
+    if finished is not None:
+        return finished
     device, backend = init_distributed(cfg)
     if device.type == "cpu" and cfg.train.retain_host_memory:
         retain_freed_memory()
@@ -122,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
+        # why exit 2 with one line: every rank takes the same decision, so each says it once and leaves
         logging.getLogger("moe_dist").error("%s: %s", type(e).__name__, e)
         sys.exit(2)

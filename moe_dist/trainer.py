@@ -9,11 +9,13 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moe_dist.balance_controller import AuxController
 from moe_dist.checkpoint import CheckpointError, load_obj, save_checkpoint, verified_checkpoints
@@ -59,6 +61,12 @@ class CollapseMonitor:
         return collapsed
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def load_stats(counts: torch.Tensor) -> dict[str, float]:
     n = counts.double()
     mean = n.mean()
@@ -74,10 +82,8 @@ class Trainer:
         self.rank, self.world = layout.rank, layout.world
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
-        self.barrier()
+        # why nothing is written here: a launch may still be refused at resume, and a refused launch must
+        # leave the run directory as it found it (config.yaml and the logs are written in train())
         torch.manual_seed(cfg.train.seed)  # same on every rank: identical dense init, same expert draws
         random.seed(cfg.train.seed)
         self.corpus = Corpus.build(cfg.data, cfg.model.seq_len, self.rank, self.world, cfg.train.seed)
@@ -162,13 +168,19 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 },
                 "initial_val_loss": getattr(self, "initial_val_loss", None),
+                "log_sizes": self.metrics.sizes(),  # rank 0's JSONL sizes: a resume cuts replayed rows
             }
         }
         if self.rank == 0:
             files["dense.pt"] = dense
         if self.layout.dp_rank == 0:  # one copy of each EP rank's experts
             files[f"experts_ep{self.layout.ep_rank}.pt"] = experts
-        meta = {"world": self.world, "ep": self.layout.ep, "config_digest": self.cfg.digest()}
+        meta = {
+            "world": self.world,
+            "ep": self.layout.ep,
+            "config_digest": self.cfg.digest(),
+            "config": self.cfg.to_dict(),  # a resume names the keys that changed (moe_dist/resume.py)
+        }
         self.saved_at = self.step
         path = save_checkpoint(
             self.ckpt_root, self.step, files, self.rank, self.barrier, meta, self.cfg.train.keep_last
@@ -179,18 +191,31 @@ class Trainer:
     def maybe_resume(self) -> None:
         if not self.cfg.train.resume:
             return
-        good, found = verified_checkpoints(self.ckpt_root, self._my_files(), self.world, self.layout.ep)
-        all_good = [set(good)]
+        good, errors = verified_checkpoints(self.ckpt_root, self._my_files(), self.world, self.layout.ep)
+        shared = [(set(good), errors)]
         if self.world > 1:
-            all_good = [None] * self.world
-            dist.all_gather_object(all_good, set(good))
-        common = set.intersection(*all_good)
+            shared = [None] * self.world
+            # why gather the errors too: every rank must name the same bad file, not just its own
+            dist.all_gather_object(shared, (set(good), errors))
+        common = set.intersection(*(steps for steps, _ in shared))
+        bad: dict[int, str] = {}
+        for _, errs in shared:
+            for step, msg in errs.items():
+                bad.setdefault(step, msg)
         if not common:
-            if found:
+            if bad:
+                newest = max(bad)
                 raise CheckpointError(
-                    f"{found} checkpoint(s) under {self.ckpt_root}, none complete on every rank"
+                    f"{bad[newest]}; no checkpoint under {self.ckpt_root} verifies on every rank. Restore "
+                    f"the file, or start over with train.resume=false (the checkpoints stay until "
+                    f"overwritten) or a new run with another name=..."
                 )
             return
+        skipped = sorted(s for s in bad if s > max(common))
+        if skipped and self.rank == 0:
+            log.warning(
+                "%s; resuming from the older step %d instead", "; ".join(bad[s] for s in skipped), max(common)
+            )
         ckpt = good[max(common)]
         dense = load_obj(ckpt / "dense.pt")
         experts = load_obj(ckpt / f"experts_ep{self.layout.ep_rank}.pt")
@@ -206,13 +231,27 @@ class Trainer:
         if own.get("initial_val_loss") is not None:
             self.initial_val_loss = own["initial_val_loss"]
         self.step = own["step"]
+        self.metrics.resume_at(self.step, own.get("log_sizes"))
         if self.rank == 0:
             log.info("resumed from %s at step %d", ckpt, self.step)
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
+        with logging_redirect_tqdm():  # why: log lines go above rank 0's bar instead of onto it
+            return self._train()
+
+    def _train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.maybe_resume()
+        if self.step >= t.steps and (self.run_dir / "summary.json").is_file():
+            # the launch preflight normally stops here first; a finished run keeps its results
+            self.metrics.close()
+            return json.loads((self.run_dir / "summary.json").read_text())
+        # the run is known to start: from here on the run directory may change
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.profiler.start()
         bar = tqdm(
             total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc=cfg.name
         )
@@ -257,12 +296,21 @@ class Trainer:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         self.profiler.close()
+        if self.rank == 0:  # the whole run, across resumes: the JSONL holds each step once
+            history, last_eval = self._logged_history(last_eval)
         summary = self.summary(history, last_eval, tokens_per_step)
         summary.update(preempted=preempted, skipped_steps=self.skipped)
         if self.rank == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.metrics.close()
         return summary
+
+    def _logged_history(self, last_eval: dict) -> tuple[list[dict], dict]:
+        path = self.run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        history = [r for r in rows if "loss" in r and not r.get("skipped")]
+        evals = [r for r in rows if "val_loss" in r]
+        return history, (evals[-1] if evals else last_eval)
 
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.train

@@ -42,20 +42,25 @@ class StragglerProfiler:
         self.analyzer = StragglerAnalyzer(moe_layer_ids, world) if rank == 0 else None
         self.recent: list[dict] = []
         self.prof = None
-        if p.trace:
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            if device.type == "cuda":
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(
-                activities=acts,
-                schedule=torch.profiler.schedule(
-                    wait=p.wait, warmup=p.warmup, active=p.active, repeat=p.repeat
-                ),
-                on_trace_ready=torch.profiler.tensorboard_trace_handler(
-                    str(run_dir / "tb"), worker_name=f"{socket.gethostname()}_{rank}"
-                ),
-            )
-            self.prof.start()
+        self._trace_cfg = p if p.trace else None
+        self._trace_dir = run_dir / "tb"
+
+    def start(self) -> None:
+        """Start the torch.profiler schedule (creates the trace directory): only once the run starts."""
+        p = self._trace_cfg
+        if p is None or self.prof is not None:
+            return
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(
+            activities=acts,
+            schedule=torch.profiler.schedule(wait=p.wait, warmup=p.warmup, active=p.active, repeat=p.repeat),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(
+                str(self._trace_dir), worker_name=f"{socket.gethostname()}_{self.rank}"
+            ),
+        )
+        self.prof.start()
 
     @property
     def hook(self) -> StragglerTimer | None:

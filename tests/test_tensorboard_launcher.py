@@ -172,7 +172,9 @@ def test_launcher_on_a_recorded_trainer_run(tmp_path: Path) -> None:
         _wait_loaded(base, proc, log, time.monotonic() + LOAD_TIMEOUT, run="tb")
         spans = _get(base, "/spans", run="tb", worker="All")
         commops = _get(base, "/distributed/commops", run="tb", worker="All", span=spans[0])
+        console = log.read_text()
     assert len(commops["data"]) == 2
     for worker in commops["data"]:
         rows = _rows(commops, worker)
         assert rows["gloo:all_to_all"]["Calls"] > 0, rows.keys()
+    assert '"GET /' not in console, console[-2000:]  # HTTP requests are not logged line by line

@@ -1,0 +1,119 @@
+"""What a launch does with the run directory it finds, decided from files alone, before any process group.
+
+Every rank reads the same manifest and takes the same decision, so a refused resume ends every rank with
+the same one-line error instead of one rank leaving its peers in a collective:
+
+- no checkpoint, or ``train.resume=false``: a fresh start;
+- a finished run (its newest checkpoint is at ``train.steps`` or later and ``summary.json`` exists): the
+  launch says so and exits 0 without touching anything;
+- a checkpoint written under another world size or EP size: refused (``ConfigError``);
+- a checkpoint written under another config: keys that change what the model computes are refused;
+  the others (learning rate, step budget, logging, ...) are allowed with a warning naming each key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from moe_dist.checkpoint import checkpoint_dirs
+from moe_dist.errors import ConfigError
+from moe_dist.run_config import RunConfig
+
+log = logging.getLogger("moe_dist.train")
+
+# Keys whose change makes the checkpoint a different model (or a different on-disk format).
+REFUSED = ("model.", "parallel.ep", "engine", "deepspeed.zero_stage")
+# Keys that only say where the run lives (the run directory is found through them).
+IGNORED = ("name", "out_dir")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed): one ``key: old -> new`` line per differing key."""
+    a, b = flatten(saved), flatten(now)
+    refused, allowed = [], []
+    for key in sorted(set(a) | set(b)):
+        if key in IGNORED or a.get(key) == b.get(key):
+            continue
+        line = f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
+        (refused if key == "engine" or key.startswith(REFUSED) else allowed).append(line)
+    return refused, allowed
+
+
+def newest_manifest(root: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose manifest reads, with that manifest (files are verified later)."""
+    for ckpt in reversed(checkpoint_dirs(root)):
+        try:
+            return ckpt, json.loads((ckpt / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
+    """Decide from the run directory's files whether this launch may start; raise ConfigError if not.
+
+    Returns the finished run's summary when there is nothing left to train, else None.
+    """
+    if not cfg.train.resume:
+        return None
+    found = newest_manifest(cfg.run_dir / "checkpoints")
+    if found is None:
+        return None
+    ckpt, manifest = found
+    what_to_do = (
+        "relaunch with the checkpoint's settings, or start a new run (another name=..., or "
+        "train.resume=false to start over in this directory)"
+    )
+    if manifest.get("world") != world or manifest.get("ep") != cfg.parallel.ep:
+        raise ConfigError(
+            f"checkpoint {ckpt} was written with world={manifest.get('world')}, ep={manifest.get('ep')}; "
+            f"this launch has world={world}, ep={cfg.parallel.ep}. Resharding is not supported: {what_to_do}"
+        )
+    saved = manifest.get("config")
+    if saved is None:  # written before checkpoints carried their config: only the digest can be compared
+        if manifest.get("config_digest") not in (None, cfg.digest()) and rank == 0:
+            log.warning(
+                "checkpoint %s was written under another config (digest %s, now %s); it predates "
+                "per-key comparison, so the changed keys cannot be named",
+                ckpt,
+                manifest.get("config_digest"),
+                cfg.digest(),
+            )
+    else:
+        refused, allowed = config_changes(saved, cfg.to_dict())
+        if refused:
+            raise ConfigError(
+                f"checkpoint {ckpt} was written under another model or layout ({'; '.join(refused)}); "
+                f"these keys change what the checkpoint means: {what_to_do}"
+            )
+        if allowed and rank == 0:
+            log.warning("resuming %s under a changed config: %s", ckpt, "; ".join(allowed))
+    summary_path = cfg.run_dir / "summary.json"
+    if int(manifest.get("step", -1)) >= cfg.train.steps and summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except ValueError:
+            return None  # an unreadable summary: resume and write it again
+        if rank == 0:
+            log.info(
+                "run %s is already complete at step %s; its results (summary.json, metrics) are kept as "
+                "they are. Raise train.steps to train further, or use another name=... for a new run",
+                cfg.run_dir,
+                manifest.get("step"),
+            )
+        return summary
+    return None
