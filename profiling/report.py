@@ -74,8 +74,17 @@ class Run:
         return int(self.config["parallel"]["ep"])
 
 
+class RunDirError(ValueError):
+    """The path given is not a run directory the trainer wrote."""
+
+
 def load_run(run_dir: Path) -> Run:
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(
+            f"{run_dir} is not a run directory (no config.yaml): pass runs/<name>, the directory the "
+            f"trainer wrote"
+        )
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     straggler = read_jsonl(run_dir / "straggler.jsonl")
     routing = {r["step"]: r["tokens_per_expert"] for r in read_jsonl(run_dir / "routing.jsonl")}
@@ -449,8 +458,8 @@ def make_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write report.md and the plots into ``out`` (default ``run_dir``); return the report's path."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
+    run = load_run(run_dir)  # a wrong directory fails before anything is created
     out.mkdir(parents=True, exist_ok=True)
-    run = load_run(run_dir)
     lines = []
     heatmaps = plot_heatmaps(run, out) if run.routing else []
     if not run.straggler:
@@ -484,7 +493,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: the run directory)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    make_report(args.run_dir, args.out)
+    try:
+        make_report(args.run_dir, args.out)
+    except RunDirError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

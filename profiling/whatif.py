@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from profiling.analysis import PHASES
-from profiling.report import Run, fit_costs, load_ratio, load_run, mean
+from profiling.report import Run, RunDirError, fit_costs, load_ratio, load_run, mean
 
 log = logging.getLogger("moe_dist.whatif")
 
@@ -250,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--placement", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    run = load_run(args.run_dir)
+    try:
+        run = load_run(args.run_dir)
+    except RunDirError as e:
+        raise SystemExit(f"error: {e}") from None
     costs = cost_models(run)
     base = recorded(run, costs)
     rows = project_run(run, costs, base, args.ep, args.placement)
