@@ -9,6 +9,8 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,7 +18,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moe_dist.balance_controller import AuxController
-from moe_dist.checkpoint import CheckpointError, load_obj, save_checkpoint, verified_checkpoints
+from moe_dist.checkpoint import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_obj,
+    save_checkpoint,
+    verified_checkpoints,
+)
 from moe_dist.data import Corpus
 from moe_dist.errors import NonFiniteError
 from moe_dist.layer import moe_layers, update_expert_biases
@@ -59,6 +67,16 @@ class CollapseMonitor:
         return collapsed
 
 
+@dataclass
+class ResumeState:
+    """What ``maybe_resume`` read: the checkpoint and this rank's files, applied at the start of train()."""
+
+    ckpt: Path
+    dense: dict[str, Any]
+    experts: dict[str, Any]
+    own: dict[str, Any]
+
+
 def load_stats(counts: torch.Tensor) -> dict[str, float]:
     n = counts.double()
     mean = n.mean()
@@ -74,6 +92,8 @@ class Trainer:
         self.rank, self.world = layout.rank, layout.world
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
+        # why before anything is written: a refused or unreadable checkpoint leaves the run directory as is
+        self.resume_state = self.maybe_resume()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -176,9 +196,9 @@ class Trainer:
         if self.rank == 0:
             log.info("checkpoint %s", path)
 
-    def maybe_resume(self) -> None:
+    def maybe_resume(self) -> ResumeState | None:
         if not self.cfg.train.resume:
-            return
+            return None
         good, found = verified_checkpoints(self.ckpt_root, self._my_files(), self.world, self.layout.ep)
         all_good = [set(good)]
         if self.world > 1:
@@ -190,12 +210,41 @@ class Trainer:
                 raise CheckpointError(
                     f"{found} checkpoint(s) under {self.ckpt_root}, none complete on every rank"
                 )
-            return
-        ckpt = good[max(common)]
-        dense = load_obj(ckpt / "dense.pt")
-        experts = load_obj(ckpt / f"experts_ep{self.layout.ep_rank}.pt")
-        self.model.load_state_dict({**dense, **experts})
-        own = load_obj(ckpt / f"rank{self.rank}.pt")
+            return None
+        return self._read_on_every_rank(good[max(common)])
+
+    def _read_on_every_rank(self, ckpt: Path) -> ResumeState:
+        """This rank's files of ``ckpt``. If any rank cannot read one (refused or unreadable), every rank
+        raises that rank's error: the others would otherwise wait in the next collective until the timeout."""
+        state, error = None, None
+        try:
+            allowed: list = []
+            if self.cfg.engine == "deepspeed":
+                from moe_dist.ds_engine import checkpoint_globals
+
+                allowed = checkpoint_globals()
+            state = ResumeState(
+                ckpt,
+                load_obj(ckpt / "dense.pt"),
+                load_obj(ckpt / f"experts_ep{self.layout.ep_rank}.pt"),
+                load_obj(ckpt / f"rank{self.rank}.pt", allowed),  # only rank files hold engine state
+            )
+        except CheckpointError as e:
+            error = (isinstance(e, UnsafeCheckpointError), str(e))
+        errors = [error]
+        if self.world > 1:
+            errors = [None] * self.world
+            dist.all_gather_object(errors, error)
+        for err in errors:
+            if err is not None:
+                unsafe, message = err
+                raise (UnsafeCheckpointError if unsafe else CheckpointError)(message)
+        assert state is not None
+        return state
+
+    def _apply_resume(self, r: ResumeState) -> None:
+        own = r.own
+        self.model.load_state_dict({**r.dense, **r.experts})
         self.engine.load_state_dict(own["engine"])
         if self.controller is not None and own.get("controller"):
             self.controller.load_state_dict(own["controller"])
@@ -207,12 +256,14 @@ class Trainer:
             self.initial_val_loss = own["initial_val_loss"]
         self.step = own["step"]
         if self.rank == 0:
-            log.info("resumed from %s at step %d", ckpt, self.step)
+            log.info("resumed from %s at step %d", r.ckpt, self.step)
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        self.maybe_resume()
+        if self.resume_state is not None:
+            self._apply_resume(self.resume_state)
+            self.resume_state = None  # why: the loaded copy of the weights is not needed any more
         bar = tqdm(
             total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc=cfg.name
         )
