@@ -8,6 +8,10 @@ Layout of ``checkpoints/``::
     step_00000100/manifest.json     sha256 and size of every file, world, ep, step
     latest                          name of the newest complete checkpoint
 
+Every file is plain data: tensors, numbers, strings, None and containers, plus (rank files of
+``engine: deepspeed``) the few DeepSpeed types its ZeRO optimizer state holds. Files are read with torch's
+weights-only unpickler, so loading a checkpoint never runs code from it; anything else is refused.
+
 Every file is written to a temporary name and renamed. The step directory is assembled as
 ``step_X.tmp`` and renamed only after every rank's files exist (a barrier) and the manifest is written;
 ``latest`` moves after that. A reader verifies sizes and checksums, names the bad file, and falls back to
@@ -21,8 +25,10 @@ import io
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,31 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt, or was written by a different layout."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds something other than plain data (a global that could run code on load);
+    it was refused without running anything."""
+
+
+# how torch's weights-only unpickler names the global it refused (torch 2.6-2.13), most common form first
+_REFUSED_PATTERNS = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module"),
+    re.compile(r"call reduce for unrecognized function (.+?)(?: which belongs to .*)?$", re.M),
+    re.compile(r"allowlisted via `add_safe_globals`,? but got (.+)$", re.M),
+)
+
+
+def refused_name(message: str) -> str:
+    """What torch's UnpicklingError message says was refused: the global it names, else its own words."""
+    for pattern in _REFUSED_PATTERNS:
+        m = pattern.search(message)
+        if m:
+            return m.group(1).strip()
+    m = re.search(r"WeightsUnpickler error:\s*(\S.*)$", message, re.M)
+    detail = m.group(1).strip() if m else (message.strip().splitlines() or ["?"])[-1]
+    return f"something the safe loader does not accept ({detail})"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -168,5 +199,23 @@ def verified_checkpoints(
     return good, errors
 
 
-def load_obj(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_obj(path: Path, allowed: Sequence[Callable] = ()) -> Any:
+    """Read one checkpoint file without running code from it.
+
+    torch's weights-only unpickler accepts tensors, numbers, strings, None and containers, plus the types
+    in ``allowed`` for this call only. Anything else raises UnsafeCheckpointError, one line naming the file
+    and the refused type; a file that cannot be read at all raises CheckpointError.
+    """
+    try:
+        # why scoped: an allowlist added for good would also apply to every other torch.load in the process
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refused checkpoint file {path}: it holds {refused_name(str(e))}, but a checkpoint may hold "
+            "only tensors, numbers, strings and containers; nothing from it was run (was it written by "
+            "another program or tampered with?)"
+        ) from None
+    except Exception as e:  # a zip or storage error deep in torch: name the file instead
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {type(e).__name__}: {first}") from None

@@ -38,6 +38,24 @@ def deepspeed_config(cfg: RunConfig, world: int, device: torch.device) -> dict[s
     return ds
 
 
+def checkpoint_globals() -> list[type]:
+    """The non-container types in a rank file of ``engine: deepspeed``, allowlisted when it is loaded.
+
+    We checkpoint DeepSpeed's state ourselves (its optimizer's and scheduler's state_dict through
+    ``moe_dist.checkpoint``), never through ``engine.save_checkpoint``/``load_checkpoint``, whose
+    checkpoint engine unpickles with ``weights_only=False``. The ZeRO 1/2 optimizer's state_dict holds a
+    ``LossScaler``, a ``ZeroStageEnum`` and ``fragment_address`` slices; its bf16 optimizers for ZeRO 0 (on
+    CUDA) hold the slices or plain data only (read in deepspeed 0.19.8's source; only ZeRO 2 on CPU is
+    tested). None runs code when built: plain attributes, an int enum, a dataclass. fp16's
+    ``DynamicLossScaler`` is not listed: fp16 is no option of ours.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def _moe_marker(num_experts: int, group_name: str) -> nn.Module:
     """A parameter-free module that DeepSpeed's engine counts as an MoE layer.
 

@@ -4,6 +4,7 @@ always destroyed. Training itself is launched by torchrun or the deepspeed launc
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
 import traceback
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from moe_dist.checkpoint import refused_name
 
 
 def free_port() -> int:
@@ -77,7 +80,15 @@ def run_ranks(
             path = os.path.join(out_dir, f"rank{r}.pt")
             if not os.path.exists(path):
                 raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
-            results.append(torch.load(path, weights_only=False))
+            try:
+                # why weights_only although our own children wrote the file: a result is plain data, and
+                # the parent then never runs code from a file, whoever could write the temp directory
+                results.append(torch.load(path, weights_only=True))
+            except pickle.UnpicklingError as e:
+                raise RuntimeError(
+                    f"rank {r} returned more than tensors, numbers, strings and containers: "
+                    f"{refused_name(str(e))}"
+                ) from None
     if expect_errors:
         return results
     for r, (status, value) in enumerate(results):

@@ -10,6 +10,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moe_dist.balance_controller import AuxController
-from moe_dist.checkpoint import CheckpointError, load_obj, save_checkpoint, verified_checkpoints
+from moe_dist.checkpoint import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_obj,
+    save_checkpoint,
+    verified_checkpoints,
+)
 from moe_dist.data import Corpus
 from moe_dist.errors import NonFiniteError
 from moe_dist.layer import moe_layers, update_expert_biases
@@ -188,6 +195,35 @@ class Trainer:
         if self.rank == 0:
             log.info("checkpoint %s", path)
 
+    def _read_on_every_rank(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """This rank's files of ``ckpt`` (dense, experts, own). If any rank cannot read one (refused or
+        unreadable), every rank raises that rank's error: the others would otherwise wait in the next
+        collective until the timeout."""
+        files, error = None, None
+        try:
+            allowed: list = []
+            if self.cfg.engine == "deepspeed":
+                from moe_dist.ds_engine import checkpoint_globals
+
+                allowed = checkpoint_globals()
+            files = (
+                load_obj(ckpt / "dense.pt"),
+                load_obj(ckpt / f"experts_ep{self.layout.ep_rank}.pt"),
+                load_obj(ckpt / f"rank{self.rank}.pt", allowed),  # only rank files hold engine state
+            )
+        except CheckpointError as e:
+            error = (isinstance(e, UnsafeCheckpointError), str(e))
+        errors = [error]
+        if self.world > 1:
+            errors = [None] * self.world
+            dist.all_gather_object(errors, error)
+        for err in errors:
+            if err is not None:
+                unsafe, message = err
+                raise (UnsafeCheckpointError if unsafe else CheckpointError)(message)
+        assert files is not None
+        return files
+
     def maybe_resume(self) -> None:
         if not self.cfg.train.resume:
             return
@@ -217,10 +253,8 @@ class Trainer:
                 "%s; resuming from the older step %d instead", "; ".join(bad[s] for s in skipped), max(common)
             )
         ckpt = good[max(common)]
-        dense = load_obj(ckpt / "dense.pt")
-        experts = load_obj(ckpt / f"experts_ep{self.layout.ep_rank}.pt")
+        dense, experts, own = self._read_on_every_rank(ckpt)
         self.model.load_state_dict({**dense, **experts})
-        own = load_obj(ckpt / f"rank{self.rank}.pt")
         self.engine.load_state_dict(own["engine"])
         if self.controller is not None and own.get("controller"):
             self.controller.load_state_dict(own["controller"])
