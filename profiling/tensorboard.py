@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=6006)
     parser.add_argument("--host", default="127.0.0.1")
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # why: werkzeug logs every HTTP request at INFO, a line per chart the browser polls
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # why root at WARNING: TensorBoard resets werkzeug's logger to inherit the root level, and werkzeug
+    # logs every HTTP request at INFO (a line per chart the browser polls); our own lines stay at INFO
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
 
     added = patch_plugin()  # before TensorBoard instantiates the plugin and starts loading runs
     logger.info("all-to-all op names added to torch-tb-profiler: %s", added)
