@@ -1,12 +1,15 @@
-"""Balancing terms: the seed's Switch loss alpha * sum f_i P_i, CV^2 penalties, router z-loss, and the
-statistics behind them, reduced over the balance group in ONE all-reduce per layer.
+"""Balancing terms: the seed's Switch loss alpha * sum f_i P_i, CV^2 penalties, router z-loss, DeepSeek-V3's
+sequence-wise loss, and the statistics behind them, reduced over the balance group in ONE all-reduce per
+layer.
 
-Shape legend: T tokens, N experts, K top-k.
+Shape legend: T tokens, N experts, K top-k, B sequences, S tokens per sequence.
 
     f_i = N / (K T) * #{t : i in TopK(t)}      (no gradient; the routing choice before capacity drop)
     P_i = 1/T * sum_t s_{i,t}
     CV^2(z) = (mean(z^2) - mean(z)^2) / mean(z)^2   (population variance, as in the seed)
     z-loss  = mean_t (logsumexp_i logits_{t,i})^2
+    seq     = mean_b sum_i f_{b,i} P_{b,i},  f_{b,i} = N/(K S) #{t in b : i in TopK(t)},
+              P_{b,i} = 1/S sum_{t in b} s_{i,t} / sum_j s_{j,t}       (DeepSeek-V3 eq. 17-20)
 """
 
 from __future__ import annotations
@@ -60,6 +63,26 @@ def cv_squared(z_N: Tensor) -> Tensor:
     return (nu - mu * mu) / (mu * mu)
 
 
+def seq_balance_sum(cfg: MoEConfig, route: RouterOutput, seq_len: int) -> Tensor:
+    """sum over this rank's sequences b of sum_i f_{b,i} P_{b,i} (DeepSeek-V3 eq. 17-20), the rows of
+    ``route`` being B = T / seq_len sequences laid out back to back."""
+    N, K = cfg.num_experts, cfg.top_k
+    scores_TN = route.scores_TN
+    T = scores_TN.shape[0]
+    if T == 0:
+        return scores_TN.new_zeros(())
+    B, S = T // seq_len, seq_len
+    idx_BX = route.topk_idx_TK.reshape(B, S * K)
+    counts_BN = torch.zeros(B, N, dtype=torch.int64, device=idx_BX.device).scatter_add_(
+        1, idx_BX, torch.ones_like(idx_BX)
+    )
+    f_BN = counts_BN.to(scores_TN.dtype) * (N / (K * S))
+    # s' = s / sum_j s_j (eq. 19); softmax scores already sum to 1, so they are used as they are
+    norm_TN = scores_TN if cfg.score_func == "softmax" else scores_TN / scores_TN.sum(-1, keepdim=True)
+    P_BN = norm_TN.view(B, S, N).mean(1)
+    return (f_BN * P_BN).sum()
+
+
 def balance_terms(
     cfg: MoEConfig,
     route: RouterOutput,
@@ -69,12 +92,15 @@ def balance_terms(
     window_counts_N: Tensor | None = None,
     window_tokens: Tensor | None = None,
     alpha: Tensor | float | None = None,
+    seq_len: int | None = None,
 ) -> BalanceResult:
     """Compute every balancing term, pooled over ``group`` (None: this rank only).
 
     ``alpha`` overrides cfg.aux_loss_coef (the layer's controller-set buffer).
     ``window_counts_N``/``window_tokens`` are the running global counts of earlier micro-batches of the
     step; with balance_scope="global_batch", f_i is taken over them plus this call.
+    ``seq_len``: tokens per sequence for the sequence-wise loss (None: all rows are one sequence). Its
+    mean over sequences is taken over the balance group's sequences (this rank's under "local" scope).
     """
     N, K = cfg.num_experts, cfg.top_k
     scores_TN = route.scores_TN
@@ -95,6 +121,11 @@ def balance_terms(
         diff_parts.append((lse_T * lse_T).sum().reshape(1))
     if route.load_prob_TN is not None:
         diff_parts.append(route.load_prob_TN.sum(0))
+    want_seq = cfg.seq_aux_loss_coef > 0
+    seq_len = T_local if seq_len is None else seq_len
+    n_seq_local = T_local // seq_len if seq_len > 0 else 0
+    if want_seq:
+        diff_parts.append(seq_balance_sum(cfg, route, seq_len).reshape(1))
     diff_local = torch.cat(diff_parts).to(torch.float64)
     plain_local = torch.cat(
         [
@@ -102,6 +133,7 @@ def balance_terms(
             torch.tensor([T_local], dtype=torch.float64, device=scores_TN.device),
             dropped_local.to(torch.float64).reshape(1),
             nonfinite.to(torch.float64).reshape(1),
+            torch.tensor([n_seq_local], dtype=torch.float64, device=scores_TN.device),
         ]
     )
     n_diff = diff_local.numel()
@@ -121,23 +153,33 @@ def balance_terms(
     counts_N = plain_global[:N]
     T_global = plain_global[N]
     dropped_global = plain_global[N + 1]
+    n_seq_global = plain_global[N + 3]
 
-    def unpack(vec: Tensor, T: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    OptT = Tensor | None
+
+    def unpack(vec: Tensor, T: Tensor, n_seq: Tensor) -> tuple[Tensor, OptT, OptT, OptT]:
         Tc = T.clamp(min=1).to(dtype)
         P_N = vec[:N].to(dtype) / Tc
         z = vec[N].to(dtype) / Tc if want_z else None
         off = N + (1 if want_z else 0)
         load = vec[off : off + N].to(dtype) * (N / (K * Tc)) if route.load_prob_TN is not None else None
-        return P_N, z, load
+        off += N if route.load_prob_TN is not None else 0
+        seq = vec[off].to(dtype) / n_seq.clamp(min=1).to(dtype) if want_seq else None
+        return P_N, z, load, seq
 
-    P_glob, z_glob, load_glob = unpack(global_vec[:n_diff], T_global)
+    P_glob, z_glob, load_glob, seq_glob = unpack(global_vec[:n_diff], T_global, n_seq_global)
     f_glob = counts_N.to(dtype) * (N / (K * T_global.clamp(min=1).to(dtype)))
 
     if cfg.balance_scope == "local":
-        P_N, z, smooth_f = unpack(diff_local, torch.tensor(float(T_local), dtype=torch.float64))
+        P_N, z, smooth_f, seq = unpack(
+            diff_local,
+            torch.tensor(float(T_local), dtype=torch.float64),
+            torch.tensor(float(n_seq_local), dtype=torch.float64),
+        )
         f_N = counts_local_N.to(dtype) * (N / (K * max(T_local, 1)))
     else:
-        P_N, z, smooth_f = P_glob, z_glob, load_glob
+        # the sequence-wise loss has no running window: each sequence is complete in its micro-batch
+        P_N, z, smooth_f, seq = P_glob, z_glob, load_glob, seq_glob
         f_N = f_glob
         if cfg.balance_scope == "global_batch" and window_counts_N is not None:
             run_counts = window_counts_N + counts_N
@@ -158,6 +200,8 @@ def balance_terms(
         terms["cv_load"] = cfg.cv_load_coef * cv_squared(smooth_f if smooth_f is not None else f_N.detach())
     if want_z:
         terms["z"] = cfg.z_loss_coef * z
+    if want_seq:
+        terms["seq"] = cfg.seq_aux_loss_coef * seq
     aux = sum(terms.values(), zero)
 
     stats = MoEStats(

@@ -9,7 +9,9 @@ from moe_dist.errors import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid", "exp")
 BALANCE_SCOPES = ("global", "local", "global_batch")
-ACTIVATIONS = ("gelu", "silu", "relu")
+ACTIVATIONS = ("gelu", "silu", "relu", "swiglu", "geglu")
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
+"""Gated activations and the nonlinearity on their gate half: FFN(u) = (act(u W_gate) * u W_up) W_down."""
 
 
 def check_type(owner: str, name: str, value: object, kinds: tuple[type, ...], optional: bool = False) -> None:
@@ -60,7 +62,29 @@ class MoEConfig:
     residual: bool = True
     """Add the input back: h = u + sum g FFN(u), as in the seed."""
     activation: str = "gelu"
-    """Expert FFN nonlinearity."""
+    """Expert FFN nonlinearity: "gelu", "silu", "relu" (FFN(u) = act(u W1) W2), or the gated "swiglu" /
+    "geglu" (FFN(u) = (act(u W_gate) * u W_up) W2, act = silu / gelu; W1 = [W_gate | W_up], F wide each).
+    The shared experts use the same one."""
+    num_shared_experts: int = 0
+    """Shared experts every token passes through beside the routed ones (DeepSeek-V3, Qwen2-MoE). They are
+    implemented as ONE dense FFN of width num_shared_experts * shared_d_ff (as DeepSeek-V3 and Qwen2-MoE
+    do): replicated on every rank, world-averaged gradients, not expert-parallel."""
+    shared_d_ff: int | None = None
+    """Hidden width of each shared expert; None = d_ff."""
+    shared_expert_gate: bool = False
+    """Scale the shared output per token by sigmoid(u . w_g) (Qwen2-MoE's shared_expert_gate)."""
+    routed_scaling_factor: float = 1.0
+    """Gates are multiplied by this after the optional renormalisation (DeepSeek-V3; 2.5 there)."""
+    n_group: int | None = None
+    """Group-limited routing (DeepSeek-V3): experts split into n_group contiguous groups; None = off.
+    n_group = EP size makes it device-limited routing (each token reaches at most topk_group ranks)."""
+    topk_group: int | None = None
+    """Groups kept per token (those with the largest sum of their two best biased scores); top-K is then
+    taken inside them only. Set together with n_group."""
+    seq_aux_loss_coef: float = 0.0
+    """alpha of DeepSeek-V3's sequence-wise balance loss (eq. 17-20): alpha * mean over sequences of
+    sum_i f_i P_i with f, P per sequence and P over scores normalised to sum 1 per token. The input's
+    second-to-last dim is the sequence ([B, S, D]; a [T, D] input is one sequence)."""
     noisy_gating: bool = False
     """Shazeer et al. 2017 noisy top-K in training: logits + eps * softplus(u . w_noise); enables the
     smooth load estimator so that the CV^2(load) penalty trains the router."""
@@ -93,6 +117,7 @@ class MoEConfig:
             "cv_load_coef",
             "bias_update_rate",
             "router_init_std",
+            "seq_aux_loss_coef",
         ):
             value = getattr(self, name)
             check_type(owner, name, value, (int, float))
@@ -103,11 +128,61 @@ class MoEConfig:
             math.isfinite(self.capacity_factor) and self.capacity_factor > 0
         ):
             raise ConfigError(f"{owner}.capacity_factor must be > 0 or null, got {self.capacity_factor!r}")
-        for name in ("normalize_topk", "residual", "noisy_gating", "check_finite"):
+        check_type(owner, "routed_scaling_factor", self.routed_scaling_factor, (int, float))
+        if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
+            raise ConfigError(
+                f"{owner}.routed_scaling_factor must be finite and > 0, got {self.routed_scaling_factor!r}"
+            )
+        for name in ("normalize_topk", "residual", "noisy_gating", "check_finite", "shared_expert_gate"):
             check_type(owner, name, getattr(self, name), (bool,))
+        self._check_shared(owner)
+        self._check_groups(owner)
         if self.noisy_gating and self.bias_update_rate > 0:
             # why: the smooth load estimator models noise on logits and has no term for the selection bias
             raise ConfigError("moe.noisy_gating and moe.bias_update_rate > 0 cannot be combined; pick one")
+
+    def _check_shared(self, owner: str) -> None:
+        check_type(owner, "num_shared_experts", self.num_shared_experts, (int,))
+        if self.num_shared_experts < 0:
+            raise ConfigError(f"{owner}.num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        check_type(owner, "shared_d_ff", self.shared_d_ff, (int,), optional=True)
+        if self.shared_d_ff is not None and self.shared_d_ff < 1:
+            raise ConfigError(f"{owner}.shared_d_ff must be >= 1 or null, got {self.shared_d_ff}")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ConfigError(f"{owner}.shared_expert_gate needs {owner}.num_shared_experts >= 1")
+
+    def _check_groups(self, owner: str) -> None:
+        check_type(owner, "n_group", self.n_group, (int,), optional=True)
+        check_type(owner, "topk_group", self.topk_group, (int,), optional=True)
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ConfigError(f"{owner}.n_group and {owner}.topk_group must be set together (or both null)")
+        if self.n_group is None or self.topk_group is None:
+            return
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise ConfigError(
+                f"{owner}.n_group={self.n_group} must be >= 1 and divide num_experts={self.num_experts}"
+            )
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ConfigError(f"{owner}.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        reachable = self.topk_group * (self.num_experts // self.n_group)
+        if self.top_k > reachable:
+            raise ConfigError(
+                f"{owner}.top_k={self.top_k} exceeds the {reachable} experts in topk_group={self.topk_group} "
+                f"groups of {self.num_experts // self.n_group}"
+            )
+        if self.noisy_gating:
+            # why: the smooth load estimator assumes plain top-K over all experts
+            raise ConfigError(f"{owner}.noisy_gating and group-limited routing (n_group) cannot be combined")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the experts are gated (SwiGLU/GeGLU): W1 is then [D, 2F] = [W_gate | W_up]."""
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the one dense FFN that holds every shared expert (0 = none)."""
+        return self.num_shared_experts * (self.d_ff if self.shared_d_ff is None else self.shared_d_ff)
 
     @property
     def initial_alpha(self) -> float:

@@ -1,7 +1,12 @@
-"""Grouped expert FFNs: stacked weights, one grouped GEMM per projection.
+"""Grouped expert FFNs (stacked weights, one grouped GEMM per projection) and the dense shared experts.
 
-Shape legend: P rows (token, expert pairs) grouped by local expert, D model dim, F ffn dim,
-L local experts.  FFN_i(u) = act(u W1_i) W2_i, W1 [L, D, F], W2 [L, F, D].
+Shape legend: P rows (token, expert pairs) grouped by local expert, T tokens, D model dim, F ffn dim,
+L local experts, H hidden width of the shared FFN (num_shared_experts * shared_d_ff).
+
+    plain:  FFN_i(u) = act(u W1_i) W2_i,               W1 [L, D, F],  W2 [L, F, D]
+    gated:  FFN_i(u) = (act(u W1g_i) * u W1u_i) W2_i,  W1 [L, D, 2F] = [W1g | W1u] (gate first),  W2 [L, F, D]
+
+SwiGLU is act = silu, GeGLU act = gelu; gate and up are fused so that each projection is one grouped GEMM.
 """
 
 from __future__ import annotations
@@ -13,8 +18,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_dist.comm import contiguous_grad
+from moe_dist.config import GATED_ACTIVATIONS
 
 _ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
+def hidden_width(d_ff: int, activation: str) -> int:
+    """Columns of W1: F, or 2F for a gated activation (gate and up fused)."""
+    return 2 * d_ff if activation in GATED_ACTIVATIONS else d_ff
+
+
+def apply_activation(h_PX: Tensor, activation: str) -> Tensor:
+    """act(h) for a plain activation; act(h[:, :F]) * h[:, F:] for a gated one (h is [P, 2F])."""
+    if activation in GATED_ACTIVATIONS:
+        gate_PF, up_PF = h_PX.chunk(2, dim=-1)
+        return _ACTS[GATED_ACTIVATIONS[activation]](gate_PF) * up_PF
+    return _ACTS[activation](h_PX)
 
 
 def grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
@@ -41,14 +60,14 @@ def grouped_matmul(x_PD: Tensor, w_LDF: Tensor, counts_L: Tensor) -> Tensor:
 
 
 class GroupedExperts(nn.Module):
-    """The ``num_local`` experts of this rank, FFN_i(u) = act(u W1_i) W2_i."""
+    """The ``num_local`` experts of this rank: FFN_i(u) = act(u W1_i) W2_i, or gated (see the module doc)."""
 
     def __init__(self, num_local: int, d_model: int, d_ff: int, activation: str = "gelu") -> None:
         super().__init__()
         self.num_local = num_local
-        self.w1 = nn.Parameter(torch.empty(num_local, d_model, d_ff))
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.empty(num_local, d_model, hidden_width(d_ff, activation)))
         self.w2 = nn.Parameter(torch.empty(num_local, d_ff, d_model))
-        self.act = _ACTS[activation]
 
     @torch.no_grad()
     def init_from_global(self, first_expert: int, num_experts: int) -> None:
@@ -56,10 +75,10 @@ class GroupedExperts(nn.Module):
 
         why: all ranks draw the same stream, so an EP=R model equals the EP=1 model for the same seed.
         """
-        d_model, d_ff = self.w1.shape[1], self.w1.shape[2]
+        d_model, width, d_ff = self.w1.shape[1], self.w1.shape[2], self.w2.shape[1]
         b1, b2 = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
         for i in range(num_experts):
-            w1 = torch.empty(d_model, d_ff).uniform_(-b1, b1)
+            w1 = torch.empty(d_model, width).uniform_(-b1, b1)
             w2 = torch.empty(d_ff, d_model).uniform_(-b2, b2)
             e = i - first_expert
             if 0 <= e < self.num_local:
@@ -67,5 +86,37 @@ class GroupedExperts(nn.Module):
                 self.w2[e].copy_(w2)
 
     def forward(self, x_PD: Tensor, counts_L: Tensor) -> Tensor:
-        h_PF = self.act(grouped_matmul(x_PD, self.w1, counts_L))
+        h_PF = apply_activation(grouped_matmul(x_PD, self.w1, counts_L), self.activation)
         return grouped_matmul(h_PF, self.w2, counts_L)
+
+
+class SharedExperts(nn.Module):
+    """Every shared expert as ONE dense FFN of width H = num_shared_experts * shared_d_ff (DeepSeek-V3's
+    and Qwen2-MoE's layout: n separate FFNs summed equal one FFN with their hidden units side by side),
+    with the routed experts' activation. Optional Qwen2-MoE gate: out = sigmoid(u . w_g) * FFN(u).
+
+    These are dense parameters: replicated on every rank, gradients averaged over the world (they are not
+    under ``MoELayer.experts``, so ``model.expert_params`` leaves them out).
+    """
+
+    def __init__(self, d_model: int, width: int, activation: str, gate: bool) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.empty(d_model, hidden_width(width, activation)))
+        self.w2 = nn.Parameter(torch.empty(width, d_model))
+        self.gate = nn.Parameter(torch.empty(d_model)) if gate else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.w1, -1 / math.sqrt(self.w1.shape[0]), 1 / math.sqrt(self.w1.shape[0]))
+        nn.init.uniform_(self.w2, -1 / math.sqrt(self.w2.shape[0]), 1 / math.sqrt(self.w2.shape[0]))
+        if self.gate is not None:
+            nn.init.uniform_(self.gate, -1 / math.sqrt(self.gate.shape[0]), 1 / math.sqrt(self.gate.shape[0]))
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        h_TH = apply_activation(x_TD @ self.w1.to(x_TD.dtype), self.activation)
+        y_TD = h_TH @ self.w2.to(x_TD.dtype)
+        if self.gate is not None:
+            y_TD = torch.sigmoid(x_TD @ self.gate.to(x_TD.dtype)).unsqueeze(-1) * y_TD
+        return y_TD

@@ -1,6 +1,7 @@
-"""The MoE layer: h = u + sum_i g_i FFN_i(u) (the seed), expert-parallel over an optional EP group.
+"""The MoE layer: h = u + sum_i g_i FFN_i(u) [+ shared(u)] (the seed, plus DeepSeek-V3/Qwen2-MoE shared
+experts), expert-parallel over an optional EP group.
 
-Shape legend: T tokens, D model dim, N experts, K top-k, L local experts, P dispatched rows.
+Shape legend: T tokens, D model dim, N experts, K top-k, L local experts, P dispatched rows, S sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from moe_dist.balance import BalanceResult, MoEStats, balance_terms
 from moe_dist.config import MoEConfig
 from moe_dist.dispatcher import AllToAllDispatcher, LocalDispatcher, plan_routes
 from moe_dist.errors import ConfigError
-from moe_dist.experts import GroupedExperts
+from moe_dist.experts import GroupedExperts, SharedExperts
 from moe_dist.router import Router
 from moe_dist.timing import TimingHook, stage_range
 
@@ -31,7 +32,7 @@ class MoEOutput:
     aux_loss: Tensor
     """Sum of the enabled balancing terms (the global value under global scopes, equal on every rank)."""
     terms: dict[str, Tensor]
-    """Each enabled term by name: switch, cv_importance, cv_load, z."""
+    """Each enabled term by name: switch, cv_importance, cv_load, z, seq."""
     stats: MoEStats
 
 
@@ -67,6 +68,12 @@ class MoELayer(nn.Module):
         self.router = Router(cfg)
         self.experts = GroupedExperts(self.num_local, cfg.d_model, cfg.d_ff, cfg.activation)
         self.experts.init_from_global(self.first_expert, cfg.num_experts)
+        # dense, replicated: outside ``self.experts`` so expert_params (EP-local grads) leaves it out
+        self.shared_experts: SharedExperts | None = None
+        if cfg.num_shared_experts > 0:
+            self.shared_experts = SharedExperts(
+                cfg.d_model, cfg.shared_width, cfg.activation, cfg.shared_expert_gate
+            )
         if ep_group is not None and ep_size > 1:
             self.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group, layer_idx, timing_hook)
         else:
@@ -90,12 +97,17 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor) -> MoEOutput:
         """1. route: scores, top-K and the balancing terms (one all-reduce over the balance group);
         2. dispatch: permute pairs by expert and all-to-all them to the expert's rank;
-        3. experts: one grouped GEMM per projection over the local experts;
-        4. combine: all-to-all back, unpermute, weight by the gates, add the residual.
+        3. experts: one grouped GEMM per projection over the local experts (and the dense shared experts
+           on every token of this rank);
+        4. combine: all-to-all back, unpermute, weight by the gates, add the shared output and the residual.
+
+        ``x`` is [..., S, D]: the second-to-last dim is the sequence for the sequence-wise balance loss
+        ([B, S, D] from the model; a [T, D] input is one sequence).
         """
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        route, plan, bal = self._route(x_TD)
+        seq_len = shape[-2] if x.dim() >= 2 else None
+        route, plan, bal = self._route(x_TD, seq_len)
         x_in = x_TD
         if torch.is_autocast_enabled(x_TD.device.type):
             # why: under autocast the residual stream stays fp32; the experts and the all-to-alls should run
@@ -103,12 +115,15 @@ class MoELayer(nn.Module):
             x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         x_PD, counts_L, meta = self.dispatcher.dispatch(x_in, plan)
         y_PD = self._experts(x_PD, counts_L)
+        shared_TD = self._shared(x_in)
         out_TD = self.dispatcher.combine(y_PD, route.gates_TK, meta)
+        if shared_TD is not None:
+            out_TD = out_TD + shared_TD
         if self.cfg.residual:
             out_TD = x_TD + out_TD
         return MoEOutput(out_TD.reshape(shape), bal.aux_loss, bal.terms, bal.stats)
 
-    def _route(self, x_TD: Tensor):
+    def _route(self, x_TD: Tensor, seq_len: int | None = None):
         with stage_range(self.layer_idx, "router"):
             route = self.router(x_TD)
             plan = plan_routes(
@@ -123,6 +138,7 @@ class MoELayer(nn.Module):
                 self.window_counts,
                 self.window_tokens,
                 self.aux_coef if self.cfg.aux_loss_coef == "auto" else None,  # None: the config's float
+                seq_len,
             )
         # why the graph-task check: activation recompute re-runs forward inside backward; counting it
         # again would double the step's counts (torchtitan PR #1593)
@@ -141,6 +157,12 @@ class MoELayer(nn.Module):
         if hook is not None:
             hook.record(self.layer_idx, "fwd", "experts_end")
         return y_PD
+
+    def _shared(self, x_TD: Tensor) -> Tensor | None:
+        if self.shared_experts is None:
+            return None
+        with stage_range(self.layer_idx, "shared_experts"):
+            return self.shared_experts(x_TD)
 
     @torch.no_grad()
     def update_expert_bias(self) -> Tensor:

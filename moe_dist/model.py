@@ -126,8 +126,9 @@ def dense_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def active_params(model: nn.Module, cfg: ModelConfig) -> int:
-    """Parameters touched per token (dense + K of N experts per MoE layer), for the MFU estimate."""
+    """Parameters touched per token (dense, shared experts included, + K of N experts per MoE layer), for
+    the MFU estimate."""
     n_moe = sum(isinstance(b.ffn, MoELayer) for b in model.blocks)  # type: ignore[union-attr]
     dense = sum(p.numel() for p in dense_params(model))
-    per_expert = 2 * cfg.d_model * cfg.moe.d_ff
+    per_expert = (3 if cfg.moe.gated else 2) * cfg.d_model * cfg.moe.d_ff  # gated: W_gate, W_up, W2
     return dense + n_moe * cfg.moe.top_k * per_expert

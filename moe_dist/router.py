@@ -1,6 +1,6 @@
-"""Router: scores s = G(u . e_i), top-K selection (optionally biased), and gates.
+"""Router: scores s = G(u . e_i), top-K selection (optionally biased, optionally group-limited), and gates.
 
-Shape legend: T tokens, D model dim, N experts, K top-k.
+Shape legend: T tokens, D model dim, N experts, K top-k, G expert groups, J groups kept per token.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class RouterOutput:
     topk_scores_TK: Tensor
     """s at the chosen experts (unnormalised): the capacity-drop priority."""
     gates_TK: Tensor
-    """g at the chosen experts: s, or s renormalised over the K when normalize_topk."""
+    """g at the chosen experts: s, or s renormalised over the K when normalize_topk; then times
+    routed_scaling_factor."""
     load_prob_TN: Tensor | None
     """Noisy gating only: Pr[i in TopK(t)] under fresh noise (Shazeer et al. 2017's smooth load)."""
 
@@ -83,12 +84,35 @@ class Router(nn.Module):
         select_TN = scores_TN.detach()
         if cfg.bias_update_rate > 0:
             select_TN = select_TN + self.expert_bias.to(dtype)
+        if cfg.n_group is not None and cfg.topk_group is not None and cfg.topk_group < cfg.n_group:
+            select_TN = limit_to_groups(select_TN, cfg.n_group, cfg.topk_group)
         topk_idx_TK = torch.topk(select_TN, cfg.top_k, dim=-1).indices
         topk_scores_TK = scores_TN.gather(1, topk_idx_TK)
         gates_TK = topk_scores_TK
         if cfg.normalize_topk:
             gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        if cfg.routed_scaling_factor != 1.0:
+            gates_TK = gates_TK * cfg.routed_scaling_factor
         return RouterOutput(logits_TN, scores_TN, topk_idx_TK, topk_scores_TK, gates_TK, load_prob_TN)
+
+
+def limit_to_groups(select_TN: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """DeepSeek-V3's group-limited selection: keep the ``topk_group`` best of ``n_group`` contiguous expert
+    groups per token, scoring a group by the sum of its two best selection scores (s + b), and set every
+    expert outside them to -inf, so that the top-K that follows picks inside the kept groups only.
+
+    why -inf (Megatron's group_limited_topk) rather than HF DeepSeek-V3's 0: with a negative bias a biased
+    score can be below 0, and a masked 0 would then win; -inf makes "at most topk_group groups" (and so at
+    most topk_group EP ranks when n_group = EP size) a guarantee.
+    """
+    T, N = select_TN.shape
+    select_TGE = select_TN.view(T, n_group, N // n_group)
+    best = min(2, N // n_group)  # why min: a group of one expert has no second-best score
+    group_score_TG = select_TGE.topk(best, dim=-1).values.sum(-1)
+    group_idx_TJ = group_score_TG.topk(topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, group_idx_TJ, True)
+    keep_TN = keep_TG.unsqueeze(-1).expand_as(select_TGE).reshape(T, N)
+    return select_TN.masked_fill(~keep_TN, float("-inf"))
 
 
 def smooth_load(clean_TN: Tensor, noisy_TN: Tensor, sigma_TN: Tensor, k: int) -> Tensor:

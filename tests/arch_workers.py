@@ -1,0 +1,52 @@
+"""Rank-side body for the architecture tests (gated experts, shared experts, group-limited routing, the
+sequence-wise loss); runs in-process for one rank or under tests.distributed.run_ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tests.oracle import Case, make_tensors
+from tests.workers import build_layer
+
+
+def arch_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
+    """Forward + backward of <h, cot> + aux on this rank's tokens, for every case; [B, S, D] input when the
+    case has a seq_len (the layer's sequence axis), else [T, D]."""
+    group = dist.group.WORLD if world > 1 else None
+    results = []
+    for case in cases:
+        t = make_tensors(case)
+        layer = build_layer(case, t, rank, world, group)
+        shared = layer.shared_experts
+        if shared is not None:
+            with torch.no_grad():
+                shared.w1.copy_(t["ws1"])
+                shared.w2.copy_(t["ws2"])
+                if shared.gate is not None:
+                    shared.gate.copy_(t["wg"])
+        x = t["xs"][rank].clone().requires_grad_()
+        x_in = x.view(-1, case.seq_len, x.shape[-1]) if case.seq_len else x
+        out = layer(x_in)
+        assert out.hidden.shape == x_in.shape
+        loss = (out.hidden.reshape_as(x) * t["cot"][rank]).sum() + out.aux_loss
+        loss.backward()
+        res = {
+            "hidden": out.hidden.detach().reshape_as(x),
+            "aux": out.aux_loss.detach(),
+            "terms": {k: v.detach() for k, v in out.terms.items()},
+            "f": out.stats.f,
+            "P": out.stats.P,
+            "counts": out.stats.tokens_per_expert,
+            "dropped": int(out.stats.dropped),
+            "grad_x": x.grad,
+            "grad_router": layer.router.weight.grad,
+            "grad_w1": layer.experts.w1.grad,
+            "grad_w2": layer.experts.w2.grad,
+        }
+        if shared is not None:
+            res["grad_ws1"] = shared.w1.grad
+            res["grad_ws2"] = shared.w2.grad
+            res["grad_wg"] = shared.gate.grad if shared.gate is not None else None
+        results.append(res)
+    return results
