@@ -48,6 +48,9 @@ class BalanceResult:
     stats: MoEStats
     counts_N: Tensor
     """float64 [N] counts over the balance group (the bias-update and running-f window adds these)."""
+    kept_counts_RN: list[list[int]] | None = None
+    """Host copy of every balance-group rank's kept (token, expert) pairs per expert, when the layer asked
+    for them (``count_row``): the dispatcher's splits, so no count all-to-all is needed."""
 
 
 def count_experts(idx_TK: Tensor, n: int) -> Tensor:
@@ -93,6 +96,8 @@ def balance_terms(
     window_tokens: Tensor | None = None,
     alpha: Tensor | float | None = None,
     seq_len: int | None = None,
+    count_row: tuple[int, int] | None = None,
+    kept_counts_N: Tensor | None = None,
 ) -> BalanceResult:
     """Compute every balancing term, pooled over ``group`` (None: this rank only).
 
@@ -101,6 +106,8 @@ def balance_terms(
     step; with balance_scope="global_batch", f_i is taken over them plus this call.
     ``seq_len``: tokens per sequence for the sequence-wise loss (None: all rows are one sequence). Its
     mean over sequences is taken over the balance group's sequences (this rank's under "local" scope).
+    ``count_row`` = (this rank's row, rows in ``group``): ``kept_counts_N`` rides the same all-reduce in
+    this rank's row of an [R, N] block, so every rank learns every rank's dispatch counts.
     """
     N, K = cfg.num_experts, cfg.top_k
     scores_TN = route.scores_TN
@@ -136,6 +143,11 @@ def balance_terms(
             torch.tensor([n_seq_local], dtype=torch.float64, device=scores_TN.device),
         ]
     )
+    if count_row is not None:
+        row, rows = count_row
+        block_RN = torch.zeros(rows, N, dtype=torch.float64, device=scores_TN.device)
+        block_RN[row] = kept_counts_N.to(torch.float64)
+        plain_local = torch.cat([plain_local, block_RN.flatten()])
     n_diff = diff_local.numel()
     local_vec = torch.cat([diff_local, plain_local])
     # one collective per layer carries the stats, the gradient-carrying sums and the non-finite flag
@@ -143,7 +155,11 @@ def balance_terms(
     global_vec = all_reduce_sum_scaled_grad(local_vec, group, where) if group is not None else local_vec
 
     plain_global = global_vec[n_diff:].detach()
-    bad_ranks = int(plain_global[N + 2].item()) if cfg.check_finite else 0
+    host: list[float] = []
+    if cfg.check_finite or count_row is not None:
+        # why one read-back: the non-finite flag and the dispatch counts share the layer's one host sync
+        host = plain_global[N + 2 :].tolist()
+    bad_ranks = int(host[0]) if cfg.check_finite else 0
     if bad_ranks:
         here = "yes" if bool(nonfinite) else "no"
         raise NonFiniteError(
@@ -212,4 +228,10 @@ def balance_terms(
         num_tokens=T_global.round().to(torch.int64),
         tokens_per_expert_local=counts_local_N,
     )
-    return BalanceResult(aux_loss=aux, terms=terms, stats=stats, counts_N=counts_N)
+    kept_counts_RN = None
+    if count_row is not None:
+        flat = [int(round(v)) for v in host[2:]]
+        kept_counts_RN = [flat[r * N : (r + 1) * N] for r in range(count_row[1])]
+    return BalanceResult(
+        aux_loss=aux, terms=terms, stats=stats, counts_N=counts_N, kept_counts_RN=kept_counts_RN
+    )

@@ -123,7 +123,9 @@ class LocalDispatcher:
         self.layer = layer
         self.hook = hook
 
-    def dispatch(self, x_TD: Tensor, plan: RoutePlan) -> tuple[Tensor, Tensor, DispatchMeta]:
+    def dispatch(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
+    ) -> tuple[Tensor, Tensor, DispatchMeta]:
         K = plan.pair_slot_TK.shape[1]
         with stage_range(self.layer, "permute"):
             x_PD = _GatherPairs.apply(x_TD, plan, K)
@@ -138,27 +140,55 @@ class LocalDispatcher:
 
 
 class AllToAllDispatcher(LocalDispatcher):
-    """Experts split contiguously over ``group`` (N/R per rank): tokens travel by uneven all-to-all."""
+    """Experts split contiguously over ``group`` (N/R per rank): tokens travel by uneven all-to-all.
 
-    def __init__(self, num_experts: int, group, layer: int = 0, hook: TimingHook | None = None) -> None:
+    ``count_rows``: the row of each EP-group member (in EP order) in the [R_balance, N] count block that the
+    balancing all-reduce carries; with it, ``dispatch`` takes the splits from that block
+    (``counts_RN``) and skips the count all-to-all.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        group,
+        layer: int = 0,
+        hook: TimingHook | None = None,
+        count_rows: list[int] | None = None,
+    ) -> None:
         super().__init__(num_experts, layer, hook)
         self.group = group
         self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
         self.num_local = num_experts // self.world
+        self.count_rows = count_rows
 
-    def dispatch(self, x_TD: Tensor, plan: RoutePlan) -> tuple[Tensor, Tensor, DispatchMeta]:
+    def _splits(self, plan: RoutePlan, counts_RN: list[list[int]] | None) -> tuple[list, list]:
+        """[R][L] rows this rank sends to each rank's experts, and receives from each rank."""
+        R, L = self.world, self.num_local
+        if counts_RN is not None and self.count_rows is not None:
+            mine = slice(self.rank * L, (self.rank + 1) * L)
+            own = counts_RN[self.count_rows[self.rank]]
+            send_RL = [own[r * L : (r + 1) * L] for r in range(R)]
+            recv_RL = [counts_RN[row][mine] for row in self.count_rows]
+            return send_RL, recv_RL
+        # why: receivers must size their buffers, so counts go first (the one host sync per layer)
+        recv_counts = torch.empty_like(plan.counts_N)
+        with named_collective(f"MoE layer {self.layer}: dispatch count exchange"):
+            dist.all_to_all_single(recv_counts, plan.counts_N.contiguous(), group=self.group)
+            # the read-back is where an asynchronous backend (NCCL) actually waits
+            send_RL, recv_RL = torch.stack([plan.counts_N, recv_counts]).view(2, R, L).tolist()
+        return send_RL, recv_RL
+
+    def dispatch(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
+    ) -> tuple[Tensor, Tensor, DispatchMeta]:
         R, L = self.world, self.num_local
         x_PD, _, meta = super().dispatch(x_TD, plan)
         hook = self.hook
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_start")
         with stage_range(self.layer, "dispatch_a2a"):
-            # why: receivers must size their buffers, so counts go first (the one host sync per layer)
-            recv_counts = torch.empty_like(plan.counts_N)
-            with named_collective(f"MoE layer {self.layer}: dispatch count exchange"):
-                dist.all_to_all_single(recv_counts, plan.counts_N.contiguous(), group=self.group)
-                # the read-back is where an asynchronous backend (NCCL) actually waits
-                send_RL, recv_RL = torch.stack([plan.counts_N, recv_counts]).view(2, R, L).tolist()
+            send_RL, recv_RL = self._splits(plan, counts_RN)
             meta.send_splits = [sum(row) for row in send_RL]
             meta.recv_splits = [sum(row) for row in recv_RL]
             x_PD = all_to_all(

@@ -36,6 +36,10 @@ class MoEOutput:
     stats: MoEStats
 
 
+# Largest [R_balance, N] dispatch-count block carried by the balancing all-reduce (see MoELayer._count_rows).
+MAX_FOLDED_COUNTS = 1 << 16
+
+
 class MoELayer(nn.Module):
     """Route -> dispatch -> experts -> combine.
 
@@ -74,8 +78,13 @@ class MoELayer(nn.Module):
             self.shared_experts = SharedExperts(
                 cfg.d_model, cfg.shared_width, cfg.activation, cfg.shared_expert_gate
             )
+        self.count_row: tuple[int, int] | None = None
+        count_rows = None
         if ep_group is not None and ep_size > 1:
-            self.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_group, layer_idx, timing_hook)
+            count_rows = self._count_rows(ep_group, balance_group, cfg.num_experts)
+            self.dispatcher = AllToAllDispatcher(
+                cfg.num_experts, ep_group, layer_idx, timing_hook, count_rows
+            )
         else:
             self.dispatcher = LocalDispatcher(cfg.num_experts, layer_idx, timing_hook)
         self.timing_hook = timing_hook
@@ -93,6 +102,22 @@ class MoELayer(nn.Module):
                 "gradient, so it is reported but trains nothing",
                 stacklevel=2,
             )
+
+    def _count_rows(self, ep_group, balance_group, num_experts: int) -> list[int] | None:
+        """Rows of the EP-group members in the balance group, when the dispatch counts can ride the
+        balancing all-reduce (one collective per layer fewer); None keeps the count all-to-all.
+
+        why a size cap: the block is R_balance x N numbers on every rank; past ~64k (0.5 MB of fp64 per
+        layer) a count all-to-all of N numbers is the cheaper collective.
+        """
+        if balance_group is None:
+            return None
+        bal_ranks = dist.get_process_group_ranks(balance_group)
+        ep_ranks = dist.get_process_group_ranks(ep_group)
+        if not set(ep_ranks) <= set(bal_ranks) or len(bal_ranks) * num_experts > MAX_FOLDED_COUNTS:
+            return None
+        self.count_row = (bal_ranks.index(dist.get_rank()), len(bal_ranks))
+        return [bal_ranks.index(g) for g in ep_ranks]
 
     def forward(self, x: Tensor) -> MoEOutput:
         """1. route: scores, top-K and the balancing terms (one all-reduce over the balance group);
@@ -113,7 +138,7 @@ class MoELayer(nn.Module):
             # why: under autocast the residual stream stays fp32; the experts and the all-to-alls should run
             # in the autocast dtype (half the bytes on the wire, and grouped_mm on CUDA needs bf16)
             x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
-        x_PD, counts_L, meta = self.dispatcher.dispatch(x_in, plan)
+        x_PD, counts_L, meta = self.dispatcher.dispatch(x_in, plan, bal.kept_counts_RN)
         y_PD = self._experts(x_PD, counts_L)
         shared_TD = self._shared(x_in)
         out_TD = self.dispatcher.combine(y_PD, route.gates_TK, meta)
@@ -139,6 +164,8 @@ class MoELayer(nn.Module):
                 self.window_tokens,
                 self.aux_coef if self.cfg.aux_loss_coef == "auto" else None,  # None: the config's float
                 seq_len,
+                self.count_row,
+                plan.counts_N,
             )
         # why the graph-task check: activation recompute re-runs forward inside backward; counting it
         # again would double the step's counts (torchtitan PR #1593)

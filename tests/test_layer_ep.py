@@ -12,7 +12,7 @@ import torch
 
 from tests.distributed import run_ranks
 from tests.oracle import Case, make_tensors, oracle
-from tests.workers import accumulation_worker, layer_case_worker
+from tests.workers import accumulation_worker, folded_counts_worker, layer_case_worker
 
 BASE = dict(num_experts=8, d_model=16, d_ff=32, aux_loss_coef=1e-2, z_loss_coef=1e-3, cv_importance_coef=1e-2)
 TOKENS = {1: [37], 2: [24, 40], 4: [20, 33, 16, 28]}
@@ -135,3 +135,17 @@ def test_global_batch_running_f(world: int) -> None:
         close(got_f, f_final, f"rank {r} final step f")
         assert torch.equal(res[r]["used"], res[r]["window_counts"])
         assert float(res[r]["after_reset"].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("capacity", [None, 1.0])
+def test_dispatch_counts_ride_the_statistics_all_reduce(capacity: float | None) -> None:
+    """With the balance group holding the EP group, the per-rank dispatch counts travel in the statistics
+    all-reduce: the forward issues two all-to-alls (rows out and back) instead of three, with bit-equal
+    outputs and gradients (kept counts under a capacity too)."""
+    case = Case("fold", dict(num_experts=8, top_k=2, d_model=16, d_ff=32, capacity_factor=capacity), [24, 40])
+    for rank_out in run_ranks(folded_counts_worker, 2, case):
+        folded, plain = rank_out[True], rank_out[False]
+        assert (folded["forward_a2a"], plain["forward_a2a"]) == (2, 3)
+        assert torch.equal(folded["hidden"], plain["hidden"])
+        for a, b in zip(folded["grads"], plain["grads"], strict=True):
+            assert torch.equal(a, b)

@@ -114,10 +114,48 @@ def skip_collective_worker(rank: int, world: int, case: Case, skip: str) -> None
     layer.layer_idx = layer.dispatcher.layer = 3
     x = t["xs"][rank].clone()
     if rank == 1:
-        route, plan, _ = layer._route(x)
+        route, plan, bal = layer._route(x)
         if skip == "combine":
-            x_PD, counts, meta = layer.dispatcher.dispatch(x, plan)
+            x_PD, counts, meta = layer.dispatcher.dispatch(x, plan, bal.kept_counts_RN)
             layer.experts(x_PD, counts)
         time.sleep(7)  # alive but absent: rank 0 must time out, not see a closed connection
         return
     layer(x)
+
+
+def folded_counts_worker(rank: int, world: int, case: Case) -> dict:
+    """The same forward+backward with the dispatch counts folded into the statistics all-reduce and with
+    the count all-to-all: all-to-all calls per forward, and every result."""
+    import moe_dist.layer as layer_mod
+
+    group = dist.group.WORLD
+    t = make_tensors(case)
+    out: dict = {}
+    for fold in (True, False):
+        cap = layer_mod.MAX_FOLDED_COUNTS
+        layer_mod.MAX_FOLDED_COUNTS = cap if fold else 0
+        try:
+            layer = build_layer(case, t, rank, world, group)
+        finally:
+            layer_mod.MAX_FOLDED_COUNTS = cap
+        calls = []
+        a2a = dist.all_to_all_single
+
+        def counting(*args, _a2a=a2a, _calls=calls, **kwargs):
+            _calls.append(1)
+            return _a2a(*args, **kwargs)
+
+        x = t["xs"][rank].clone().requires_grad_()
+        dist.all_to_all_single = counting
+        try:
+            res = layer(x)
+            forward_calls = len(calls)
+            ((res.hidden * t["cot"][rank]).sum() + res.aux_loss).backward()
+        finally:
+            dist.all_to_all_single = a2a
+        out[fold] = {
+            "forward_a2a": forward_calls,
+            "hidden": res.hidden.detach(),
+            "grads": [x.grad, layer.router.weight.grad, layer.experts.w1.grad, layer.experts.w2.grad],
+        }
+    return out
