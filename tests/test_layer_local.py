@@ -235,3 +235,32 @@ def test_skipped_collective_names_layer_and_stage(skip: str, stage: str) -> None
     status, msg = res[0]
     assert status == "error" and "CollectiveError" in msg and f"MoE layer 3: {stage} failed" in msg, msg[:500]
     assert res[1][0] == "ok"
+
+
+def test_low_precision_expert_weights_are_cast_once_per_update() -> None:
+    """bf16 rows against fp32 expert weights: the bf16 copy is made once per weight update (the optimizer's
+    in-place step bumps the version), and every gradient equals that of a fresh cast on every call."""
+    from moe_dist.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    cached = GroupedExperts(4, 16, 32, "swiglu")
+    cached.init_from_global(0, 4)
+    fresh = GroupedExperts(4, 16, 32, "swiglu")
+    fresh.load_state_dict(cached.state_dict())
+    fresh.cast = lambda w, dtype: w.to(dtype)  # the per-call cast the cache replaces
+    counts = torch.tensor([10, 5, 20, 5])
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (cached, fresh)]
+    for step in range(3):
+        grads = []
+        for m, opt in zip((cached, fresh), opts, strict=True):
+            opt.zero_grad()
+            for _ in range(2):  # two micro-batches per step: the second reuses the copy
+                x = torch.randn(40, 16, generator=torch.Generator().manual_seed(step)).bfloat16()
+                x.requires_grad_()
+                m(x, counts).float().pow(2).sum().backward()
+            grads.append((x.grad, m.w1.grad.clone(), m.w2.grad.clone()))
+            opt.step()
+        assert cached.cast.casts == 2 * (step + 1)  # w1 and w2, once per optimizer step
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b)
+    assert torch.equal(cached.w1, fresh.w1) and cached.w1.dtype == torch.float32
