@@ -127,7 +127,7 @@ def test_switch_loss_equals_mixtral_loss_at_k_times_c() -> None:
     ours = layer(x).terms["switch"]
     logits, _, _ = block.gate(x)
     theirs = c * load_balancing_loss_func((logits,), num_experts=8, top_k=2)
-    assert float(ours.detach()) == pytest.approx(float(theirs), rel=1e-5)
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
 
 
 def test_overrides_refused_when_structural() -> None:
