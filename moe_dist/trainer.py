@@ -95,13 +95,23 @@ class Trainer:
         random.seed(cfg.train.seed)
         self.corpus = Corpus.build(cfg.data, cfg.model.seq_len, self.rank, self.world, cfg.train.seed)
         self.metrics = MetricsLogger(self.run_dir) if self.rank == 0 else NullLogger()
-        moe_ids = [i for i in range(cfg.model.n_layers) if (i + 1) % cfg.model.moe_every == 0]
+        hf_model = None
+        if cfg.model.kind == "hf":  # a transformers LM; its sparse blocks are swapped below
+            from moe_dist.hf import build_hf_model, sparse_layer_ids
+
+            hf_model = build_hf_model(cfg.model.hf_config, cfg.train.seed, cfg.model.seq_len)
+            moe_ids = sparse_layer_ids(hf_model)
+        else:
+            moe_ids = [i for i in range(cfg.model.n_layers) if (i + 1) % cfg.model.moe_every == 0]
         self.profiler = StragglerProfiler(
             cfg, self.rank, self.world, layout.ep, device, self.run_dir, self.metrics, moe_ids
         )
-        self.model = MoETransformer(cfg.model, layout.ep_group, layout.balance_group, self.profiler.hook).to(
-            device
-        )
+        if hf_model is not None:
+            self.model = self._hf_lm(hf_model).to(device)
+        else:
+            self.model = MoETransformer(
+                cfg.model, layout.ep_group, layout.balance_group, self.profiler.hook
+            ).to(device)
         if cfg.engine == "deepspeed":
             from moe_dist.ds_engine import DeepSpeedEngine
 
@@ -112,23 +122,27 @@ class Trainer:
             self.engine = TorchEngine(self.model, cfg, layout, device)
         self.collapse = CollapseMonitor(cfg.train.collapse_patience, self.rank)
         self.controller = None
-        if cfg.model.moe.aux_loss_coef == "auto":
+        if any(m.cfg.aux_loss_coef == "auto" for m in moe_layers(self.model)):
             self.controller = AuxController(cfg.auto_aux, moe_layers(self.model))
         self.step = 0
         self.skipped = 0
         self.saved_at = -1
         self.stop_flag = 0.0
         self._sigterm = False
-        self.n_active = active_params(self.model, cfg.model)
         m = cfg.model
-        # nanoGPT's estimate per token: 6 x active params (fwd+bwd) + attention 12 * layers * d_model * seq
-        self.flops_per_token = 6 * self.n_active + 12 * m.n_layers * m.d_model * m.seq_len
+        if hf_model is not None:
+            self.n_active = self.model.active_params()
+            self.flops_per_token = self.model.flops_per_token(m.seq_len)
+        else:
+            self.n_active = active_params(self.model, cfg.model)
+            # nanoGPT: 6 x active params per token (fwd+bwd) + attention 12 * layers * d_model * seq
+            self.flops_per_token = 6 * self.n_active + 12 * m.n_layers * m.d_model * m.seq_len
         if self.rank == 0:
             log.info(
                 "corpus %s; %d layers, %d MoE, %.2fM params on rank 0, %.2fM active per token; "
                 "world %d = dp %d x ep %d; engine %s",
                 self.corpus.description,
-                cfg.model.n_layers,
+                hf_model.config.num_hidden_layers if hf_model is not None else cfg.model.n_layers,
                 len(moe_layers(self.model)),
                 sum(p.numel() for p in self.model.parameters()) / 1e6,
                 self.n_active / 1e6,
@@ -137,6 +151,14 @@ class Trainer:
                 layout.ep,
                 cfg.engine,
             )
+
+    def _hf_lm(self, hf_model):
+        """model.kind=hf: the transformers LM with every sparse-MoE block made expert-parallel over the run's
+        layout (global balancing, the straggler profiler's timing hook), behind the trainer's interface."""
+        from moe_dist.hf import HFCausalLM, parallelize_hf_model
+
+        parallelize_hf_model(hf_model, self.layout, self.profiler.hook, **self.cfg.model.hf_moe)
+        return HFCausalLM(hf_model)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True  # acted on at the end of the step, when every rank agrees

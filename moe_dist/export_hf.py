@@ -1,0 +1,87 @@
+"""Export a ``model.kind: hf`` run back to a transformers ``save_pretrained`` directory:
+
+    python -m moe_dist.export_hf runs/<name> OUT_DIR [--step N]
+
+No process group: the checkpoint's files are read directly (``dense.pt`` and every ``experts_ep{e}.pt``,
+verified against the manifest), the experts concatenated in EP-rank order (rank e holds the contiguous
+slice [e*N/ep, (e+1)*N/ep)), and each MoE layer written back in its transformers block's layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_dist.checkpoint import CheckpointError, checkpoint_dirs, load_obj, verify
+from moe_dist.errors import ConfigError
+from moe_dist.run_config import load_config
+
+log = logging.getLogger("moe_dist.export_hf")
+
+
+def _checkpoint(run_dir: Path, step: int | None) -> Path:
+    dirs = checkpoint_dirs(run_dir / "checkpoints")
+    if step is not None:
+        dirs = [d for d in dirs if int(d.name.split("_")[1]) == step]
+    if not dirs:
+        raise CheckpointError(f"no checkpoint{'' if step is None else f' at step {step}'} under {run_dir}")
+    return dirs[-1]
+
+
+def checkpoint_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full model state of a checkpoint: dense params and buffers, experts concatenated over EP ranks."""
+    manifest = verify(ckpt)
+    ep = int(manifest["ep"])
+    state = dict(load_obj(ckpt / "dense.pt"))
+    shards = [load_obj(ckpt / f"experts_ep{e}.pt") for e in range(ep)]
+    for key in shards[0]:
+        state[key] = torch.cat([s[key] for s in shards])  # why cat on dim 0: EP ranks hold contiguous experts
+    return state
+
+
+def load_run_model(run_dir: str | Path, step: int | None = None) -> nn.Module:
+    """The run's model (``HFCausalLM``), every expert on one process, from its newest checkpoint."""
+    from moe_dist.hf import HFCausalLM, build_hf_model, parallelize_hf_model
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.model.kind != "hf":
+        raise ConfigError(f"run {run_dir} has model.kind={cfg.model.kind!r}; only kind=hf runs export")
+    hf = build_hf_model(cfg.model.hf_config, cfg.train.seed, cfg.model.seq_len)
+    model = HFCausalLM(parallelize_hf_model(hf, None, **cfg.model.hf_moe))
+    model.load_state_dict(checkpoint_state(_checkpoint(run_dir, step)), strict=True)
+    return model
+
+
+def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """Write the run's model as a transformers ``save_pretrained`` directory; returns ``out_dir``."""
+    from moe_dist.hf import unparallelize_hf_model
+
+    model = load_run_model(run_dir, step)
+    hf = unparallelize_hf_model(model.hf)
+    hf.save_pretrained(out_dir)
+    log.info("exported %s to %s", run_dir, out_dir)
+    return Path(out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m moe_dist.export_hf", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
+    export(args.run_dir, args.out_dir, args.step)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, CheckpointError) as e:
+        logging.getLogger("moe_dist").error("%s: %s", type(e).__name__, e)
+        sys.exit(2)
