@@ -63,6 +63,7 @@ class MoELayer(nn.Module):
                 f"moe.num_experts={cfg.num_experts} is not divisible by the EP group size {ep_size}"
             )
         ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        self.ep_size = ep_size
         self.num_local = cfg.num_experts // ep_size
         self.first_expert = ep_rank * self.num_local
         self.router = Router(cfg)
