@@ -4,6 +4,8 @@ from moe_dist.balance import MoEStats, cv_squared
 from moe_dist.config import MoEConfig
 from moe_dist.errors import ConfigError, NonFiniteError
 from moe_dist.layer import MoELayer, MoEOutput, moe_layers, update_expert_biases
+from moe_dist.parallel import ParallelLayout
+from moe_dist.sync import broadcast_parameters, dense_params, expert_params, sync_gradients
 
 __all__ = [
     "ConfigError",
@@ -12,7 +14,12 @@ __all__ = [
     "MoEOutput",
     "MoEStats",
     "NonFiniteError",
+    "ParallelLayout",
+    "broadcast_parameters",
     "cv_squared",
+    "dense_params",
+    "expert_params",
     "moe_layers",
+    "sync_gradients",
     "update_expert_biases",
 ]

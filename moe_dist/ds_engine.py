@@ -12,9 +12,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_dist.engine import autocast_ctx, lr_lambda, param_groups
-from moe_dist.model import expert_params
 from moe_dist.parallel import ParallelLayout
 from moe_dist.run_config import RunConfig
+from moe_dist.sync import expert_params
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,10 @@
 """Two engines behind one trainer: plain torch.distributed (``engine: torch``, under torchrun) and
 DeepSpeed (``engine: deepspeed``, under the deepspeed launcher).
 
-Gradient semantics (both engines): the objective is the mean over all ranks of each rank's loss.
-- Dense params are replicated: their grads are averaged over the world.
-- Expert params live on one EP rank per replica; each one's local grad already sums the tokens of its
-  whole EP group (through the all-to-all backward), so grads are summed over the expert-data-parallel
-  group and divided by the world size. DeepSpeed's engine does the same (``_reduce_expert_gradients``
-  divides the expert-data-parallel sum by the data-parallel world size).
+Gradient semantics (both engines): the objective is the mean over all ranks of each rank's loss; the
+rule is ``moe_dist.sync.sync_gradients`` (public, so library users apply the same one). DeepSpeed's
+engine does the same (``_reduce_expert_gradients`` divides the expert-data-parallel sum by the
+data-parallel world size).
 """
 
 from __future__ import annotations
@@ -18,11 +16,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from moe_dist.model import dense_params, expert_params
 from moe_dist.parallel import ParallelLayout
 from moe_dist.run_config import RunConfig
+from moe_dist.sync import dense_params, expert_params, sync_gradients
 
 
 def lr_lambda(cfg: RunConfig):
@@ -89,19 +86,8 @@ class TorchEngine:
         return norm
 
     def sync_grads(self) -> None:
-        """Dense grads: mean over the world. Expert grads: sum over the expert-data-parallel group / world."""
-        world = self.layout.world
-        for p in self.dense + self.experts:
-            if p.grad is None:  # an expert that got no tokens on this step still takes part
-                p.grad = torch.zeros_like(p)
-        if world == 1:
-            return
-        _all_reduce_flat([p.grad for p in self.dense], self.layout.world_group, 1.0 / world)
-        if self.layout.edp_group is not None:
-            _all_reduce_flat([p.grad for p in self.experts], self.layout.edp_group, 1.0 / world)
-        else:
-            for p in self.experts:
-                p.grad.mul_(1.0 / world)
+        """The one gradient rule, shared with library users: see ``moe_dist.sync.sync_gradients``."""
+        sync_gradients(self.model, self.layout.world_group, self.layout.edp_group)
 
     def _global_norm(self) -> float:
         # why fp64 accumulation: the norm decides clipping; it must not depend on summation order noise
@@ -127,14 +113,3 @@ class TorchEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def _all_reduce_flat(grads: list[Tensor], group, scale: float) -> None:
-    """One all-reduce over a flat buffer instead of one per tensor."""
-    if not grads:
-        return
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    flat.mul_(scale)
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(synced)

@@ -20,6 +20,7 @@ from moe_dist.dispatcher import AllToAllDispatcher, LocalDispatcher, plan_routes
 from moe_dist.errors import ConfigError
 from moe_dist.experts import GroupedExperts, SharedExperts
 from moe_dist.router import Router
+from moe_dist.teardown import destroy_process_groups_at_exit
 from moe_dist.timing import TimingHook, stage_range
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class MoELayer(nn.Module):
                 f"moe.num_experts={cfg.num_experts} is not divisible by the EP group size {ep_size}"
             )
         ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        self.ep_size = ep_size
         self.num_local = cfg.num_experts // ep_size
         self.first_expert = ep_rank * self.num_local
         self.router = Router(cfg)
@@ -88,6 +90,9 @@ class MoELayer(nn.Module):
         else:
             self.dispatcher = LocalDispatcher(cfg.num_experts, layer_idx, timing_hook)
         self.timing_hook = timing_hook
+        if ep_group is not None or balance_group is not None:
+            # why: this layer will issue collectives; gloo groups left alive at interpreter exit can abort it
+            destroy_process_groups_at_exit()
         # counting window of one optimizer step: global counts for the bias update and running f
         self.register_buffer(
             "window_counts", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from moe_dist.layer import MoELayer, MoEOutput
 from moe_dist.run_config import ModelConfig
+from moe_dist.sync import dense_params
 from moe_dist.timing import TimingHook
 
 VOCAB = 256
@@ -113,16 +114,6 @@ class MoETransformer(nn.Module):
         logits_BSV = x_BSD @ self.embed.weight.t()  # tied byte embeddings
         aux = sum((o.aux_loss for o in moe_outs), logits_BSV.new_zeros(()))
         return LMOutput(logits_BSV, aux, moe_outs)
-
-
-def expert_params(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters that live on one EP rank only (averaged over the expert-data-parallel group)."""
-    return [p for m in model.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()]
-
-
-def dense_params(model: nn.Module) -> list[nn.Parameter]:
-    ids = {id(p) for p in expert_params(model)}
-    return [p for p in model.parameters() if id(p) not in ids]
 
 
 def active_params(model: nn.Module, cfg: ModelConfig) -> int:

@@ -30,9 +30,10 @@ from moe_dist.data import Corpus
 from moe_dist.errors import NonFiniteError
 from moe_dist.layer import moe_layers, update_expert_biases
 from moe_dist.metrics import MetricsLogger, NullLogger
-from moe_dist.model import MoETransformer, active_params, expert_params
+from moe_dist.model import MoETransformer, active_params
 from moe_dist.parallel import ParallelLayout
 from moe_dist.run_config import RunConfig, dump_config
+from moe_dist.sync import expert_params
 from profiling.straggler import StragglerProfiler
 
 log = logging.getLogger("moe_dist.train")

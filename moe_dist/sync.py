@@ -1,0 +1,139 @@
+"""Keeping ranks consistent when the layer is used as a library: the trainer's gradient rule
+(``sync_gradients``) and a start-up broadcast (``broadcast_parameters``).
+
+Two kinds of parameters, told apart by module type, never by name:
+- **expert** parameters are those of ``MoELayer.experts`` for every ``MoELayer`` inside the module: each
+  rank holds its own slice of the N experts (N/R of them), and it is replicated only over the
+  expert-data-parallel group (the ranks at the same EP position, one per EP group);
+- **dense** parameters are all the others (router, attention, embeddings, ...): replicated on every rank
+  of the dense group.
+
+The objective is the mean over the dense group of each rank's loss. A dense parameter's gradient is the
+mean over the dense group. An expert's local gradient already sums the tokens of its whole EP group
+(through the all-to-all backward), so it is summed over the expert-data-parallel group and divided by the
+dense group's size. DeepSpeed does the same (``_reduce_expert_gradients``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moe_dist.errors import ConfigError
+from moe_dist.layer import moe_layers
+from moe_dist.teardown import destroy_process_groups_at_exit
+
+
+def expert_params(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of every ``MoELayer.experts`` in ``module``: each lives on one EP rank per replica."""
+    return [p for m in moe_layers(module) for p in m.experts.parameters()]
+
+
+def dense_params(module: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``module`` that is not an expert parameter: replicated on all ranks."""
+    ids = {id(p) for p in expert_params(module)}
+    return [p for p in module.parameters() if id(p) not in ids]
+
+
+def group_size(group) -> int:
+    """Ranks in ``group`` (None = the default group); 1 when no process group exists."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def sync_gradients(module: nn.Module, dense_group=None, expert_dp_group=None) -> None:
+    """Apply the trainer's gradient rule to ``module`` after ``backward()``, before ``optimizer.step()``.
+
+    Args:
+        module: a bare ``MoELayer`` or any module containing them.
+        dense_group: ranks that hold identical dense parameters (None = the default group, as in
+            ``torch.distributed``). Dense grads become their mean over it.
+        expert_dp_group: ranks holding the *same* experts (one per EP group). None = no such replicas:
+            every expert lives on exactly one rank (EP spans the whole dense group). Expert grads become
+            their sum over it divided by the dense group's size.
+
+    A parameter that requires grad but has none (an expert that got no tokens, a branch this rank did not
+    take) gets a zero grad first: every rank must bring the same buffers to the all-reduce.
+    Raises ``ConfigError`` if a layer's EP size times the replica count is not the dense group's size.
+    """
+    experts = [p for p in expert_params(module) if p.requires_grad]
+    dense = [p for p in dense_params(module) if p.requires_grad]
+    for p in dense + experts:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    world = group_size(dense_group)
+    replicas = group_size(expert_dp_group) if expert_dp_group is not None else 1
+    _check_layout(module, world, replicas)
+    if world == 1:
+        return
+    destroy_process_groups_at_exit()
+    _all_reduce_scaled([p.grad for p in dense], dense_group, 1.0 / world)
+    if expert_dp_group is not None and replicas > 1:
+        _all_reduce_scaled([p.grad for p in experts], expert_dp_group, 1.0 / world)
+    else:
+        for p in experts:
+            p.grad.mul_(1.0 / world)
+
+
+@torch.no_grad()
+def broadcast_parameters(module: nn.Module, dense_group=None, expert_dp_group=None) -> None:
+    """Make every replica equal to the first rank of its group, as DDP does at construction.
+
+    Dense parameters and the buffers outside the experts (the router's selection bias, alpha) come from
+    rank 0 of ``dense_group``; expert parameters from rank 0 of ``expert_dp_group`` (None: no replicas,
+    nothing to send). Call it once after building, before training; the groups mean what they mean in
+    ``sync_gradients``.
+    """
+    experts = expert_params(module)
+    world = group_size(dense_group)
+    replicas = group_size(expert_dp_group) if expert_dp_group is not None else 1
+    _check_layout(module, world, replicas)
+    if world == 1:
+        return
+    destroy_process_groups_at_exit()
+    expert_buffers = {id(b) for m in moe_layers(module) for b in m.experts.buffers()}
+    dense = dense_params(module) + [b for b in module.buffers() if id(b) not in expert_buffers]
+    _broadcast_from_first(dense, dense_group)
+    if expert_dp_group is not None and replicas > 1:
+        _broadcast_from_first(experts, expert_dp_group)
+
+
+def _check_layout(module: nn.Module, world: int, replicas: int) -> None:
+    """EP ranks x expert replicas must be exactly the dense group, or the 1/world scale is wrong."""
+    for layer in moe_layers(module):
+        if layer.ep_size * replicas != world:
+            raise ConfigError(
+                f"MoE layer {layer.layer_idx} splits its experts over {layer.ep_size} EP rank(s) and "
+                f"expert_dp_group has {replicas} rank(s), but the dense group has {world}: the expert "
+                "replicas must be the dense group's ranks at the same EP position (pass expert_dp_group "
+                "when each expert lives on more than one rank)"
+            )
+
+
+def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """Buckets of one (device, dtype) each: a flat buffer cannot mix them."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    return list(buckets.values())
+
+
+def _all_reduce_scaled(grads: list[Tensor], group, scale: float) -> None:
+    """Sum over ``group``, times ``scale``: one all-reduce per flat bucket instead of one per tensor."""
+    for bucket in _by_dtype(grads):
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=group)
+        flat.mul_(scale)
+        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+            g.copy_(synced)
+
+
+def _broadcast_from_first(tensors: list[Tensor], group) -> None:
+    for bucket in _by_dtype(tensors):
+        flat = _flatten_dense_tensors(bucket)
+        dist.broadcast(flat, group=group, group_src=0)
+        for t, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+            t.copy_(synced)
