@@ -164,7 +164,7 @@ def _torchrun(script: Path) -> tuple[int, str]:
 
 
 def test_scripts_exit_zero_without_destroying_groups(tmp_path: Path) -> None:
-    """10 torchrun launches, one at a time: the README script twice, the user's script 8 times; every one
+    """6 torchrun launches, one at a time: the README script once, the user's script 5 times; every one
     must exit 0.
 
     The abort is a race. With the exit hook disabled, the user's script aborted in 6 of 20 launches from a
@@ -174,10 +174,10 @@ def test_scripts_exit_zero_without_destroying_groups(tmp_path: Path) -> None:
     """
     user_script = tmp_path / "ends_on_a_collective.py"
     user_script.write_text(ENDS_ON_A_COLLECTIVE)
-    scripts = [EXAMPLE] * 2 + [user_script] * 8
+    scripts = [EXAMPLE] + [user_script] * 5  # why not more: each launch costs ~6 s of CI on 2 cores
     start = time.monotonic()
     runs = [_torchrun(s) for s in scripts]
     bad = [(s.name, rc, out[-2000:]) for s, (rc, out) in zip(scripts, runs, strict=True) if rc != 0]
     assert not bad, f"{len(bad)} of {len(runs)} launches failed; first: {bad[0]}"
-    assert all(out.count("step 2 loss") == 2 for _, out in runs[:2]), "the README script ran its 3 steps"
+    assert runs[0][1].count("step 2 loss") == 2, "the README script ran its 3 steps"
     log.info("%d launches in %.0f s", len(runs), time.monotonic() - start)
