@@ -172,7 +172,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     """Validation every k steps (and at the end)."""
-    eval_batches: int = 4
+    val_sequences: int = 128
+    """The validation set: this many fixed sequences of the val split, the same tokens whatever the world
+    size (each rank evaluates its share in batches of micro_batch)."""
     ckpt_every: int = 0
     """Checkpoint every k steps (0 = only at the end)."""
     keep_last: int = 2
@@ -198,7 +200,7 @@ class TrainConfig:
             "grad_accum",
             "log_every",
             "eval_every",
-            "eval_batches",
+            "val_sequences",
             "keep_last",
             "collapse_patience",
         ):

@@ -453,12 +453,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Mean next-byte loss over the fixed validation set (``train.val_sequences`` sequences, the same
+        tokens at any world size): rank r takes the r-th contiguous share, in batches of micro_batch."""
         cfg, t = self.cfg, self.cfg.train
+        S = cfg.model.seq_len
         self.model.eval()
         self.profiler.pause(True)
-        total = 0.0
-        for b in range(t.eval_batches):
-            x, y = self.corpus.batch("val", t.micro_batch, cfg.model.seq_len, t.seed, self.rank, 0, b)
+        n = t.val_sequences
+        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        rounds = math.ceil(math.ceil(n / self.world) / t.micro_batch)
+        total, count = 0.0, 0
+        for b in range(rounds):
+            idx = list(range(lo + b * t.micro_batch, min(hi, lo + (b + 1) * t.micro_batch)))
+            real = len(idx)
+            # why a stand-in batch: every rank must run as many forwards as the others (the MoE layers'
+            # collectives); its loss is not counted
+            x, y = self.corpus.sequences("val", S, t.seed, 0, idx or [lo])
             try:
                 out = self.engine.forward(x.to(self.device))
             except NonFiniteError as e:
@@ -468,10 +478,15 @@ class Trainer:
                 total = float("nan")
                 break
             logits = out.logits_BSV.float()
-            total += float(
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1))
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1), reduction="none"
             )
-        (val,) = self.mean_over_ranks([total / t.eval_batches])
+            total += float(ce.view(-1, S)[:real].sum(dtype=torch.float64))
+            count += real * S
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        val = float(sums[0] / sums[1])
         self.model.train()
         self.profiler.pause(False)
         return {"val_loss": val, "val_bpb": val / math.log(2)}
