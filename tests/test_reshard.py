@@ -3,10 +3,18 @@ global (per-expert) checkpoints resumed at another (world, EP), the resume self-
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
 
 from moe_dist.data import Corpus
 from moe_dist.run_config import DataConfig
+from tests.distributed import run_ranks
+from tests.reshard_workers import probed_run
+from tests.train_workers import tiny
 
 
 def test_global_batch_does_not_depend_on_the_world_size() -> None:
@@ -28,3 +36,91 @@ def test_global_batch_does_not_depend_on_the_world_size() -> None:
     assert not torch.equal(
         corpus.batch("train", 8, 16, 0, 0, 5, 0)[0], corpus.batch("train", 8, 16, 0, 0, 6, 0)[0]
     )
+
+
+# --- resharding -------------------------------------------------------------------------------------
+GLOBAL_BATCH = 8  # sequences per step, kept at every world size (micro_batch = GLOBAL_BATCH / world)
+SAVED_AT, STEPS = 3, 8
+
+
+def _cfg(tmp: Path, name: str, world: int, ep: int, steps: int = STEPS) -> dict:
+    train = {"steps": steps, "ckpt_every": SAVED_AT, "keep_last": 5, "micro_batch": GLOBAL_BATCH // world}
+    return tiny(out_dir=str(tmp), name=name, parallel={"ep": ep}, train=train)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(run) if "loss" in r}
+
+
+def _merged_moments(results: list[dict]) -> dict:
+    out: dict = {}
+    for res in results:
+        out.update(res["probe"]["moments"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], tuple[Path, list[dict]]]:
+    """An 8-step run at world 4 (EP 2 x DP 2) and one at world 2 (EP 2), checkpoints at 3 and 6, probed
+    (logits on a fixed batch, each expert's AdamW moments) when the step-3 checkpoint is written."""
+    root = tmp_path_factory.mktemp("saved")
+    out = {}
+    for world, ep in ((4, 2), (2, 2)):
+        name = f"w{world}e{ep}"
+        res = run_ranks(probed_run, world, _cfg(root, name, world, ep), "save", SAVED_AT, timeout=400)
+        out[(world, ep)] = (root / name, res)
+    return out
+
+
+def _from_step3(src: Path, dst: Path) -> None:
+    """A copy of ``src`` whose newest checkpoint is step 3 (as if the job had stopped after it)."""
+    shutil.copytree(src, dst)
+    ckpts = dst / "checkpoints"
+    for d in ckpts.iterdir():
+        if d.is_dir() and d.name > "step_00000003":
+            shutil.rmtree(d)
+    (ckpts / "latest").write_text("step_00000003")
+
+
+@pytest.mark.parametrize(
+    "saved,target", [((4, 2), (2, 2)), ((4, 2), (4, 4)), ((4, 2), (1, 1)), ((2, 2), (4, 4))]
+)
+def test_resume_at_another_layout(saved_runs: dict, tmp_path: Path, saved: tuple, target: tuple) -> None:
+    """The step-3 checkpoint of a (world, EP) run resumed at another (world, EP), global batch kept: the
+    loaded model's logits equal the saved model's, each expert's Adam moments (found by expert id) equal
+    the saved ones, the resume self-check passes, and steps 3-7 equal the original run's to 1e-6."""
+    src, saved_res = saved_runs[saved]
+    world, ep = target
+    _from_step3(src, tmp_path / "b")
+    res = run_ranks(probed_run, world, _cfg(tmp_path, "b", world, ep), "resume", timeout=400)
+    want, got = saved_res[0]["probe"], res[0]["probe"]
+    assert got["step"] == want["step"] == SAVED_AT
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+    want_m, got_m = _merged_moments(saved_res), _merged_moments(res)
+    assert sorted(got_m) == sorted(want_m) and len(want_m) == 2 * 2 * 4  # layers x (w1, w2) x experts
+    for key, (avg, avg_sq, step) in want_m.items():
+        assert torch.equal(got_m[key][0], avg) and torch.equal(got_m[key][1], avg_sq), key
+        assert got_m[key][2] == step == SAVED_AT
+    checks = [r for r in _rows(tmp_path / "b") if "resume_check" in r]
+    assert len(checks) == 1 and checks[0]["resume_check"] == "pass", checks
+    assert checks[0]["saved_layout"] == list(saved) and checks[0]["layout"] == list(target)
+    want_l, got_l = _losses(src), _losses(tmp_path / "b")
+    assert sorted(got_l) == list(range(STEPS))
+    for step in range(SAVED_AT, STEPS):
+        assert got_l[step] == pytest.approx(want_l[step], rel=1e-6), (step, got_l[step], want_l[step])
+
+
+def test_a_permuted_expert_fails_the_resume_check(saved_runs: dict, tmp_path: Path) -> None:
+    """Experts 0 and 1 of layer 0 swapped while loading: every rank stops with the self-check's error,
+    after logging the failed record."""
+    src, _ = saved_runs[(2, 2)]
+    _from_step3(src, tmp_path / "b")
+    res = run_ranks(probed_run, 2, _cfg(tmp_path, "b", 2, 1), "resume", 0, True, expect_errors=True)
+    for status, msg in res:
+        assert status == "error" and msg.startswith("ResumeCheckError: resume self-check failed"), msg
+    checks = [r for r in _rows(tmp_path / "b") if "resume_check" in r]
+    assert [c["resume_check"] for c in checks] == ["fail"] and checks[0]["rel_diff"] > 1e-5
