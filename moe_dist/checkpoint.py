@@ -28,6 +28,7 @@ an older good checkpoint.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,58 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def begin_save(root: Path, step: int, rank: int, barrier: Callable[[], None]) -> Path:
+    """Every rank: the temporary directory of the checkpoint of ``step``, created by rank 0."""
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()  # why: the temp directory must exist before any rank writes into it
+    return tmp
+
+
+def write_files(tmp: Path, files: dict[str, Any]) -> dict[str, dict]:
+    """Write this rank's files into ``tmp``; their manifest entries (sha256 of the bytes written, size)."""
+    entries = {}
+    for name, obj in files.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+        _atomic_write(tmp / name, data)
+        entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return entries
+
+
+def commit_save(
+    root: Path,
+    step: int,
+    rank: int,
+    barrier: Callable[[], None],
+    meta: dict,
+    keep_last: int,
+    entries: dict[str, dict] | None = None,
+) -> Path:
+    """Once every rank's files are in the temp directory: rank 0 writes the manifest (from ``entries``, or
+    by reading the files), renames the directory into place and moves ``latest``. Every rank calls it."""
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if rank == 0:
+        if entries is None:
+            entries = {
+                p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.iterdir())
+                if not p.name.endswith(".part")
+            }
+        manifest = dict(meta, step=step, files=dict(sorted(entries.items())))
+        _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write(root / "latest", final.name.encode())
+        _rotate(root, keep_last)
+    barrier()  # why: nobody may read ``latest`` (or exit) before it points at a complete checkpoint
+    return final
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -113,29 +167,75 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Every rank calls this with the files it owns; rank 0 finalises. Returns the final directory."""
-    final = root / step_dir_name(step)
-    tmp = root / (step_dir_name(step) + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()  # why: the temp directory must exist before any rank writes into it
+    tmp = begin_save(root, step, rank, barrier)
     for name, obj in files.items():
         save_obj(tmp / name, obj)
     barrier()  # why: the manifest may only be written once every rank's shard is complete
-    if rank == 0:
-        entries = {
-            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.iterdir())
-            if not p.name.endswith(".part")
-        }
-        manifest = dict(meta, step=step, files=entries)
-        _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write(root / "latest", final.name.encode())
-        _rotate(root, keep_last)
-    barrier()  # why: nobody may read ``latest`` (or exit) before it points at a complete checkpoint
-    return final
+    return commit_save(root, step, rank, barrier, meta, keep_last)
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` that training can no longer change: tensors copied to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple) and type(obj) in (list, tuple):
+        return type(obj)(_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class AsyncSave:
+    """One checkpoint whose files this rank writes in a background thread (``train.async_save``).
+
+    The caller's stall is the host copy of its state; serialising, hashing and writing happen in the
+    thread. ``finish`` (every rank, together) waits for the thread, gathers every rank's manifest entries
+    and commits as ``save_checkpoint`` does: manifest, rename, ``latest`` last. Until then the checkpoint
+    is a ``.tmp`` directory that no resume reads.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        step: int,
+        files: dict[str, Any],
+        rank: int,
+        barrier: Callable[[], None],
+        meta: dict,
+        keep_last: int,
+    ) -> None:
+        self.root, self.step, self.rank, self.barrier = root, step, rank, barrier
+        self.meta, self.keep_last = meta, keep_last
+        self.tmp = begin_save(root, step, rank, barrier)
+        self._files: dict[str, Any] | None = _snapshot(files)
+        self.entries: dict[str, dict] = {}
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._write, name=f"ckpt-{step}", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        try:
+            assert self._files is not None
+            self.entries = write_files(self.tmp, self._files)
+        except Exception as e:  # reported on every rank by finish()
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self._files = None  # why: free the host copy as soon as it is on disk
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def finish(self, gather: Callable[[Any], list]) -> Path:
+        """Every rank: wait for the writes, then commit. ``gather(x)`` returns every rank's x, by rank."""
+        self._thread.join()
+        results = gather((self.error, self.entries))
+        for r, (error, _) in enumerate(results):
+            if error is not None:
+                raise CheckpointError(
+                    f"checkpoint of step {self.step}: rank {r} could not write its files: {error}"
+                )
+        entries = {name: e for _, ent in results for name, e in ent.items()}
+        return commit_save(self.root, self.step, self.rank, self.barrier, self.meta, self.keep_last, entries)
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from moe_dist.balance_controller import AuxController
 from moe_dist.checkpoint import (
     FORMAT,
+    AsyncSave,
     CheckpointError,
     UnsafeCheckpointError,
     files_to_read,
@@ -219,13 +220,47 @@ class Trainer:
         return files, meta
 
     def save(self) -> None:
+        """Checkpoint the current state. With ``train.async_save`` the files are written in the background
+        and committed later (``_poll_async_save``); the loop stalls only for a host copy of the state."""
+        t0 = time.perf_counter()
+        self._finish_async_save()  # why: one checkpoint in flight at a time, committed in step order
         files, meta = self._checkpoint_files()
         self.saved_at = self.step
-        path = save_checkpoint(
-            self.ckpt_root, self.step, files, self.rank, self.barrier, meta, self.cfg.train.keep_last
-        )
-        if self.rank == 0:
-            log.info("checkpoint %s", path)
+        args = (self.ckpt_root, self.step, files, self.rank, self.barrier, meta, self.cfg.train.keep_last)
+        if self.cfg.train.async_save:
+            self._pending_save = AsyncSave(*args)
+        else:
+            path = save_checkpoint(*args)
+            if self.rank == 0:
+                log.info("checkpoint %s", path)
+        stall = time.perf_counter() - t0
+        record = {"checkpoint_stall_s": stall, "async_save": self.cfg.train.async_save}
+        self.metrics.log(self.step, record, {"checkpoint/stall_s": stall})
+
+    def _gather(self, obj: Any) -> list:
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _finish_async_save(self) -> None:
+        """Every rank: wait for the checkpoint in flight (if any) and commit it."""
+        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        if pending is not None:
+            path = pending.finish(self._gather)
+            if self.rank == 0:
+                log.info("checkpoint %s (written in the background)", path)
+
+    def _poll_async_save(self) -> None:
+        """At a step end: commit the checkpoint in flight once every rank's files are written."""
+        pending = getattr(self, "_pending_save", None)
+        if pending is None:
+            return
+        # why agree: the commit is collective, so every rank must see every rank done
+        (done,) = self.mean_over_ranks([float(pending.done())])
+        if done == 1.0:
+            self._finish_async_save()
 
     def _read_on_every_rank(self, ckpt: Path, names: list[str]) -> dict[str, Any]:
         """This rank's files of ``ckpt``, by name. If any rank cannot read one (refused or unreadable),
@@ -436,14 +471,18 @@ class Trainer:
                     )
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                 self.save()
+            else:
+                self._poll_async_save()
             if self.stop_flag > 0:  # SIGTERM on any rank: every rank saves and leaves together
                 preempted = True
                 break
         if preempted:
             if self.saved_at != self.step:
                 self.save()
+            self._finish_async_save()
             if self.rank == 0:
                 log.warning("SIGTERM: saved a final checkpoint at step %d and stopped", self.step)
+        self._finish_async_save()  # the run's last checkpoint is committed before it reports
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         self.profiler.close()
