@@ -1,12 +1,20 @@
 """Sharded, atomic checkpoints with a checksummed manifest.
 
-Layout of ``checkpoints/``::
+Layout of ``checkpoints/`` (format 2, the global view of ``moe_dist.global_state``)::
 
-    step_00000100/dense.pt          rank 0: replicated params and buffers (incl. expert biases)
-    step_00000100/experts_ep{e}.pt  the first replica of EP rank e: that rank's expert params
-    step_00000100/rank{r}.pt        every rank: optimizer + scheduler state, RNG states, step
-    step_00000100/manifest.json     sha256 and size of every file, world, ep, step
+    step_00000100/dense.pt          rank 0: replicated params and buffers (incl. expert biases), their
+                                    AdamW state by name, param groups, scheduler, step, controller, the
+                                    val loss of the model it holds (the resume self-check)
+    step_00000100/experts_ep{e}.pt  the first replica of EP rank e: its experts' weights and AdamW state,
+                                    one key per expert id (``blocks.3.ffn.experts.e17.w1``)
+    step_00000100/rank{r}.pt        every rank: RNG states (``engine: deepspeed``: its ZeRO partition too)
+    step_00000100/manifest.json     sha256 and size of every file, world, ep, step, which expert ids
+                                    each experts file holds
     latest                          name of the newest complete checkpoint
+
+A rank resuming under another (world, EP) reads dense.pt, the experts files that hold the ids it now owns,
+and one rank file for its RNG. Format 1 (no ``format`` in the manifest: optimizer state in the rank files,
+experts stacked per EP rank) still loads at the layout that wrote it; at another it is refused.
 
 Every file is plain data: tensors, numbers, strings, None and containers, plus (rank files of
 ``engine: deepspeed``) the few DeepSpeed types its ZeRO optimizer state holds. Files are read with torch's
@@ -20,6 +28,7 @@ an older good checkpoint.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -28,6 +37,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +105,58 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def begin_save(root: Path, step: int, rank: int, barrier: Callable[[], None]) -> Path:
+    """Every rank: the temporary directory of the checkpoint of ``step``, created by rank 0."""
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()  # why: the temp directory must exist before any rank writes into it
+    return tmp
+
+
+def write_files(tmp: Path, files: dict[str, Any]) -> dict[str, dict]:
+    """Write this rank's files into ``tmp``; their manifest entries (sha256 of the bytes written, size)."""
+    entries = {}
+    for name, obj in files.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+        _atomic_write(tmp / name, data)
+        entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return entries
+
+
+def commit_save(
+    root: Path,
+    step: int,
+    rank: int,
+    barrier: Callable[[], None],
+    meta: dict,
+    keep_last: int,
+    entries: dict[str, dict] | None = None,
+) -> Path:
+    """Once every rank's files are in the temp directory: rank 0 writes the manifest (from ``entries``, or
+    by reading the files), renames the directory into place and moves ``latest``. Every rank calls it."""
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if rank == 0:
+        if entries is None:
+            entries = {
+                p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.iterdir())
+                if not p.name.endswith(".part")
+            }
+        manifest = dict(meta, step=step, files=dict(sorted(entries.items())))
+        _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write(root / "latest", final.name.encode())
+        _rotate(root, keep_last)
+    barrier()  # why: nobody may read ``latest`` (or exit) before it points at a complete checkpoint
+    return final
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -105,29 +167,75 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Every rank calls this with the files it owns; rank 0 finalises. Returns the final directory."""
-    final = root / step_dir_name(step)
-    tmp = root / (step_dir_name(step) + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()  # why: the temp directory must exist before any rank writes into it
+    tmp = begin_save(root, step, rank, barrier)
     for name, obj in files.items():
         save_obj(tmp / name, obj)
     barrier()  # why: the manifest may only be written once every rank's shard is complete
-    if rank == 0:
-        entries = {
-            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.iterdir())
-            if not p.name.endswith(".part")
-        }
-        manifest = dict(meta, step=step, files=entries)
-        _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write(root / "latest", final.name.encode())
-        _rotate(root, keep_last)
-    barrier()  # why: nobody may read ``latest`` (or exit) before it points at a complete checkpoint
-    return final
+    return commit_save(root, step, rank, barrier, meta, keep_last)
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` that training can no longer change: tensors copied to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple) and type(obj) in (list, tuple):
+        return type(obj)(_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class AsyncSave:
+    """One checkpoint whose files this rank writes in a background thread (``train.async_save``).
+
+    The caller's stall is the host copy of its state; serialising, hashing and writing happen in the
+    thread. ``finish`` (every rank, together) waits for the thread, gathers every rank's manifest entries
+    and commits as ``save_checkpoint`` does: manifest, rename, ``latest`` last. Until then the checkpoint
+    is a ``.tmp`` directory that no resume reads.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        step: int,
+        files: dict[str, Any],
+        rank: int,
+        barrier: Callable[[], None],
+        meta: dict,
+        keep_last: int,
+    ) -> None:
+        self.root, self.step, self.rank, self.barrier = root, step, rank, barrier
+        self.meta, self.keep_last = meta, keep_last
+        self.tmp = begin_save(root, step, rank, barrier)
+        self._files: dict[str, Any] | None = _snapshot(files)
+        self.entries: dict[str, dict] = {}
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._write, name=f"ckpt-{step}", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        try:
+            assert self._files is not None
+            self.entries = write_files(self.tmp, self._files)
+        except Exception as e:  # reported on every rank by finish()
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self._files = None  # why: free the host copy as soon as it is on disk
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def finish(self, gather: Callable[[Any], list]) -> Path:
+        """Every rank: wait for the writes, then commit. ``gather(x)`` returns every rank's x, by rank."""
+        self._thread.join()
+        results = gather((self.error, self.entries))
+        for r, (error, _) in enumerate(results):
+            if error is not None:
+                raise CheckpointError(
+                    f"checkpoint of step {self.step}: rank {r} could not write its files: {error}"
+                )
+        entries = {name: e for _, ent in results for name, e in ent.items()}
+        return commit_save(self.root, self.step, self.rank, self.barrier, self.meta, self.keep_last, entries)
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -169,33 +277,69 @@ def verify(ckpt: Path, names: list[str] | None = None) -> dict:
     return manifest
 
 
-def verified_checkpoints(
-    root: Path, names: list[str], world: int, ep: int
-) -> tuple[dict[int, Path], dict[int, str]]:
-    """Checkpoints under ``root`` whose manifest and files ``names`` verify for this rank, by step, and
-    the reason each other one failed, by step. The caller intersects the steps over ranks and resumes
-    from the newest common one, so a bad shard on any rank sends every rank back to the same older
-    checkpoint.
+FORMAT = 2
+"""Written into every manifest; a manifest without it is format 1 (stacked experts, layout-bound)."""
 
-    A checkpoint written under a different world size or EP size is a clear ConfigError naming the
-    newest such checkpoint, not a fallback (the launch preflight normally refuses it first).
+
+def layout_refusal(manifest: dict, world: int, ep: int, engine: str) -> str | None:
+    """Why the checkpoint of ``manifest`` cannot resume at (world, ep), or None if it can."""
+    w, e = manifest.get("world"), manifest.get("ep")
+    if (w, e) == (world, ep):
+        return None
+    was = f"was written with world={w}, ep={e}; this launch has world={world}, ep={ep}"
+    if manifest.get("format", 1) < FORMAT:
+        return (
+            f"{was}, and it predates per-expert checkpoints, so it resumes only at its own layout: relaunch "
+            f"with {w} ranks and parallel.ep={e}, or start a new run (train.resume=false or another name=...)"
+        )
+    if engine == "deepspeed":
+        return (
+            f"{was}. engine=deepspeed checkpoints hold ZeRO optimizer partitions of the layout that wrote "
+            f"them and are not resharded here: relaunch with {w} ranks and parallel.ep={e}. DeepSpeed's "
+            "own route to another layout, its universal-checkpoint conversion "
+            "(python -m deepspeed.checkpoint.ds_to_universal), needs a checkpoint written by "
+            "engine.save_checkpoint, which we do not write (its loader unpickles anything); engine=torch "
+            "checkpoints reshard"
+        )
+    return None
+
+
+def files_to_read(manifest: dict, rank: int, world: int, ep: int, num_experts: int) -> list[str]:
+    """The files of a checkpoint that rank ``rank`` of a (world, ep) launch reads (and verifies)."""
+    ep_rank = rank % ep
+    if manifest.get("format", 1) < FORMAT:
+        return [f"rank{rank}.pt", "dense.pt", f"experts_ep{ep_rank}.pt"]
+    per = num_experts // ep
+    lo, hi = ep_rank * per, (ep_rank + 1) * per
+    experts = [n for n, (a, b) in sorted(manifest["experts"].items()) if a < hi and lo < b]
+    # why rank % saved world: a rank beyond the old world takes an old rank's RNG (same layout: its own)
+    return ["dense.pt", *experts, f"rank{rank % int(manifest['world'])}.pt"]
+
+
+def verified_checkpoints(
+    root: Path, names_for: Callable[[dict], list[str]]
+) -> tuple[dict[int, tuple[Path, dict]], dict[int, str]]:
+    """Checkpoints under ``root`` whose manifest and the files ``names_for(manifest)`` verify for this rank,
+    by step (with their manifests), and the reason each other one failed, by step. The caller intersects
+    the steps over ranks and resumes from the newest common one, so a bad shard on any rank sends every
+    rank back to the same older checkpoint.
+
+    ``names_for`` raises ConfigError for a checkpoint this launch may not resume (the launch preflight
+    normally refuses it first): that is a clear error naming the newest such checkpoint, not a fallback.
     """
-    good: dict[int, Path] = {}
+    good: dict[int, tuple[Path, dict]] = {}
     errors: dict[int, str] = {}
     for ckpt in reversed(checkpoint_dirs(root)):
         step = int(ckpt.name.split("_")[1])
         try:
-            manifest = verify(ckpt, names)
+            manifest = verify(ckpt, [])
+            manifest = verify(ckpt, names_for(manifest))
         except CheckpointError as e:
             errors[step] = str(e)
             continue
-        if manifest.get("world") != world or manifest.get("ep") != ep:
-            raise ConfigError(
-                f"checkpoint {ckpt} was written with world={manifest.get('world')}, ep={manifest.get('ep')}; "
-                f"this run has world={world}, ep={ep}. Resharding is not supported: relaunch with the "
-                f"same layout or start a new run (train.resume=false or a new name)"
-            )
-        good[int(manifest["step"])] = ckpt
+        except ConfigError as e:
+            raise ConfigError(f"checkpoint {ckpt} {e}") from None
+        good[int(manifest["step"])] = (ckpt, manifest)
     return good, errors
 
 

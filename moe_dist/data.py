@@ -1,6 +1,11 @@
 """Byte-level corpora: the interpreter's standard library (default), a user's text files, or a synthetic
-corpus with controllable topic skew. Each rank reads a disjoint shard; batches are a pure function of
-(seed, rank, step, micro-batch), so the data position on resume is just the step.
+corpus with controllable topic skew.
+
+Every rank holds the whole corpus. Sequence j of step s is a window drawn by its own generator, keyed by
+(split, seed, s, j): the step's global batch depends on (seed, step, global batch size) only, never on the
+world size, and rank r's micro-batch m takes sequences [(m * world + r) * B, ... + B). So a run resumed at
+another world size, with micro_batch * world kept, trains on the same global batches; and the data position
+on resume is just the step.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import glob
 import sysconfig
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +25,7 @@ from moe_dist.run_config import DataConfig
 
 
 class DataError(ConfigError):
-    """The corpus cannot be built: a bad path, an empty corpus, or a shard too small for one sequence."""
+    """The corpus cannot be built: a bad path, an empty corpus, or a split too small for two sequences."""
 
 
 def stdlib_files() -> tuple[Path, list[Path]]:
@@ -73,17 +79,19 @@ def synthetic_corpus(cfg: DataConfig, n_bytes: int, seed: int) -> bytes:
 @dataclass
 class Corpus:
     train: Tensor
-    """uint8 bytes of this rank's training shard."""
+    """uint8 bytes of the whole training split (every rank holds all of it)."""
     val: Tensor
-    """uint8 bytes of this rank's validation shard."""
+    """uint8 bytes of the whole validation split."""
     description: str
+    world: int = 1
+    """Ranks that split each global micro-batch (rank r takes the r-th slice of B sequences)."""
 
     @classmethod
     def build(cls, cfg: DataConfig, seq_len: int, rank: int, world: int, seed: int) -> Corpus:
         if cfg.kind == "synthetic":
             size = cfg.max_bytes or 4_000_000
             train_b = synthetic_corpus(cfg, size, seed)
-            val_b = synthetic_corpus(cfg, max(size // 10, (seq_len + 1) * world * 4), seed + 1)
+            val_b = synthetic_corpus(cfg, max(size // 10, (seq_len + 1) * 4), seed + 1)
             desc = f"synthetic: {cfg.topics} topics, zipf s={cfg.zipf_s}"
         else:
             root, files = stdlib_files() if cfg.kind == "stdlib" else text_files(cfg.paths)
@@ -103,32 +111,40 @@ class Corpus:
             if train_files is val_files:
                 cut = len(train_b) * 9 // 10
                 train_b, val_b = train_b[:cut], train_b[cut:]
-        train = _shard(train_b, rank, world, seq_len, "train")
-        val = _shard(val_b, rank, world, seq_len, "validation")
+        train = _as_tensor(train_b, seq_len, "train")
+        val = _as_tensor(val_b, seq_len, "validation")
         desc += f", {len(train_b) / 1e6:.1f} MB train, {len(val_b) / 1e6:.2f} MB val"
-        return cls(train, val, desc)
+        return cls(train, val, desc, world)
 
     def batch(
         self, split: str, batch: int, seq_len: int, seed: int, rank: int, step: int, micro: int
     ) -> tuple[Tensor, Tensor]:
-        """Random windows of this rank's shard; a pure function of its arguments (resumable)."""
+        """Rank ``rank``'s slice of global micro-batch ``micro`` of ``step``; a pure function of its
+        arguments and the world size (resumable)."""
+        first = (micro * self.world + rank) * batch
+        return self.sequences(split, seq_len, seed, step, range(first, first + batch))
+
+    def sequences(
+        self, split: str, seq_len: int, seed: int, step: int, indices: Sequence[int]
+    ) -> tuple[Tensor, Tensor]:
+        """Sequences ``indices`` of ``step`` (inputs and next-byte targets, [len(indices), seq_len] each)."""
         data = self.train if split == "train" else self.val
-        key = f"{split}:{seed}:{rank}:{step}:{micro}".encode()
-        g = torch.Generator().manual_seed(zlib.crc32(key))
-        starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=g)
-        idx = starts[:, None] + torch.arange(seq_len + 1)
+        starts = []
+        for j in indices:
+            # why one generator per sequence: sequence j is the same whichever rank and batch it lands in
+            g = torch.Generator().manual_seed(zlib.crc32(f"{split}:{seed}:{step}:{j}".encode()))
+            starts.append(int(torch.randint(0, data.numel() - seq_len - 1, (1,), generator=g)))
+        idx = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(seq_len + 1)
         window = data[idx].long()
         return window[:, :-1], window[:, 1:]
 
 
-def _shard(data: bytes, rank: int, world: int, seq_len: int, what: str) -> Tensor:
+def _as_tensor(data: bytes, seq_len: int, what: str) -> Tensor:
     if not data:
         raise DataError(f"the {what} corpus is empty")
-    per = len(data) // world
-    if per < 2 * (seq_len + 1):
+    if len(data) < 2 * (seq_len + 1):
         raise DataError(
-            f"the {what} corpus ({len(data)} bytes) is too small for {world} ranks of "
-            f"sequences of {seq_len} bytes (each shard needs >= {2 * (seq_len + 1)} bytes)"
+            f"the {what} corpus ({len(data)} bytes) is too small for sequences of {seq_len} bytes "
+            f"(it needs >= {2 * (seq_len + 1)} bytes)"
         )
-    chunk = data[rank * per : (rank + 1) * per]
-    return torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)

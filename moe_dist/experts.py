@@ -11,6 +11,7 @@ SwiGLU is act = silu, GeGLU act = gelu; gate and up are fused so that each proje
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -99,6 +100,12 @@ def grouped_matmul(x_PD: Tensor, w_LDF: Tensor, counts_L: Tensor) -> Tensor:
     return torch.cat(parts) if parts else x_PD.new_zeros(0, w_LDF.shape[2])
 
 
+def expert_seed(seed: int, layer_idx: int, expert_id: int) -> int:
+    """The generator seed of one expert's init: a stable 63-bit hash of (run seed, layer, global id)."""
+    digest = hashlib.sha256(f"expert-init:{seed}:{layer_idx}:{expert_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 class GroupedExperts(nn.Module):
     """The ``num_local`` experts of this rank: FFN_i(u) = act(u W1_i) W2_i, or gated (see the module doc)."""
 
@@ -111,20 +118,19 @@ class GroupedExperts(nn.Module):
         self.cast = CastCache()
 
     @torch.no_grad()
-    def init_from_global(self, first_expert: int, num_experts: int) -> None:
-        """Initialise as the slice [first, first+L) of an N-expert layer, drawing every expert in order.
+    def init_experts(self, first_expert: int, seed: int, layer_idx: int) -> None:
+        """Initialise local expert e (global id first_expert + e) from its own generator, seeded by
+        (seed, layer_idx, global id).
 
-        why: all ranks draw the same stream, so an EP=R model equals the EP=1 model for the same seed.
+        why per expert: a rank draws only its own experts (start-up scales with N/R, not N), and an expert's
+        weights do not depend on the EP size, so an EP=R model equals the EP=1 model for the same seed.
         """
-        d_model, width, d_ff = self.w1.shape[1], self.w1.shape[2], self.w2.shape[1]
+        d_model, d_ff = self.w1.shape[1], self.w2.shape[1]
         b1, b2 = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
-        for i in range(num_experts):
-            w1 = torch.empty(d_model, width).uniform_(-b1, b1)
-            w2 = torch.empty(d_ff, d_model).uniform_(-b2, b2)
-            e = i - first_expert
-            if 0 <= e < self.num_local:
-                self.w1[e].copy_(w1)
-                self.w2[e].copy_(w2)
+        for e in range(self.num_local):
+            g = torch.Generator().manual_seed(expert_seed(seed, layer_idx, first_expert + e))
+            self.w1[e].uniform_(-b1, b1, generator=g)
+            self.w2[e].uniform_(-b2, b2, generator=g)
 
     def forward(self, x_PD: Tensor, counts_L: Tensor) -> Tensor:
         w1, w2 = self.cast(self.w1, x_PD.dtype), self.cast(self.w2, x_PD.dtype)

@@ -50,6 +50,8 @@ class MoELayer(nn.Module):
         balance_group: ranks whose tokens are pooled for f_i and P_i; None = no pooling.
         layer_idx: names the layer in profiler ranges, timing records and errors.
         timing_hook: the profiler's hook (see ``moe_dist.timing``); None = no timing.
+        init_seed: seeds each expert's own init generator with (init_seed, layer_idx, expert id); None = the
+            seed last given to ``torch.manual_seed``.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class MoELayer(nn.Module):
         balance_group=None,
         layer_idx: int = 0,
         timing_hook: TimingHook | None = None,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.layer_idx, self.balance_group = cfg, layer_idx, balance_group
@@ -73,7 +76,11 @@ class MoELayer(nn.Module):
         self.first_expert = ep_rank * self.num_local
         self.router = Router(cfg)
         self.experts = GroupedExperts(self.num_local, cfg.d_model, cfg.d_ff, cfg.activation)
-        self.experts.init_from_global(self.first_expert, cfg.num_experts)
+        # why initial_seed by default: the seed the caller gave torch.manual_seed (the trainer's train.seed),
+        # read without drawing from the global stream, so dense init does not depend on the EP size either
+        self.experts.init_experts(
+            self.first_expert, torch.initial_seed() if init_seed is None else init_seed, layer_idx
+        )
         # dense, replicated: outside ``self.experts`` so expert_params (EP-local grads) leaves it out
         self.shared_experts: SharedExperts | None = None
         if cfg.num_shared_experts > 0:

@@ -6,7 +6,8 @@ the same one-line error instead of one rank leaving its peers in a collective:
 - no checkpoint, or ``train.resume=false``: a fresh start;
 - a finished run (its newest checkpoint is at ``train.steps`` or later and ``summary.json`` exists): the
   launch says so and exits 0 without touching anything;
-- a checkpoint written under another world size or EP size: refused (``ConfigError``);
+- a checkpoint written under another world size or EP size: resharded (format 2, engine torch), else
+  refused (``ConfigError``: format 1, or engine deepspeed) — see ``moe_dist.checkpoint.layout_refusal``;
 - a checkpoint written under another config: keys that change what the model computes are refused;
   the others (learning rate, step budget, logging, ...) are allowed with a warning naming each key.
 """
@@ -18,14 +19,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moe_dist.checkpoint import checkpoint_dirs
+from moe_dist.checkpoint import checkpoint_dirs, layout_refusal
 from moe_dist.errors import ConfigError
 from moe_dist.run_config import RunConfig
 
 log = logging.getLogger("moe_dist.train")
 
-# Keys whose change makes the checkpoint a different model (or a different on-disk format).
-REFUSED = ("model.", "parallel.ep", "engine", "deepspeed.zero_stage")
+# Keys whose change makes the checkpoint a different model (or a different on-disk format). parallel.ep is
+# not one: a format-2 checkpoint reshards, and layout_refusal names the checkpoints that cannot.
+REFUSED = ("model.", "engine", "deepspeed.zero_stage")
 # Keys that only say where the run lives (the run directory is found through them).
 IGNORED = ("name", "out_dir")
 
@@ -78,10 +80,17 @@ def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
         "relaunch with the checkpoint's settings, or start a new run (another name=..., or "
         "train.resume=false to start over in this directory)"
     )
-    if manifest.get("world") != world or manifest.get("ep") != cfg.parallel.ep:
-        raise ConfigError(
-            f"checkpoint {ckpt} was written with world={manifest.get('world')}, ep={manifest.get('ep')}; "
-            f"this launch has world={world}, ep={cfg.parallel.ep}. Resharding is not supported: {what_to_do}"
+    refusal = layout_refusal(manifest, world, cfg.parallel.ep, cfg.engine)
+    if refusal is not None:
+        raise ConfigError(f"checkpoint {ckpt} {refusal}")
+    if (manifest.get("world"), manifest.get("ep")) != (world, cfg.parallel.ep) and rank == 0:
+        log.info(
+            "checkpoint %s was written with world=%s, ep=%s; resharding it to world=%d, ep=%d",
+            ckpt,
+            manifest.get("world"),
+            manifest.get("ep"),
+            world,
+            cfg.parallel.ep,
         )
     saved = manifest.get("config")
     if saved is None:  # written before checkpoints carried their config: only the digest can be compared

@@ -207,7 +207,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     """Validation every k steps (and at the end)."""
-    eval_batches: int = 4
+    val_sequences: int = 128
+    """The validation set: this many fixed sequences of the val split, the same tokens whatever the world
+    size (each rank evaluates its share in batches of micro_batch)."""
     ckpt_every: int = 0
     """Checkpoint every k steps (0 = only at the end)."""
     keep_last: int = 2
@@ -225,6 +227,12 @@ class TrainConfig:
     instead of page-faulting afresh every step (see moe_dist/hostmem.py)."""
     on_nonfinite: str = "raise"
     """NaN/Inf in router logits or the loss: "raise" (an error naming step and layer) or "skip" the step."""
+    resume_check: str = "error"
+    """On resume, the val loss of the loaded model is compared with the one stored at save time (1e-5
+    relative): "error" stops the run when they differ, "warn" logs and goes on."""
+    async_save: bool = False
+    """Write checkpoint files in a background thread; the checkpoint is committed (manifest, ``latest``)
+    once every rank's files are written, checked at each step end, the next save and the run's end."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -233,15 +241,17 @@ class TrainConfig:
             "grad_accum",
             "log_every",
             "eval_every",
-            "eval_batches",
+            "val_sequences",
             "keep_last",
             "collapse_patience",
         ):
             check_type("train", name, getattr(self, name), (int,))
             _positive("train", self, name)
         check_type("train", "seed", self.seed, (int,))
-        for name in ("resume", "bf16", "retain_host_memory"):
+        for name in ("resume", "bf16", "retain_host_memory", "async_save"):
             check_type("train", name, getattr(self, name), (bool,))
+        if self.resume_check not in ("error", "warn"):
+            raise ConfigError(f"train.resume_check must be error or warn, got {self.resume_check!r}")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"train.on_nonfinite must be raise or skip, got {self.on_nonfinite!r}")
         check_type("train", "ckpt_every", self.ckpt_every, (int,))

@@ -20,14 +20,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moe_dist.balance_controller import AuxController
 from moe_dist.checkpoint import (
+    FORMAT,
+    AsyncSave,
     CheckpointError,
     UnsafeCheckpointError,
+    files_to_read,
+    layout_refusal,
     load_obj,
     save_checkpoint,
     verified_checkpoints,
 )
 from moe_dist.data import Corpus
-from moe_dist.errors import NonFiniteError
+from moe_dist.errors import ConfigError, NonFiniteError
+from moe_dist.global_state import join_model, join_optimizer, split_model, split_optimizer
 from moe_dist.layer import moe_layers, update_expert_biases
 from moe_dist.metrics import MetricsLogger, NullLogger
 from moe_dist.model import MoETransformer, active_params
@@ -37,6 +42,13 @@ from moe_dist.sync import expert_params
 from profiling.straggler import StragglerProfiler
 
 log = logging.getLogger("moe_dist.train")
+
+RESUME_CHECK_RTOL = 1e-5
+"""Relative difference allowed between the val loss stored in a checkpoint and the loaded model's."""
+
+
+class ResumeCheckError(CheckpointError):
+    """The model loaded from a checkpoint does not reproduce the val loss it had when it was saved."""
 
 
 @dataclass
@@ -177,51 +189,106 @@ class Trainer:
         return t.tolist()
 
     # --- checkpoints -------------------------------------------------------------------------
-    def _my_files(self) -> list[str]:
-        names = [f"rank{self.rank}.pt", "dense.pt"]
-        names.append(f"experts_ep{self.layout.ep_rank}.pt")
-        return names
+    def _val_loss_now(self) -> float:
+        """The val loss of the model as it is now (the last evaluation's, if it was at this step)."""
+        cached = getattr(self, "_last_eval", None)
+        if cached is not None and cached[0] == self.step:
+            return cached[1]["val_loss"]
+        return self.evaluate()["val_loss"]
 
-    def save(self) -> None:
-        expert_ids = {id(p) for p in expert_params(self.model)}
-        state = self.model.state_dict(keep_vars=True)
-        dense = {k: v.detach() for k, v in state.items() if id(v) not in expert_ids}
-        experts = {k: v.detach() for k, v in state.items() if id(v) in expert_ids}
-        files: dict = {
-            f"rank{self.rank}.pt": {
-                "engine": self.engine.state_dict(),
-                "controller": self.controller.state_dict() if self.controller else None,
-                "step": self.step,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                },
-                "initial_val_loss": getattr(self, "initial_val_loss", None),
-                "log_sizes": self.metrics.sizes(),  # rank 0's JSONL sizes: a resume cuts replayed rows
-            }
+    def _checkpoint_files(self) -> tuple[dict[str, Any], dict]:
+        """This rank's files of a checkpoint of the current state (format 2), and the manifest's meta."""
+        dense, experts = split_model(self.model)
+        own: dict[str, Any] = {
+            "step": self.step,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            },
         }
+        dense_file: dict[str, Any] = {
+            "format": FORMAT,
+            "model": dense,
+            "step": self.step,
+            "controller": self.controller.state_dict() if self.controller else None,
+            "initial_val_loss": getattr(self, "initial_val_loss", None),
+            "log_sizes": self.metrics.sizes(),  # rank 0's JSONL sizes: a resume cuts replayed rows
+            # the resume self-check: the val loss of exactly this model on the fixed validation set
+            "val_check": {"val_loss": self._val_loss_now(), "val_sequences": self.cfg.train.val_sequences},
+        }
+        experts_file: dict[str, Any] = {"model": experts}
+        if self.cfg.engine == "deepspeed":
+            own["engine"] = self.engine.state_dict()  # ZeRO partitions: bound to this layout
+        else:
+            d_opt, e_opt, groups = split_optimizer(self.model, self.engine.optimizer)
+            scheduler = self.engine.scheduler.state_dict()
+            dense_file.update(optimizer=d_opt, param_groups=groups, scheduler=scheduler)
+            experts_file["optimizer"] = e_opt
+        files: dict[str, Any] = {f"rank{self.rank}.pt": own}
         if self.rank == 0:
-            files["dense.pt"] = dense
+            files["dense.pt"] = dense_file
         if self.layout.dp_rank == 0:  # one copy of each EP rank's experts
-            files[f"experts_ep{self.layout.ep_rank}.pt"] = experts
+            files[f"experts_ep{self.layout.ep_rank}.pt"] = experts_file
+        per = self.cfg.model.moe.num_experts // self.layout.ep
         meta = {
+            "format": FORMAT,
             "world": self.world,
             "ep": self.layout.ep,
+            "engine": self.cfg.engine,
+            "experts": {f"experts_ep{e}.pt": [e * per, (e + 1) * per] for e in range(self.layout.ep)},
             "config_digest": self.cfg.digest(),
             "config": self.cfg.to_dict(),  # a resume names the keys that changed (moe_dist/resume.py)
         }
-        self.saved_at = self.step
-        path = save_checkpoint(
-            self.ckpt_root, self.step, files, self.rank, self.barrier, meta, self.cfg.train.keep_last
-        )
-        if self.rank == 0:
-            log.info("checkpoint %s", path)
+        return files, meta
 
-    def _read_on_every_rank(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """This rank's files of ``ckpt`` (dense, experts, own). If any rank cannot read one (refused or
-        unreadable), every rank raises that rank's error: the others would otherwise wait in the next
-        collective until the timeout."""
+    def save(self) -> None:
+        """Checkpoint the current state. With ``train.async_save`` the files are written in the background
+        and committed later (``_poll_async_save``); the loop stalls only for a host copy of the state."""
+        t0 = time.perf_counter()
+        self._finish_async_save()  # why: one checkpoint in flight at a time, committed in step order
+        files, meta = self._checkpoint_files()
+        self.saved_at = self.step
+        args = (self.ckpt_root, self.step, files, self.rank, self.barrier, meta, self.cfg.train.keep_last)
+        if self.cfg.train.async_save:
+            self._pending_save = AsyncSave(*args)
+        else:
+            path = save_checkpoint(*args)
+            if self.rank == 0:
+                log.info("checkpoint %s", path)
+        stall = time.perf_counter() - t0
+        record = {"checkpoint_stall_s": stall, "async_save": self.cfg.train.async_save}
+        self.metrics.log(self.step, record, {"checkpoint/stall_s": stall})
+
+    def _gather(self, obj: Any) -> list:
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _finish_async_save(self) -> None:
+        """Every rank: wait for the checkpoint in flight (if any) and commit it."""
+        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        if pending is not None:
+            path = pending.finish(self._gather)
+            if self.rank == 0:
+                log.info("checkpoint %s (written in the background)", path)
+
+    def _poll_async_save(self) -> None:
+        """At a step end: commit the checkpoint in flight once every rank's files are written."""
+        pending = getattr(self, "_pending_save", None)
+        if pending is None:
+            return
+        # why agree: the commit is collective, so every rank must see every rank done
+        (done,) = self.mean_over_ranks([float(pending.done())])
+        if done == 1.0:
+            self._finish_async_save()
+
+    def _read_on_every_rank(self, ckpt: Path, names: list[str]) -> dict[str, Any]:
+        """This rank's files of ``ckpt``, by name. If any rank cannot read one (refused or unreadable),
+        every rank raises that rank's error: the others would otherwise wait in the next collective until
+        the timeout."""
         files, error = None, None
         try:
             allowed: list = []
@@ -229,11 +296,8 @@ class Trainer:
                 from moe_dist.ds_engine import checkpoint_globals
 
                 allowed = checkpoint_globals()
-            files = (
-                load_obj(ckpt / "dense.pt"),
-                load_obj(ckpt / f"experts_ep{self.layout.ep_rank}.pt"),
-                load_obj(ckpt / f"rank{self.rank}.pt", allowed),  # only rank files hold engine state
-            )
+            # only rank files hold engine state (DeepSpeed's types), so only they get the allowlist
+            files = {n: load_obj(ckpt / n, allowed if n.startswith("rank") else ()) for n in names}
         except CheckpointError as e:
             error = (isinstance(e, UnsafeCheckpointError), str(e))
         errors = [error]
@@ -247,10 +311,49 @@ class Trainer:
         assert files is not None
         return files
 
+    def _names_for(self, manifest: dict) -> list[str]:
+        refusal = layout_refusal(manifest, self.world, self.layout.ep, self.cfg.engine)
+        if refusal is not None:
+            raise ConfigError(refusal)
+        return files_to_read(manifest, self.rank, self.world, self.layout.ep, self.cfg.model.moe.num_experts)
+
+    def _load_format1(self, files: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint from before per-expert files, at the layout that wrote it."""
+        own = files[f"rank{self.rank}.pt"]
+        experts = files[f"experts_ep{self.layout.ep_rank}.pt"]
+        self.model.load_state_dict({**files["dense.pt"], **experts})
+        self.engine.load_state_dict(own["engine"])
+        return own
+
+    def _load_global(self, files: dict[str, Any], manifest: dict) -> dict[str, Any]:
+        """A format-2 checkpoint at any layout: this rank's experts are picked out by expert id."""
+        dense = files["dense.pt"]
+        experts: dict[str, Any] = {}
+        experts_opt: dict[str, Any] = {}
+        for name in manifest["experts"]:
+            if name in files:
+                experts.update(files[name]["model"])
+                experts_opt.update(files[name].get("optimizer", {}))
+        try:
+            self.model.load_state_dict(join_model(self.model, dense["model"], experts))
+            own = files[f"rank{self.rank % int(manifest['world'])}.pt"]
+            if self.cfg.engine == "deepspeed":
+                self.engine.load_state_dict(own["engine"])
+            else:
+                opt = join_optimizer(
+                    self.model, self.engine.optimizer, dense["optimizer"], experts_opt, dense["param_groups"]
+                )
+                self.engine.optimizer.load_state_dict(opt)
+                self.engine.scheduler.load_state_dict(dense["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            step = manifest.get("step")
+            raise CheckpointError(f"checkpoint of step {step} does not fit this model: {e}") from None
+        return {**dense, "rng": own["rng"]}
+
     def maybe_resume(self) -> None:
         if not self.cfg.train.resume:
             return
-        good, errors = verified_checkpoints(self.ckpt_root, self._my_files(), self.world, self.layout.ep)
+        good, errors = verified_checkpoints(self.ckpt_root, self._names_for)
         shared = [(set(good), errors)]
         if self.world > 1:
             shared = [None] * self.world
@@ -275,22 +378,71 @@ class Trainer:
             log.warning(
                 "%s; resuming from the older step %d instead", "; ".join(bad[s] for s in skipped), max(common)
             )
-        ckpt = good[max(common)]
-        dense, experts, own = self._read_on_every_rank(ckpt)
-        self.model.load_state_dict({**dense, **experts})
-        self.engine.load_state_dict(own["engine"])
-        if self.controller is not None and own.get("controller"):
-            self.controller.load_state_dict(own["controller"])
-        torch.set_rng_state(own["rng"]["torch"])
-        random.setstate(own["rng"]["python"])
-        if own["rng"].get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(own["rng"]["cuda"], self.device)  # noisy gating draws on the device
-        if own.get("initial_val_loss") is not None:
-            self.initial_val_loss = own["initial_val_loss"]
-        self.step = own["step"]
-        self.metrics.resume_at(self.step, own.get("log_sizes"))
+        ckpt, manifest = good[max(common)]
+        files = self._read_on_every_rank(ckpt, self._names_for(manifest))
+        if manifest.get("format", 1) < FORMAT:
+            state = self._load_format1(files)
+        else:
+            state = self._load_global(files, manifest)
+        if self.controller is not None and state.get("controller"):
+            self.controller.load_state_dict(state["controller"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)  # noisy gating draws on the device
+        if state.get("initial_val_loss") is not None:
+            self.initial_val_loss = state["initial_val_loss"]
+        self.step = state["step"]
+        self.saved_at = self.step
+        self.metrics.resume_at(self.step, state.get("log_sizes"))
         if self.rank == 0:
-            log.info("resumed from %s at step %d", ckpt, self.step)
+            log.info(
+                "resumed from %s at step %d (written with world=%s, ep=%s; now world=%d, ep=%d)",
+                ckpt,
+                self.step,
+                manifest.get("world"),
+                manifest.get("ep"),
+                self.world,
+                self.layout.ep,
+            )
+        self._resume_check(ckpt, manifest, state.get("val_check"))
+
+    def _resume_check(self, ckpt: Path, manifest: dict, saved: dict | None) -> None:
+        """Evaluate the loaded model on the fixed validation set and compare with the val loss stored at
+        save time; a ``resume_check`` record in metrics.jsonl either way."""
+        record: dict[str, Any] = {
+            "resume_check": "skipped",
+            "checkpoint": ckpt.name,
+            "saved_layout": [manifest.get("world"), manifest.get("ep")],
+            "layout": [self.world, self.layout.ep],
+        }
+        if saved is None:  # format 1 stored no val loss
+            self.metrics.log(self.step, record, {})
+            return
+        now = self.evaluate(saved["val_sequences"])["val_loss"]
+        rel = abs(now - saved["val_loss"]) / max(abs(saved["val_loss"]), 1e-12)
+        ok = rel <= RESUME_CHECK_RTOL
+        record.update(
+            resume_check="pass" if ok else "fail",
+            saved_val_loss=saved["val_loss"],
+            resumed_val_loss=now,
+            rel_diff=rel,
+        )
+        self.metrics.log(self.step, record, {})
+        if ok:
+            return
+        msg = (
+            f"resume self-check failed: the model loaded from {ckpt} (written with world="
+            f"{manifest.get('world')}, ep={manifest.get('ep')}; loaded at world={self.world}, ep="
+            f"{self.layout.ep}) has val loss {now:.7g} on the fixed validation set, but "
+            f"{saved['val_loss']:.7g} when it was saved (relative difference {rel:.2e} > "
+            f"{RESUME_CHECK_RTOL:g}): the checkpoint was not restored as written"
+        )
+        if self.cfg.train.resume_check == "error":
+            raise ResumeCheckError(msg + " (train.resume_check=warn goes on regardless)")
+        if self.rank == 0:
+            log.warning("%s; going on (train.resume_check=warn)", msg)
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
@@ -342,14 +494,18 @@ class Trainer:
                     )
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                 self.save()
+            else:
+                self._poll_async_save()
             if self.stop_flag > 0:  # SIGTERM on any rank: every rank saves and leaves together
                 preempted = True
                 break
         if preempted:
             if self.saved_at != self.step:
                 self.save()
+            self._finish_async_save()
             if self.rank == 0:
                 log.warning("SIGTERM: saved a final checkpoint at step %d and stopped", self.step)
+        self._finish_async_save()  # the run's last checkpoint is committed before it reports
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         self.profiler.close()
@@ -475,13 +631,24 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, n: int | None = None) -> dict:
+        """Mean next-byte loss over the fixed validation set (``train.val_sequences`` sequences, or the
+        first ``n``; the same tokens at any world size): rank r takes the r-th contiguous share, in
+        batches of micro_batch."""
         cfg, t = self.cfg, self.cfg.train
+        S = cfg.model.seq_len
         self.model.eval()
         self.profiler.pause(True)
-        total = 0.0
-        for b in range(t.eval_batches):
-            x, y = self.corpus.batch("val", t.micro_batch, cfg.model.seq_len, t.seed, self.rank, 0, b)
+        n = t.val_sequences if n is None else n
+        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        rounds = math.ceil(math.ceil(n / self.world) / t.micro_batch)
+        total, count = 0.0, 0
+        for b in range(rounds):
+            idx = list(range(lo + b * t.micro_batch, min(hi, lo + (b + 1) * t.micro_batch)))
+            real = len(idx)
+            # why a stand-in batch: every rank must run as many forwards as the others (the MoE layers'
+            # collectives); its loss is not counted
+            x, y = self.corpus.sequences("val", S, t.seed, 0, idx or [lo])
             try:
                 out = self.engine.forward(x.to(self.device))
             except NonFiniteError as e:
@@ -491,13 +658,21 @@ class Trainer:
                 total = float("nan")
                 break
             logits = out.logits_BSV.float()
-            total += float(
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1))
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1), reduction="none"
             )
-        (val,) = self.mean_over_ranks([total / t.eval_batches])
+            total += float(ce.view(-1, S)[:real].sum(dtype=torch.float64))
+            count += real * S
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        val = float(sums[0] / sums[1])
         self.model.train()
         self.profiler.pause(False)
-        return {"val_loss": val, "val_bpb": val / math.log(2)}
+        result = {"val_loss": val, "val_bpb": val / math.log(2)}
+        if n == t.val_sequences:
+            self._last_eval = (self.step, result)  # a save at this step reuses it for its self-check
+        return result
 
     def summary(self, history: list[dict], last_eval: dict, tokens_per_step: int) -> dict:
         n_layers = len(moe_layers(self.model))

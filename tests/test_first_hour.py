@@ -153,10 +153,17 @@ def _worker_lines(stderr: str, needle: str) -> list[str]:
 def test_refused_layout_change_is_one_line_per_rank_and_changes_nothing(
     finished_ep2: Path, tmp_path: Path
 ) -> None:
-    """World 2 -> 4, and EP 2 -> 1: every rank prints one line naming the newest checkpoint and exits 2
-    (no peer left in a collective, no gloo tracebacks); the run directory is untouched."""
+    """A format-1 checkpoint (from before per-expert files; its manifest says so) at world 2 -> 4, and EP
+    2 -> 1: every rank prints one line naming the newest checkpoint and exits 2 (no peer left in a
+    collective, no gloo tracebacks); the run directory is untouched. The same launch on the format-2
+    checkpoint reshards it and trains on."""
     cfg = _copy(finished_ep2, tmp_path / "w")
     run = tmp_path / "w" / "runs" / "tiny"
+    manifests = {p: p.read_text() for p in (run / "checkpoints").glob("step_*/manifest.json")}
+    for path, text in manifests.items():
+        manifest = json.loads(text)
+        del manifest["format"], manifest["experts"]
+        path.write_text(json.dumps(manifest))
     before = _snapshot(run)
     for nproc, extra in ((4, ["train.steps=6"]), (2, ["parallel.ep=1", "train.steps=6"])):
         p = _torchrun(cfg, "tiny", *extra, nproc=nproc)
@@ -164,10 +171,18 @@ def test_refused_layout_change_is_one_line_per_rank_and_changes_nothing(
         lines = _worker_lines(p.stderr, "ConfigError")
         assert len(lines) == nproc, p.stderr[-4000:]
         assert all("step_00000004" in line and "world=2, ep=2" in line for line in lines), lines
+        assert all("predates per-expert checkpoints" in line for line in lines), lines
         assert "Connection closed" not in p.stderr and "an older checkpoint" not in p.stderr
         assert len(re.findall(r"exitcode\s*: 2", p.stderr)) >= 1, p.stderr[-3000:]
         assert not re.search(r'File ".*moe_dist/', p.stderr), p.stderr[-4000:]  # no worker traceback
         assert _snapshot(run) == before
+    for path, text in manifests.items():
+        path.write_text(text)
+    p = _torchrun(cfg, "tiny", "train.steps=6", "train.micro_batch=2", nproc=4)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resharding it to world=4, ep=2" in p.stderr
+    check = [r for r in _rows(run / "metrics.jsonl") if "resume_check" in r]
+    assert [c["resume_check"] for c in check] == ["pass"] and check[0]["layout"] == [4, 2]
 
 
 def test_unusable_checkpoint_is_one_clear_line(finished_ep2: Path, tmp_path: Path) -> None:

@@ -119,12 +119,24 @@ def test_resume_is_exact_and_survives_a_corrupt_shard(tmp_path: Path) -> None:
             assert got[step][key] == want[step][key], (step, key)
 
 
-def test_resume_with_another_layout_is_a_clear_error(tmp_path: Path) -> None:
+def _as_format1(run: Path) -> None:
+    """Make every checkpoint's manifest say format 1 (written before per-expert files): the layout
+    decision reads only the manifest."""
+    for mpath in (run / "checkpoints").glob("step_*/manifest.json"):
+        manifest = json.loads(mpath.read_text())
+        manifest.pop("format")
+        manifest.pop("experts")
+        mpath.write_text(json.dumps(manifest))
+
+
+def test_format1_checkpoint_at_another_layout_is_a_clear_error(tmp_path: Path) -> None:
     cfg = tiny(out_dir=str(tmp_path), name="a", parallel={"ep": 2}, train={"steps": 2})
     run_ranks(train_worker, 2, cfg)
+    _as_format1(tmp_path / "a")
     res = run_ranks(train_worker, 2, dict(cfg, parallel={**cfg["parallel"], "ep": 1}), expect_errors=True)
     for status, msg in res:
-        assert status == "error" and "ConfigError" in msg and "world=2, ep=2" in msg
+        assert status == "error" and "ConfigError" in msg and "world=2, ep=2" in msg, msg
+        assert "predates per-expert checkpoints" in msg
 
 
 @pytest.mark.parametrize(

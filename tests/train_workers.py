@@ -26,7 +26,7 @@ def tiny(**sections) -> dict:
         },
         "parallel": {"ep": 1, "backend": "gloo", "timeout_s": 60},
         "data": {"kind": "synthetic", "max_bytes": 200_000},
-        "train": {"steps": 4, "micro_batch": 4, "eval_every": 2, "eval_batches": 2, "log_every": 1},
+        "train": {"steps": 4, "micro_batch": 4, "eval_every": 2, "val_sequences": 16, "log_every": 1},
         "optim": {"warmup_steps": 2},
         "profile": {},
     }

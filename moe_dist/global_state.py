@@ -1,0 +1,151 @@
+"""The layout-independent (global) view of a model and its AdamW state, for checkpoints that any (world, EP)
+can resume.
+
+A rank holds its L local experts of each MoE layer stacked, ``{layer}.experts.w1`` [L, D, W]. The global
+view names every expert by its global id, ``{layer}.experts.e{id}.w1`` [D, W], and so does the optimizer
+state of those weights (exp_avg and exp_avg_sq sliced the same way, the scalar ``step`` copied). Dense
+parameters and buffers (the router's expert bias among them) are replicated and keep their names. A rank
+writes the keys of its own experts and reads back the keys of the experts it owns under the new layout.
+
+Contract with the model: every parameter under ``MoELayer.experts`` is stacked over the layer's local
+experts on its first dim (``model.expert_params`` relies on the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moe_dist.layer import MoELayer
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """One stacked expert parameter of this rank: ``{prefix}.{leaf}`` holds experts [first, first + count)."""
+
+    prefix: str
+    leaf: str
+    first: int
+    count: int
+
+    def key(self, expert_id: int) -> str:
+        return f"{self.prefix}.e{expert_id}.{self.leaf}"
+
+    def keys(self) -> list[str]:
+        return [self.key(self.first + e) for e in range(self.count)]
+
+
+def expert_slots(model: nn.Module) -> dict[str, ExpertSlot]:
+    """Stacked expert parameter name -> its slot, for every MoE layer of ``model``."""
+    slots: dict[str, ExpertSlot] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MoELayer):
+            prefix = f"{name}.experts" if name else "experts"
+            for leaf, _ in m.experts.named_parameters():
+                slots[f"{prefix}.{leaf}"] = ExpertSlot(prefix, leaf, m.first_expert, m.num_local)
+    return slots
+
+
+def split_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(dense, experts): the state dict with each stacked expert tensor split into per-expert keys."""
+    slots = expert_slots(model)
+    dense, experts = {}, {}
+    for name, t in model.state_dict().items():
+        slot = slots.get(name)
+        if slot is None:
+            dense[name] = t.detach()
+        else:
+            for e, key in enumerate(slot.keys()):
+                experts[key] = t[e].detach().clone()  # why clone: a view would save the whole stack
+    return dense, experts
+
+
+def join_model(model: nn.Module, dense: dict[str, Tensor], experts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """This rank's state dict, built from the global view (its experts stacked from their keys)."""
+    state = dict(dense)
+    for name, slot in expert_slots(model).items():
+        state[name] = torch.stack([_need(experts, k, "expert weight") for k in slot.keys()])
+    return state
+
+
+def _need(table: dict[str, Any], key: str, what: str) -> Any:
+    try:
+        return table[key]
+    except KeyError:
+        raise KeyError(f"the checkpoint has no {what} {key}") from None
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's params in its state_dict index order (groups in order, then params)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def split_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
+    """(dense, experts, groups): per-param state keyed by name (experts per expert id) and each param
+    group's hyperparameters with the names of its params instead of their indices."""
+    sd = optimizer.state_dict()
+    names = _param_names(model, optimizer)
+    slots = expert_slots(model)
+    dense: dict[str, dict] = {}
+    experts: dict[str, dict] = {}
+    for idx, st in sd["state"].items():
+        name = names[idx]
+        slot = slots.get(name)
+        if slot is None:
+            dense[name] = st
+            continue
+        for e, key in enumerate(slot.keys()):
+            # why by shape: exp_avg/exp_avg_sq are stacked like the param; ``step`` is one scalar for all
+            experts[key] = {
+                k: v[e].clone() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == slot.count else v
+                for k, v in st.items()
+            }
+    groups = []
+    for g in sd["param_groups"]:
+        group = {k: v for k, v in g.items() if k != "params"}
+        group["param_names"] = [names[i] for i in g["params"]]
+        groups.append(group)
+    return dense, experts, groups
+
+
+def join_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, dense: dict, experts: dict, groups: list[dict]
+) -> dict[str, Any]:
+    """This rank's optimizer state_dict built from the global view (see ``split_optimizer``)."""
+    names = _param_names(model, optimizer)
+    slots = expert_slots(model)
+    live = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(live):
+        raise ValueError(f"the checkpoint has {len(groups)} optimizer param groups, this model {len(live)}")
+    state: dict[int, dict] = {}
+    for idx, name in enumerate(names):
+        slot = slots.get(name)
+        if slot is None:
+            if name in dense:
+                state[idx] = dense[name]
+            continue
+        per_expert = [experts.get(k) for k in slot.keys()]
+        if all(s is None for s in per_expert):
+            continue  # never stepped
+        per_expert = [_need(experts, k, "optimizer state for expert weight") for k in slot.keys()]
+        joined = {}
+        for k, v in per_expert[0].items():
+            if isinstance(v, Tensor) and v.dim() > 0:
+                joined[k] = torch.stack([s[k] for s in per_expert])
+            else:
+                joined[k] = v
+        state[idx] = joined
+    param_groups = []
+    for saved, now in zip(groups, live, strict=True):
+        if saved["param_names"] != [names[i] for i in now["params"]]:
+            raise ValueError("the checkpoint's optimizer param groups hold other params than this model's")
+        group = {k: v for k, v in saved.items() if k != "param_names"}
+        group["params"] = now["params"]
+        param_groups.append(group)
+    return {"state": state, "param_groups": param_groups}
