@@ -33,12 +33,19 @@ def _checkpoint(run_dir: Path, step: int | None) -> Path:
     return dirs[-1]
 
 
-def checkpoint_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The full model state of a checkpoint: dense params and buffers, experts concatenated over EP ranks."""
+def checkpoint_state(ckpt: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state of ``model`` (every expert local) from a checkpoint: dense params and buffers, and
+    every expert, whatever the EP size that wrote it."""
+    from moe_dist.global_state import join_model
+
     manifest = verify(ckpt)
-    ep = int(manifest["ep"])
+    if int(manifest.get("format", 1)) >= 2:  # per-expert keys (moe_dist/global_state.py)
+        experts: dict[str, torch.Tensor] = {}
+        for name in manifest["experts"]:
+            experts.update(load_obj(ckpt / name)["model"])
+        return join_model(model, load_obj(ckpt / "dense.pt")["model"], experts)
     state = dict(load_obj(ckpt / "dense.pt"))
-    shards = [load_obj(ckpt / f"experts_ep{e}.pt") for e in range(ep)]
+    shards = [load_obj(ckpt / f"experts_ep{e}.pt") for e in range(int(manifest["ep"]))]
     for key in shards[0]:
         state[key] = torch.cat([s[key] for s in shards])  # why cat on dim 0: EP ranks hold contiguous experts
     return state
@@ -54,7 +61,7 @@ def load_run_model(run_dir: str | Path, step: int | None = None) -> nn.Module:
         raise ConfigError(f"run {run_dir} has model.kind={cfg.model.kind!r}; only kind=hf runs export")
     hf = build_hf_model(cfg.model.hf_config, cfg.train.seed, cfg.model.seq_len)
     model = HFCausalLM(parallelize_hf_model(hf, None, **cfg.model.hf_moe))
-    model.load_state_dict(checkpoint_state(_checkpoint(run_dir, step)), strict=True)
+    model.load_state_dict(checkpoint_state(_checkpoint(run_dir, step), model), strict=True)
     return model
 
 

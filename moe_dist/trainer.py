@@ -38,7 +38,6 @@ from moe_dist.metrics import MetricsLogger, NullLogger
 from moe_dist.model import MoETransformer, active_params
 from moe_dist.parallel import ParallelLayout
 from moe_dist.run_config import RunConfig, dump_config
-from moe_dist.sync import expert_params
 from profiling.straggler import StragglerProfiler
 
 log = logging.getLogger("moe_dist.train")
