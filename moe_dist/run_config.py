@@ -379,6 +379,15 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Keys that existed once: an old config gets told what replaced them, not just "unknown".
+RENAMED = {
+    "train.eval_batches": (
+        "; it was replaced by train.val_sequences (a fixed validation set of that many sequences, the same "
+        "whatever the world size): drop the key, or set train.val_sequences"
+    ),
+}
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     """Build ``tp`` (a dataclass or a simple annotation) from YAML data, with clear errors."""
     if dataclasses.is_dataclass(tp):
@@ -390,9 +399,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         names = [f.name for f in dataclasses.fields(tp)]
         for key in value:
             if key not in names:
+                full = f"{where + '.' if where else ''}{key}"
                 near = difflib.get_close_matches(str(key), names, n=1)
                 hint = f"; did you mean {where + '.' if where else ''}{near[0]}?" if near else ""
-                raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{hint}")
+                raise ConfigError(f"unknown key {full}{RENAMED.get(full, hint)}")
         kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
         try:
             return tp(**kwargs)
@@ -428,7 +438,7 @@ def apply_override(data: dict, dotted: str) -> None:
         if part not in names:
             near = difflib.get_close_matches(part, names, n=1)
             hint = f"; did you mean {where}{near[0]}?" if near else ""
-            raise ConfigError(f"unknown key {where}{part}{hint}")
+            raise ConfigError(f"unknown key {where}{part}{RENAMED.get(where + part, hint)}")
         if i == len(parts) - 1:
             node[part] = parse_yaml(raw)
             return

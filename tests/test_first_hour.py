@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moe_dist.errors import ConfigError
 from moe_dist.run_config import load_config
 from tests.train_workers import tiny, torchrun_cmd
 
@@ -267,3 +268,11 @@ def test_readme_says_how_to_get_the_cpu_wheel() -> None:
     user does against the public index."""
     readme = (ROOT / "README.md").read_text()
     assert "--index-url https://download.pytorch.org/whl/cpu" in readme
+
+
+def test_a_replaced_key_says_what_replaced_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  eval_batches: 4\n")
+    for args in ((path, []), (None, ["train.eval_batches=4"])):
+        with pytest.raises(ConfigError, match="replaced by train.val_sequences"):
+            load_config(*args)
