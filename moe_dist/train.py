@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -70,7 +71,7 @@ def _attempt_store(timeout: timedelta) -> dist.Store:
     why: under torchrun --max-restarts (torch 2.13, gloo), the restarted workers' env:// rendezvous read
     the previous attempt's peer addresses and fail in connectFullMesh; a fresh prefix per attempt avoids it.
     """
-    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
@@ -80,6 +81,27 @@ def _attempt_store(timeout: timedelta) -> dist.Store:
         timeout=timeout,
     )
     return dist.PrefixStore(f"moe_dist/attempt_{attempt}", store)
+
+
+def leave_together(timeout_s: float = 30.0) -> None:
+    """A launch refused before any process group exists: wait, bounded, until every rank has said why.
+
+    why: every rank reaches the same refusal, but at its own pace (imports take seconds on a busy host);
+    the launcher kills the stragglers as soon as the first rank exits, so without this only the fastest
+    rank's line would be printed. The launcher's store counts the ranks; nothing here can hang or raise.
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1 or "MASTER_ADDR" not in os.environ:
+        return
+    try:
+        store = _attempt_store(timedelta(seconds=timeout_s))
+        arrived = store.add("refused", 1)
+        deadline = time.monotonic() + timeout_s
+        while arrived < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+            arrived = store.add("refused", 0)
+    except Exception as e:  # noqa: BLE001 - best effort: the error line is already out
+        log.debug("could not wait for the other ranks: %s", e)
 
 
 def check_same_config(cfg: RunConfig) -> None:
@@ -150,4 +172,6 @@ if __name__ == "__main__":
     except (ConfigError, CheckpointError) as e:
         # why exit 2 with one line: every rank takes the same decision, so each says it once and leaves
         logging.getLogger("moe_dist").error("%s: %s", type(e).__name__, e)
+        if not dist.is_initialized():
+            leave_together()
         sys.exit(2)
