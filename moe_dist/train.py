@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from moe_dist.data import text_files
 from moe_dist.errors import ConfigError
-from moe_dist.hostmem import retain_freed_memory
+from moe_dist.hostmem import reexec_with_allocator, retain_freed_memory
 from moe_dist.parallel import ParallelLayout
 from moe_dist.run_config import RunConfig, load_config
 
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.check_world(world)
     if cfg.data.kind == "text":
         text_files(cfg.data.paths)  # a bad path fails here, not after the launch has gathered every rank
+    reexec_with_allocator(cfg.train.retain_host_memory, cfg.parallel.backend)  # before any process group
     device, backend = init_distributed(cfg)
     if device.type == "cpu" and cfg.train.retain_host_memory:
         retain_freed_memory()
