@@ -19,14 +19,17 @@ each row records the allocator and each layer's minor page faults per step (medi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +62,29 @@ def _one_step(fn, params: list, x: torch.Tensor) -> None:
         p.grad = None
 
 
+@contextlib.contextmanager
+def without_kineto_markers() -> Iterator[None]:
+    """Within the block, drop the lines libkineto writes to fd 2 at every profiler start and stop
+    ("USDT:<time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start"); every other line
+    written to stderr meanwhile (errors, warnings) is passed on after the block."""
+    # why not KINETO_LOG_LEVEL: those markers sit above kineto's ERROR level, so silencing them drops errors
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().splitlines(keepends=True) if not line.startswith(b"USDT:")]
+            if kept:
+                sys.stderr.buffer.write(b"".join(kept))
+                sys.stderr.flush()
+
+
 def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:
     """Peak bytes of tensors allocated during one forward + backward, above what was live before.
 
@@ -73,7 +99,7 @@ def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:
         return (torch.cuda.max_memory_allocated(x.device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_kineto_markers(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _one_step(fn, params, x)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"

@@ -3,37 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from profiling import bench_layer, bench_overhead
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_bench_layer_smoke(tmp_path: Path) -> None:
+    """The real command, as a user runs it: valid JSON, its ranks under the host allocator the trainer
+    uses, and a console free of libkineto's profiler_start/profiler_stop markers (the peak-memory profiler
+    wrote two per layer per rank, hundreds of lines in a full run)."""
     out = tmp_path / "b.json"
-    bench_layer.main(
-        [
-            "--ranks",
-            "1",
-            "--experts",
-            "4",
-            "--topk",
-            "2",
-            "--tokens",
-            "64",
-            "--d-model",
-            "32",
-            "--d-ff",
-            "64",
-            "--warmup",
-            "1",
-            "--iters",
-            "1",
-            "--out",
-            str(out),
-        ]
+    cmd = [sys.executable, "-m", "profiling.bench_layer", "--ranks", "1", "--experts", "4", "--topk", "2"]
+    cmd += ["--tokens", "64", "--d-model", "32", "--d-ff", "64", "--warmup", "1", "--iters", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run(
+        [*cmd, "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
     )
+    assert p.returncode == 0, p.stderr[-3000:]
+    console = p.stdout + p.stderr
+    assert "| R | E | K |" in console  # the output the markers were drowning is still there
+    assert "USDT" not in console and "profiler_start" not in console, console[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1
     for key in (
@@ -46,7 +43,19 @@ def test_bench_layer_smoke(tmp_path: Path) -> None:
         "deepspeed_cf1.25_peak_mb",
     ):
         assert rows[0][key] > 0, key
+    assert rows[0]["ours_dropless_faults"] >= 0
+    if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64"):
+        assert rows[0]["host_allocator"] == "mimalloc"
     assert out.with_suffix(".md").read_text().startswith("| R | E | K |")
+
+
+def test_kineto_markers_are_dropped_and_other_stderr_kept(capfd: pytest.CaptureFixture[str]) -> None:
+    """Written at the C level (fd 2), as libkineto does: the markers go, an error line stays."""
+    with bench_layer.without_kineto_markers():
+        os.write(2, b"USDT:2026-11-23 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"ERROR: something real\n")
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "ERROR: something real" in err
 
 
 def test_bench_overhead_smoke(tmp_path: Path) -> None:
