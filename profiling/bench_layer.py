@@ -13,7 +13,8 @@ The layers take turns step by step, so a drifting machine slows all of them alik
 tensor bytes allocated during one more forward + backward of each layer (the CUDA allocator's peak, or on
 CPU the profiler's memory events), the largest over ranks. Host memory: ``--host-memory retain`` (the default)
 starts the ranks under mimalloc with freed memory kept, as the trainer runs on CPU (moe_dist/hostmem.py);
-each row records the allocator and each layer's minor page faults per step (median, largest rank).
+each row records the allocator and, per layer, the median minor page faults and process CPU ms (user +
+system) of a step, largest rank: on a shared machine the CPU time is what other processes disturb least.
 """
 
 from __future__ import annotations
@@ -115,46 +116,49 @@ def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:
 
 def time_layers(layers: dict, x: torch.Tensor, warmup: int, iters: int, world: int) -> dict[str, tuple]:
     """Per layer: the slowest rank's fwd+bwd ms of each timed step, the largest rank's peak MB of one
-    further (profiled, untimed) step, and the largest rank's minor page faults of each timed step.
+    further (profiled, untimed) step, and the largest rank's minor page faults and CPU ms of each timed step.
 
     The layers take turns step by step (round robin), so slow drifts of a shared machine hit all alike,
     and step i of every layer can be paired with step i of the dense layer.
     """
     times: dict[str, list[float]] = {name: [] for name in layers}
-    faults: dict[str, list[float]] = {name: [] for name in layers}
+    host: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}  # (faults, CPU ms)
     for i in range(warmup + iters):
         for name, (fn, params) in layers.items():
             if world > 1:
                 dist.barrier()
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
             t0 = time.perf_counter()
             _one_step(fn, params, x)
             ms = (time.perf_counter() - t0) * 1e3
-            stat = torch.tensor([ms, float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)])
+            cpu_ms = (time.process_time() - c0) * 1e3
+            minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            stat = torch.tensor([ms, float(minflt), cpu_ms], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(stat, op=dist.ReduceOp.MAX)
             if i >= warmup:
                 times[name].append(float(stat[0]))
-                faults[name].append(float(stat[1]))
+                host[name].append((float(stat[1]), float(stat[2])))
     peaks = {}
     for name, (fn, params) in layers.items():
         mb = torch.tensor([peak_memory_mb(fn, params, x)])
         if world > 1:
             dist.all_reduce(mb, op=dist.ReduceOp.MAX)
         peaks[name] = float(mb)
-    return {name: (ts, peaks[name], faults[name]) for name, ts in times.items()}
+    return {name: (ts, peaks[name], host[name]) for name, ts in times.items()}
 
 
 def summarise(row: dict, timed: dict[str, tuple]) -> None:
     """Medians, and each layer's ratio to dense as the median of its per-round ratios (paired steps).
 
-    ``timed[name]`` is (step ms, peak MB) or (step ms, peak MB, page faults per step)."""
+    ``timed[name]`` is (step ms, peak MB) or (step ms, peak MB, (page faults, CPU ms) per step)."""
     dense = timed["dense"][0]
-    for name, (ts, mem, *faults) in timed.items():
+    for name, (ts, mem, *host) in timed.items():
         row[f"{name}_ms"] = statistics.median(ts)
         row[f"{name}_peak_mb"] = mem
-        if faults:
-            row[f"{name}_faults"] = statistics.median(faults[0])
+        if host:
+            row[f"{name}_faults"] = statistics.median(f for f, _ in host[0])
+            row[f"{name}_cpu_ms"] = statistics.median(c for _, c in host[0])
         if name != "dense":
             ratios = sorted(t / d for t, d in zip(ts, dense, strict=True))
             row[f"{name}_vs_dense"] = statistics.median(ratios)

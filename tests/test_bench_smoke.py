@@ -43,7 +43,7 @@ def test_bench_layer_smoke(tmp_path: Path) -> None:
         "deepspeed_cf1.25_peak_mb",
     ):
         assert rows[0][key] > 0, key
-    assert rows[0]["ours_dropless_faults"] >= 0
+    assert rows[0]["ours_dropless_faults"] >= 0 and rows[0]["ours_dropless_cpu_ms"] > 0
     if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64"):
         assert rows[0]["host_allocator"] == "mimalloc"
     assert out.with_suffix(".md").read_text().startswith("| R | E | K |")
@@ -78,6 +78,15 @@ def test_ratios_pair_each_round_with_its_dense_step() -> None:
     assert row["ours_vs_dense"] == pytest.approx(1.15)
     assert row["ours_vs_dense_iqr"] == pytest.approx([1.1, 1.2])
     assert row["ours_peak_mb"] == 2.0
+    assert "ours_faults" not in row  # no host figures given, none reported
+    bench_layer.summarise(
+        row,
+        {
+            k: (ts, mb, [(16384.0, 40.0), (0.0, 9.0), (2.0, 10.0), (4.0, 11.0)])
+            for k, (ts, mb) in timed.items()
+        },
+    )
+    assert row["ours_faults"] == 3.0 and row["ours_cpu_ms"] == 10.5  # medians of the per-step figures
 
 
 def test_peak_memory_counts_the_step_tensors() -> None:
