@@ -250,7 +250,7 @@ def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    names = [k[:-3] for k in rows[0] if k.endswith("_ms") and k != "dense_ms"]
+    names = [k.removesuffix("_vs_dense") for k in rows[0] if k.endswith("_vs_dense")]  # every layer but dense
     head = (
         "| R | E | K | T/rank | dense ms (MB) | "
         + " | ".join(f"{n} ms (×dense [IQR]) MB" for n in names)

@@ -87,6 +87,9 @@ def test_ratios_pair_each_round_with_its_dense_step() -> None:
         },
     )
     assert row["ours_faults"] == 3.0 and row["ours_cpu_ms"] == 10.5  # medians of the per-step figures
+    row.update(ranks=1, experts=4, top_k=1, tokens_per_rank=8)
+    table = bench_layer.markdown([row])
+    assert table.splitlines()[0].count("ms (×dense") == 1, table  # one column per layer other than dense
 
 
 def test_peak_memory_counts_the_step_tensors() -> None:
