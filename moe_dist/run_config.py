@@ -223,8 +223,8 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device, for the MFU estimate (0 = unknown: only TFLOP/s is logged)."""
     retain_host_memory: bool = True
-    """CPU runs: keep freed memory in the heap (glibc mallopt) so large per-step tensors reuse their pages
-    instead of page-faulting afresh every step (see moe_dist/hostmem.py)."""
+    """CPU runs: keep freed memory (the entry point re-executes itself under mimalloc) so large per-step
+    tensors reuse their pages instead of page-faulting afresh every step (see moe_dist/hostmem.py)."""
     on_nonfinite: str = "raise"
     """NaN/Inf in router logits or the loss: "raise" (an error naming step and layer) or "skip" the step."""
     resume_check: str = "error"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from moe_dist.checkpoint import CheckpointError
 from moe_dist.data import text_files
 from moe_dist.errors import ConfigError
-from moe_dist.hostmem import retain_freed_memory
+from moe_dist.hostmem import reexec_with_allocator, retain_freed_memory
 from moe_dist.parallel import ParallelLayout
 from moe_dist.resume import preflight
 from moe_dist.run_config import RunConfig, load_config
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     finished = preflight(cfg, world, rank)  # refuses an incompatible checkpoint on every rank alike
     if finished is not None:
         return finished
+    reexec_with_allocator(cfg.train.retain_host_memory, cfg.parallel.backend)  # before any process group
     device, backend = init_distributed(cfg)
     if device.type == "cpu" and cfg.train.retain_host_memory:
         retain_freed_memory()

@@ -11,19 +11,26 @@ routes a chosen share of tokens to rank 0's experts (max/mean rank load RHO) for
 the gate weights of ours and DeepSpeed's to the same one-hot router (``profiling.sweep.routed_inputs``).
 The layers take turns step by step, so a drifting machine slows all of them alike. Memory: the peak of
 tensor bytes allocated during one more forward + backward of each layer (the CUDA allocator's peak, or on
-CPU the profiler's memory events), the largest over ranks.
+CPU the profiler's memory events), the largest over ranks. Host memory: ``--host-memory retain`` (the default)
+starts the ranks under mimalloc with freed memory kept, as the trainer runs on CPU (moe_dist/hostmem.py);
+each row records the allocator and, per layer, the median minor page faults and process CPU ms (user +
+system) of a step, largest rank: on a shared machine the CPU time is what other processes disturb least.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
 import os
+import resource
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer
-from moe_dist.hostmem import retain_freed_memory
+from moe_dist.hostmem import allocator_for_children, allocator_in_use, retain_freed_memory
 from moe_dist.spawn import run_ranks
 from profiling.sweep import SweepSpec, routed_inputs
 
@@ -56,6 +63,29 @@ def _one_step(fn, params: list, x: torch.Tensor) -> None:
         p.grad = None
 
 
+@contextlib.contextmanager
+def without_kineto_markers() -> Iterator[None]:
+    """Within the block, drop the lines libkineto writes to fd 2 at every profiler start and stop
+    ("USDT:<time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start"); every other line
+    written to stderr meanwhile (errors, warnings) is passed on after the block."""
+    # why not KINETO_LOG_LEVEL: those markers sit above kineto's ERROR level, so silencing them drops errors
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().splitlines(keepends=True) if not line.startswith(b"USDT:")]
+            if kept:
+                sys.stderr.buffer.write(b"".join(kept))
+                sys.stderr.flush()
+
+
 def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:
     """Peak bytes of tensors allocated during one forward + backward, above what was live before.
 
@@ -70,7 +100,7 @@ def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:
         return (torch.cuda.max_memory_allocated(x.device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_kineto_markers(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _one_step(fn, params, x)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
@@ -85,39 +115,50 @@ def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:
 
 
 def time_layers(layers: dict, x: torch.Tensor, warmup: int, iters: int, world: int) -> dict[str, tuple]:
-    """Per layer: the slowest rank's fwd+bwd ms of each timed step, and the largest rank's peak MB of one
-    further (profiled, untimed) step.
+    """Per layer: the slowest rank's fwd+bwd ms of each timed step, the largest rank's peak MB of one
+    further (profiled, untimed) step, and the largest rank's minor page faults and CPU ms of each timed step.
 
     The layers take turns step by step (round robin), so slow drifts of a shared machine hit all alike,
     and step i of every layer can be paired with step i of the dense layer.
     """
     times: dict[str, list[float]] = {name: [] for name in layers}
+    host: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}  # (faults, CPU ms)
     for i in range(warmup + iters):
         for name, (fn, params) in layers.items():
             if world > 1:
                 dist.barrier()
+            f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
             t0 = time.perf_counter()
             _one_step(fn, params, x)
-            ms = torch.tensor([(time.perf_counter() - t0) * 1e3])
+            ms = (time.perf_counter() - t0) * 1e3
+            cpu_ms = (time.process_time() - c0) * 1e3
+            minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            stat = torch.tensor([ms, float(minflt), cpu_ms], dtype=torch.float64)
             if world > 1:
-                dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+                dist.all_reduce(stat, op=dist.ReduceOp.MAX)
             if i >= warmup:
-                times[name].append(float(ms))
+                times[name].append(float(stat[0]))
+                host[name].append((float(stat[1]), float(stat[2])))
     peaks = {}
     for name, (fn, params) in layers.items():
         mb = torch.tensor([peak_memory_mb(fn, params, x)])
         if world > 1:
             dist.all_reduce(mb, op=dist.ReduceOp.MAX)
         peaks[name] = float(mb)
-    return {name: (ts, peaks[name]) for name, ts in times.items()}
+    return {name: (ts, peaks[name], host[name]) for name, ts in times.items()}
 
 
-def summarise(row: dict, timed: dict[str, tuple[list[float], float]]) -> None:
-    """Medians, and each layer's ratio to dense as the median of its per-round ratios (paired steps)."""
+def summarise(row: dict, timed: dict[str, tuple]) -> None:
+    """Medians, and each layer's ratio to dense as the median of its per-round ratios (paired steps).
+
+    ``timed[name]`` is (step ms, peak MB) or (step ms, peak MB, (page faults, CPU ms) per step)."""
     dense = timed["dense"][0]
-    for name, (ts, mem) in timed.items():
+    for name, (ts, mem, *host) in timed.items():
         row[f"{name}_ms"] = statistics.median(ts)
         row[f"{name}_peak_mb"] = mem
+        if host:
+            row[f"{name}_faults"] = statistics.median(f for f, _ in host[0])
+            row[f"{name}_cpu_ms"] = statistics.median(c for _, c in host[0])
         if name != "dense":
             ratios = sorted(t / d for t, d in zip(ts, dense, strict=True))
             row[f"{name}_vs_dense"] = statistics.median(ratios)
@@ -160,8 +201,9 @@ def deepspeed_moe(d: int, f: int, n: int, k: int, world: int, cf: float, skew: f
 
 def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
     torch.set_num_threads(1)
-    if args["host_memory"] == "retain":  # as the trainer does on CPU (train.retain_host_memory)
-        retain_freed_memory()
+    allocator = allocator_in_use()  # mimalloc when main() started this rank under it
+    if args["host_memory"] == "retain" and allocator != "mimalloc" and retain_freed_memory():
+        allocator += " mallopt"  # the trainer's fallback where mimalloc is missing
     group = dist.group.WORLD if world > 1 else None
     rows = []
     ds_ok = args["deepspeed"]
@@ -198,6 +240,7 @@ def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
             "d_ff": f,
             "skew": skew,
             "host_memory": args["host_memory"],
+            "host_allocator": allocator,
         }
         summarise(row, time_layers(layers, x, args["warmup"], args["iters"], world))
         rows.append(row)
@@ -207,7 +250,7 @@ def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    names = [k[:-3] for k in rows[0] if k.endswith("_ms") and k != "dense_ms"]
+    names = [k.removesuffix("_vs_dense") for k in rows[0] if k.endswith("_vs_dense")]  # every layer but dense
     head = (
         "| R | E | K | T/rank | dense ms (MB) | "
         + " | ".join(f"{n} ms (×dense [IQR]) MB" for n in names)
@@ -245,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         "--host-memory",
         choices=["retain", "release"],
         default="retain",
-        help="retain: keep freed memory in the heap, as the trainer does on CPU; release: glibc's default",
+        help="retain: ranks run under mimalloc keeping freed memory, as the trainer does on CPU; "
+        "release: glibc's default",
     )
     p.add_argument("--out", default=None, help="write JSON here (and a .md table beside it)")
     a = p.parse_args(argv)
@@ -264,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         "host_memory": a.host_memory,
     }
     rows: list[dict] = []
-    for world in a.ranks:
-        rows += run_ranks(bench_worker, world, args, timeout=3600)[0]
+    with allocator_for_children(a.host_memory == "retain"):
+        for world in a.ranks:
+            rows += run_ranks(bench_worker, world, args, timeout=3600)[0]
     table = markdown(rows)
     log.info("\n%s", table)
     if a.out:

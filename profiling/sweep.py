@@ -88,39 +88,61 @@ def build_layers(spec: SweepSpec, world: int, hook) -> list[MoELayer]:
     return layers
 
 
-def run_layer_experiment(rank: int, world: int, spec: SweepSpec) -> dict:
-    """Timed steps on every rank; rank 0 returns the analyzer records and step times."""
-    torch.manual_seed(0)
-    timer = StragglerTimer(list(range(spec.layers)), rank, torch.device("cpu"), spec.injection)
-    timer.enabled = spec.timers
-    layers = build_layers(spec, world, timer if spec.timers else None)
-    x = routed_inputs(spec, rank, world)
-    analyzer = StragglerAnalyzer(list(range(spec.layers)), world)
-    records, step_ms = [], []
-    for step in range(spec.warmup + spec.steps):
-        if world > 1:
+class LayerExperiment:
+    """One spec's stacked layers, timer and analyzer on this rank; ``step()`` runs one timed step."""
+
+    def __init__(self, rank: int, world: int, spec: SweepSpec) -> None:
+        torch.manual_seed(0)
+        self.spec, self.world = spec, world
+        self.timer = StragglerTimer(list(range(spec.layers)), rank, torch.device("cpu"), spec.injection)
+        self.timer.enabled = spec.timers
+        self.layers = build_layers(spec, world, self.timer if spec.timers else None)
+        self.x = routed_inputs(spec, rank, world)
+        self.analyzer = StragglerAnalyzer(list(range(spec.layers)), world)
+        self.records: list[dict] = []
+        self.step_ms: list[float] = []
+        self.done = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.spec.warmup + self.spec.steps
+
+    def step(self) -> None:
+        step = self.done
+        if self.world > 1:
             dist.barrier()  # why: start every step together so step times compare across loads
         t0 = time.perf_counter()
-        h = x.requires_grad_()
-        for layer in layers:
+        h = self.x.requires_grad_()
+        for layer in self.layers:
             h = layer(h).hidden + h  # the residual stream between layers
         h.square().mean().backward()
-        for layer in layers:
+        for layer in self.layers:
             for p in layer.parameters():
                 p.grad = None  # as after an optimizer step
-        x = x.detach()
-        if spec.timers:  # timers off means no gather either: the overhead benchmark compares both
-            data = timer.collect()
+        self.x = self.x.detach()
+        if self.spec.timers:  # timers off means no gather either: the overhead benchmark compares both
+            data = self.timer.collect()
             gathered = [data]
-            if world > 1:
-                gathered = [torch.empty_like(data) for _ in range(world)]
+            if self.world > 1:
+                gathered = [torch.empty_like(data) for _ in range(self.world)]
                 dist.all_gather(gathered, data)
         elapsed = (time.perf_counter() - t0) * 1e3  # the step includes the profiler's own gather
-        if step >= spec.warmup:
-            step_ms.append(elapsed)
-            if spec.timers:
-                records.append(analyzer.update(step, elapsed, torch.stack(gathered)))
-    return {"records": records, "step_ms": step_ms}
+        if step >= self.spec.warmup:
+            self.step_ms.append(elapsed)
+            if self.spec.timers:
+                self.records.append(self.analyzer.update(step, elapsed, torch.stack(gathered)))
+        self.done += 1
+
+    def result(self) -> dict:
+        return {"records": self.records, "step_ms": self.step_ms}
+
+
+def run_layer_experiment(rank: int, world: int, spec: SweepSpec) -> dict:
+    """Timed steps on every rank; rank 0 returns the analyzer records and step times."""
+    exp = LayerExperiment(rank, world, spec)
+    for _ in range(exp.total_steps):
+        exp.step()
+    return exp.result()
 
 
 def summarize(load: float, res: dict) -> dict:
@@ -215,3 +237,14 @@ if __name__ == "__main__":
 def run_specs(rank: int, world: int, specs: list[SweepSpec]) -> list[dict]:
     """Several experiments in one process group (tests and benchmarks amortise the start-up)."""
     return [run_layer_experiment(rank, world, s) for s in specs]
+
+
+def run_specs_interleaved(rank: int, world: int, specs: list[SweepSpec]) -> list[dict]:
+    """Like ``run_specs``, but the experiments take turns step by step (round robin), so a slow spell of a
+    shared machine hits every spec alike and step i of each can be compared with step i of another."""
+    exps = [LayerExperiment(rank, world, s) for s in specs]
+    for i in range(max(e.total_steps for e in exps)):
+        for e in exps:
+            if i < e.total_steps:
+                e.step()
+    return [e.result() for e in exps]
