@@ -149,10 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.check_world(world)
     if cfg.data.kind == "text":
         text_files(cfg.data.paths)  # a bad path fails here, not after the launch has gathered every rank
+    # before the preflight, so that its warnings are logged once (by the process that goes on)
+    reexec_with_allocator(cfg.train.retain_host_memory, cfg.parallel.backend)  # before any process group
     finished = preflight(cfg, world, rank)  # refuses an incompatible checkpoint on every rank alike
     if finished is not None:
         return finished
-    reexec_with_allocator(cfg.train.retain_host_memory, cfg.parallel.backend)  # before any process group
     device, backend = init_distributed(cfg)
     if device.type == "cpu" and cfg.train.retain_host_memory:
         retain_freed_memory()

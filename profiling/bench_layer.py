@@ -20,17 +20,14 @@ system) of a step, largest rank: on a shared machine the CPU time is what other 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,6 +38,7 @@ from torch import nn
 from moe_dist import MoEConfig, MoELayer
 from moe_dist.hostmem import allocator_for_children, allocator_in_use, retain_freed_memory
 from moe_dist.spawn import run_ranks
+from profiling.quiet import without_kineto_markers
 from profiling.sweep import SweepSpec, routed_inputs
 
 log = logging.getLogger("moe_dist.bench")
@@ -61,29 +59,6 @@ def _one_step(fn, params: list, x: torch.Tensor) -> None:
     fn(xi).float().square().mean().backward()
     for p in params:  # as in training: grads are set to None after each optimizer step
         p.grad = None
-
-
-@contextlib.contextmanager
-def without_kineto_markers() -> Iterator[None]:
-    """Within the block, drop the lines libkineto writes to fd 2 at every profiler start and stop
-    ("USDT:<time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start"); every other line
-    written to stderr meanwhile (errors, warnings) is passed on after the block."""
-    # why not KINETO_LOG_LEVEL: those markers sit above kineto's ERROR level, so silencing them drops errors
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            kept = [line for line in tmp.read().splitlines(keepends=True) if not line.startswith(b"USDT:")]
-            if kept:
-                sys.stderr.buffer.write(b"".join(kept))
-                sys.stderr.flush()
 
 
 def peak_memory_mb(fn, params: list, x: torch.Tensor) -> float:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from profiling.analysis import StragglerAnalyzer, scalars, summary_line
+from profiling.quiet import without_kineto_markers
 from profiling.timer import Injection, StragglerTimer
 
 log = logging.getLogger("moe_dist.profile")
@@ -60,7 +61,8 @@ class StragglerProfiler:
                 str(self._trace_dir), worker_name=f"{socket.gethostname()}_{self.rank}"
             ),
         )
-        self.prof.start()
+        with without_kineto_markers():
+            self.prof.start()
 
     @property
     def hook(self) -> StragglerTimer | None:
@@ -73,7 +75,8 @@ class StragglerProfiler:
 
     def step_end(self, step: int, step_s: float, extra: dict | None = None) -> dict | None:
         if self.prof is not None:
-            self.prof.step()
+            with without_kineto_markers():  # the schedule starts and stops kineto inside step()
+                self.prof.step()
         if self.timer is None:
             return None
         data = self.timer.collect().to(self.device)
@@ -95,4 +98,5 @@ class StragglerProfiler:
 
     def close(self) -> None:
         if self.prof is not None:
-            self.prof.stop()
+            with without_kineto_markers():
+                self.prof.stop()

@@ -244,6 +244,7 @@ def test_demo_config_writes_a_trace_and_keeps_the_bar_clean(tmp_path: Path) -> N
     assert p.returncode == 0, p.stderr[-3000:]
     traces = list((tmp_path / "demo" / "tb").glob("*.pt.trace.json"))
     assert len(traces) == 2, traces
+    assert "USDT:" not in p.stderr + p.stdout  # libkineto's start/stop markers are dropped
     profiler_lines = [s for s in re.split(r"[\r\n]", p.stderr) if "moe_dist.profile INFO: step" in s]
     assert len(profiler_lines) == 5, p.stderr[-3000:]
     for segment in profiler_lines:  # a log line glued onto the bar starts with the bar's "demo: 40%|..."
