@@ -422,7 +422,7 @@ class HFCausalLM(nn.Module):
 
     def active_params(self) -> int:
         """Dense params (shared experts included) + K of N experts per MoE layer, for the MFU estimate."""
-        from moe_dist.model import dense_params
+        from moe_dist.sync import dense_params
 
         dense = sum(p.numel() for p in dense_params(self))
         routed = 0
