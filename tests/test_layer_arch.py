@@ -14,8 +14,8 @@ import torch
 
 from moe_dist import ConfigError, MoEConfig, MoELayer
 from moe_dist.model import MoETransformer, active_params
-from moe_dist.sync import dense_params, expert_params
 from moe_dist.run_config import ModelConfig
+from moe_dist.sync import dense_params, expert_params
 from tests.arch_workers import arch_case_worker
 from tests.distributed import run_ranks
 from tests.oracle import Case, make_tensors, oracle
