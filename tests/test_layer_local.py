@@ -244,7 +244,7 @@ def test_low_precision_expert_weights_are_cast_once_per_update() -> None:
 
     torch.manual_seed(0)
     cached = GroupedExperts(4, 16, 32, "swiglu")
-    cached.init_from_global(0, 4)
+    cached.init_experts(0, seed=0, layer_idx=0)
     fresh = GroupedExperts(4, 16, 32, "swiglu")
     fresh.load_state_dict(cached.state_dict())
     fresh.cast = lambda w, dtype: w.to(dtype)  # the per-call cast the cache replaces
