@@ -11,6 +11,7 @@ on resume is just the step.
 from __future__ import annotations
 
 import glob
+import os
 import sysconfig
 import zlib
 from collections.abc import Sequence
@@ -43,7 +44,11 @@ def text_files(patterns: list[str]) -> tuple[Path, list[Path]]:
         if not hits:
             raise DataError(f"data.paths entry {pat!r} matches no file")
         files.extend(hits)
-    return Path("/"), sorted(set(files))
+    files = sorted(set(files))
+    # why the common parent as root: the train/validation split hashes paths relative to it, so it
+    # stays the same when the data directory is moved or mounted elsewhere
+    root = Path(os.path.commonpath(files))
+    return (root.parent if root.is_file() else root), files
 
 
 def _read(files: list[Path], root: Path, max_bytes: int) -> bytes:
@@ -95,8 +100,9 @@ class Corpus:
             desc = f"synthetic: {cfg.topics} topics, zipf s={cfg.zipf_s}"
         else:
             root, files = stdlib_files() if cfg.kind == "stdlib" else text_files(cfg.paths)
+            files = [f for f in files if f.stat().st_size > 0]  # empty files hold no sequences
             if not files:
-                raise DataError(f"the {cfg.kind} corpus has no files")
+                raise DataError(f"the {cfg.kind} corpus has no non-empty files")
 
             def is_val(f: Path) -> bool:  # a stable per-file split, independent of directory order
                 return zlib.crc32(str(f.relative_to(root)).encode()) % cfg.val_every == 0
@@ -107,6 +113,10 @@ class Corpus:
                 train_files = val_files = files
             train_b = _read(train_files, root, cfg.max_bytes)
             val_b = _read(val_files, root, max(cfg.max_bytes // cfg.val_every, 0))
+            if train_files is not val_files and min(len(train_b), len(val_b)) < 2 * (seq_len + 1):
+                # a by-file split too small for two sequences on one side: split the one stream
+                train_files = val_files = files
+                train_b = _read(files, root, cfg.max_bytes)
             desc = f"{cfg.kind}: {len(files)} files ({len(train_files)} train, {len(val_files)} val)"
             if train_files is val_files:
                 cut = len(train_b) * 9 // 10

@@ -256,6 +256,19 @@ def test_text_corpus_with_relative_globs(tmp_path: Path, monkeypatch: pytest.Mon
     (tmp_path / "d" / "empty.txt").write_bytes(b"")
     corpus = Corpus.build(DataConfig(kind="text", paths=["d/*.txt"], val_every=3), 16, 1, 2, 0)
     assert corpus.train.numel() > 0 and corpus.val.numel() > 0
+    # the by-file split hashes paths relative to the data directory: moving it keeps the split
+    import shutil
+
+    shutil.copytree(tmp_path / "d", tmp_path / "moved" / "deeper" / "d")
+    moved = Corpus.build(DataConfig(kind="text", paths=["moved/deeper/d/*.txt"], val_every=3), 16, 1, 2, 0)
+    assert torch.equal(moved.train, corpus.train) and torch.equal(moved.val, corpus.val)
+    # the validation files hold too few bytes for two sequences: fall back to cutting the one stream
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "big.txt").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "s" / "tiny.txt").write_bytes(b"x" * 5)
+    for every in (11, 13, 31):  # each puts tiny.txt and big.txt on opposite sides
+        small = Corpus.build(DataConfig(kind="text", paths=["s/*.txt"], val_every=every), 16, 0, 1, 0)
+        assert small.val.numel() >= 34 and small.train.numel() >= 34
     x, y = corpus.batch("train", 4, 16, 0, 1, 0, 0)
     assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
     with pytest.raises(DataError, match="matches no file"):
