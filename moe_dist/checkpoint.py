@@ -44,13 +44,9 @@ from typing import Any
 
 import torch
 
-from moe_dist.errors import ConfigError
+from moe_dist.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt, or was written by a different layout."""
 
 
 class UnsafeCheckpointError(CheckpointError):

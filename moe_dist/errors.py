@@ -12,3 +12,7 @@ class NonFiniteError(FloatingPointError):
 
 class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message names the MoE layer and stage that issued it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt, or was written by a different layout."""

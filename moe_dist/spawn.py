@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -17,12 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_dist.checkpoint import refused_name
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moe_dist.net import free_port
 
 
 def _entry(

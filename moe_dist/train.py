@@ -13,18 +13,19 @@ import os
 import sys
 import time
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
-from moe_dist.checkpoint import CheckpointError
-from moe_dist.data import text_files
-from moe_dist.errors import ConfigError
-from moe_dist.hostmem import reexec_with_allocator, retain_freed_memory
-from moe_dist.parallel import ParallelLayout
-from moe_dist.resume import preflight
+# why only torch-free imports up here: under mimalloc the process re-executes itself once at start-up, and
+# importing torch before that (seconds per rank) would be paid twice
+from moe_dist.datafiles import text_files
+from moe_dist.errors import CheckpointError, ConfigError
+from moe_dist.hostmem import reexec_with_allocator
+from moe_dist.net import free_port
 from moe_dist.run_config import RunConfig, load_config
-from moe_dist.spawn import free_port
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
 
 log = logging.getLogger("moe_dist.train")
 
@@ -39,6 +40,9 @@ def setup_logging(rank: int) -> None:
 
 def init_distributed(cfg: RunConfig) -> tuple[torch.device, str]:
     """Process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+    import torch
+    import torch.distributed as dist
+
     use_cuda = torch.cuda.is_available() and cfg.parallel.backend != "gloo"
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
@@ -71,6 +75,8 @@ def _attempt_store(timeout: timedelta) -> dist.Store:
     why: under torchrun --max-restarts (torch 2.13, gloo), the restarted workers' env:// rendezvous read
     the previous attempt's peer addresses and fail in connectFullMesh; a fresh prefix per attempt avoids it.
     """
+    import torch.distributed as dist
+
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
     store = dist.TCPStore(
@@ -106,6 +112,8 @@ def leave_together(timeout_s: float = 30.0) -> None:
 
 def check_same_config(cfg: RunConfig) -> None:
     """Ranks launched with different configs are named, before any model collective."""
+    import torch.distributed as dist
+
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, cfg.digest())
     if len(set(digests)) > 1:
@@ -151,6 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
         text_files(cfg.data.paths)  # a bad path fails here, not after the launch has gathered every rank
     # before the preflight, so that its warnings are logged once (by the process that goes on)
     reexec_with_allocator(cfg.train.retain_host_memory, cfg.parallel.backend)  # before any process group
+    import torch.distributed as dist
+
+    from moe_dist.hostmem import retain_freed_memory
+    from moe_dist.parallel import ParallelLayout
+    from moe_dist.resume import preflight
+
     finished = preflight(cfg, world, rank)  # refuses an incompatible checkpoint on every rank alike
     if finished is not None:
         return finished
@@ -174,6 +188,7 @@ if __name__ == "__main__":
     except (ConfigError, CheckpointError) as e:
         # why exit 2 with one line: every rank takes the same decision, so each says it once and leaves
         logging.getLogger("moe_dist").error("%s: %s", type(e).__name__, e)
-        if not dist.is_initialized():
+        dist_mod = sys.modules.get("torch.distributed")
+        if dist_mod is None or not dist_mod.is_initialized():
             leave_together()
         sys.exit(2)
