@@ -214,8 +214,8 @@ def balanced_placement(
     redundant = slots_per_rank - N // ep
     load_N = expert_loads(counts_RN)
     if not any(load_N):
-        base = Placement.contiguous(N, ep, redundant)
-        return Placement(N, align_slots([list(r) for r in base.slot_expert_RS], prev), version)
+        rows = Placement.contiguous(N, ep, redundant).slot_expert_RS
+        return Placement(N, rows if prev is None else align_slots([list(r) for r in rows], prev), version)
     starts = [greedy_pack(load_N, replica_counts(load_N, ep, ep * slots_per_rank), ep, slots_per_rank)]
     if redundant == 0 or (ep >= 2 and redundant <= N - N // ep):
         starts.append([list(r) for r in Placement.contiguous(N, ep, redundant).slot_expert_RS])
