@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from moe_dist.errors import ConfigError
 from moe_dist.placement import Placement
+from moe_dist.rebalance import moved_slots
 
 log = logging.getLogger("moe_dist.migrate")
 
@@ -57,6 +58,16 @@ def sources(old: Placement, new: Placement) -> list[tuple[int, int]]:
         for e in row:
             reps = old.replicas(e)
             out.append(next((rs for rs in reps if rs[0] == r), reps[0]))
+    return out
+
+
+def transfer_bytes(old: Placement, new: Placement, row_bytes: int) -> list[list[int]]:
+    """[R][R] bytes that rank q sends to rank d (q != d) when every slot row is ``row_bytes`` long."""
+    S, R = new.slots_per_rank, new.ep
+    out = [[0] * R for _ in range(R)]
+    for g, (q, _) in enumerate(sources(old, new)):
+        if q != g // S:
+            out[q][g // S] += row_bytes
     return out
 
 
@@ -127,12 +138,11 @@ def migrate_many(
     # the byte count of every (source, destination) pair, known to every rank without a collective
     pair_bytes = [[0] * R for _ in range(R)]
     changed = 0
-    for j, src in zip(jobs, plans, strict=True):
-        S, B = j.new.slots_per_rank, _row_bytes(j.tensors)
-        for g, (q, _) in enumerate(src):
-            changed += j.old.slot_expert_RS[g // S][g % S] != j.new.slot_expert_RS[g // S][g % S]
-            if q != g // S:
-                pair_bytes[q][g // S] += B
+    for j in jobs:
+        changed += len(moved_slots(j.old, j.new))
+        for q, row in enumerate(transfer_bytes(j.old, j.new, _row_bytes(j.tensors))):
+            for d, b in enumerate(row):
+                pair_bytes[q][d] += b
     outs: list[dict] = []
     for j, src in zip(jobs, plans, strict=True):
         S = j.new.slots_per_rank

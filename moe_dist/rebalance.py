@@ -12,14 +12,16 @@ the number of rows EP rank r sent to logical expert i over the last window (load
        largest load, swap one of its slots with a slot of another rank, or hand a replicated expert's slot
        to an expert the rank lacks; the move that lowers the loads sorted largest first the most is taken,
        until none does (at most 64 moves);
-    4. the result of steps 1-3 and of step 3 started from ``Placement.contiguous`` are scored with
-       ``Placement.rank_loads``; the one with the smaller predicted max rank load wins (ties: steps 1-3).
+    4. the result of steps 1-3, and of step 3 started from ``Placement.contiguous`` and from the previous
+       placement (when given), are scored with ``Placement.rank_loads``: the smallest predicted max rank load
+       wins; ties go to fewer slots changed from the previous placement, then to steps 1-3.
 
 why the exact rule and not load_i / replicas_i (EPLB's model): a sender holding a replica keeps all its own
 rows for it, and the other senders take the replicas in turn, so replicas do not split an expert's load
 evenly (e.g. an expert whose rows all come from one rank gains nothing from a second replica).
-why step 4: the improving moves only ever lower the sorted loads, so with the contiguous start the result is
-never predicted worse than the contiguous layout on the same counts.
+why step 4: the improving moves only ever lower the sorted loads, so the result is never predicted worse
+than the contiguous layout (or the previous one) on the same counts, and a rebalance that would gain nothing
+keeps the previous table (no migration).
 
 Everything is plain Python on the given numbers, with fixed tie-breaks: every rank that passes the same
 (all-reduced) counts gets the same placement, with no collective.
@@ -197,9 +199,10 @@ def balanced_placement(
 ) -> Placement:
     """The placement with the smallest predicted max rank load that steps 1-4 (module doc) find.
 
-    ``counts_RN`` is [ep][N]; ``prev`` (optional, same shape) only fixes the slot order within ranks so that
-    experts that stay on a rank stay in their slot (fewer moved slots, and ``keep_if_unchanged`` can tell an
-    unchanged table). All-zero counts give ``Placement.contiguous``.
+    ``counts_RN`` is [ep][N]. ``prev`` (optional, the placement in use) is one more start of the search and
+    breaks ties (fewer changed slots win), and fixes the slot order within ranks so that experts that stay
+    on a rank stay in their slot (``keep_if_unchanged`` then tells an unchanged table). All-zero counts give
+    ``Placement.contiguous``.
     """
     if len(counts_RN) != ep or not counts_RN or not counts_RN[0]:
         raise ConfigError(f"balanced_placement: counts_RN must be [ep={ep}][N], got {len(counts_RN)} rows")
@@ -219,13 +222,22 @@ def balanced_placement(
     starts = [greedy_pack(load_N, replica_counts(load_N, ep, ep * slots_per_rank), ep, slots_per_rank)]
     if redundant == 0 or (ep >= 2 and redundant <= N - N // ep):
         starts.append([list(r) for r in Placement.contiguous(N, ep, redundant).slot_expert_RS])
-    best: tuple[float, Placement] | None = None
+    same_shape = prev is not None and (prev.num_experts, prev.ep, prev.slots_per_rank) == (
+        N,
+        ep,
+        slots_per_rank,
+    )
+    if same_shape:
+        starts.append([list(r) for r in prev.slot_expert_RS])
+    tol = 1e-9 * max(1.0, sum(load_N))  # why: equal peaks up to rounding count as a tie
+    best: tuple[float, int, Placement] | None = None
     for rows in starts:
         cand = Placement(N, align_slots(improve(rows, counts_RN), prev), version)
         peak = max(cand.rank_loads(counts_RN))
-        if best is None or peak < best[0]:
-            best = (peak, cand)
-    return best[1]
+        moved = len(moved_slots(prev, cand)) if same_shape else 0
+        if best is None or peak < best[0] - tol or (peak <= best[0] + tol and moved < best[1]):
+            best = (peak, moved, cand)
+    return best[2]
 
 
 def moved_slots(old: Placement, new: Placement) -> list[int]:
