@@ -83,11 +83,8 @@ def _row_bytes(tensors: dict[str, Tensor]) -> int:
 def _pack(tensors: dict[str, Tensor], slots: list[int]) -> Tensor:
     """uint8 [len(slots), B]: the rows of ``slots``, every tensor's bytes back to back."""
     idx = torch.tensor(slots, dtype=torch.long, device=next(iter(tensors.values())).device)
-    # why contiguous: a dtype view needs a unit last stride
-    parts = [
-        t.index_select(0, idx).contiguous().reshape(len(slots), -1).view(torch.uint8)
-        for t in tensors.values()
-    ]
+    # index_select returns a fresh contiguous tensor: its byte view is legal for any stride of t
+    parts = [t.index_select(0, idx).reshape(len(slots), -1).view(torch.uint8) for t in tensors.values()]
     return torch.cat(parts, dim=1)
 
 
@@ -148,8 +145,12 @@ def migrate_many(
         S = j.new.slots_per_rank
         out = {k: torch.empty_like(t) for k, t in j.tensors.items()}
         local = _recv_slots(src, S, me, me)
-        if local:
-            _unpack(_pack(j.tensors, [b for _, b in local]), j.tensors, out, [a for a, _ in local])
+        if local:  # sources on this rank: a plain copy between slots
+            device = next(iter(j.tensors.values())).device
+            dst = torch.tensor([a for a, _ in local], dtype=torch.long, device=device)
+            src_idx = torch.tensor([b for _, b in local], dtype=torch.long, device=device)
+            for k, t in j.tensors.items():
+                out[k].index_copy_(0, dst, t.index_select(0, src_idx))
         outs.append(out)
     total = sum(map(sum, pair_bytes))
     if total:

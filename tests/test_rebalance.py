@@ -223,3 +223,13 @@ def test_migrate_layers_moves_weights_and_adamw_state_exactly(world: int) -> Non
     for r in range(world):
         assert results[r]["same_objects"]
         assert results[r]["bytes_total"] > 0 and results[r]["seconds"] >= 0
+
+
+def test_no_gain_keeps_the_previous_table() -> None:
+    """One expert per rank: every permutation computes the same loads, so the table in use stays (a greedy
+    start would have moved the heaviest expert to rank 0)."""
+    counts = [[1.0, 2.0, 3.0, 9.0]] * 4
+    prev = Placement(4, ((2,), (3,), (0,), (1,)), version=4)
+    p = balanced_placement(counts, ep=4, slots_per_rank=1, version=5, prev=prev)
+    assert p.slot_expert_RS == prev.slot_expert_RS and keep_if_unchanged(prev, p) is prev
+    assert balanced_placement(counts, ep=4, slots_per_rank=1).slot_expert_RS[0] == (3,)
