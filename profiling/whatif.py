@@ -1,6 +1,7 @@
 """What-if projection of a recorded straggler trace to other expert-parallel sizes and expert placements.
 
-    python -m profiling.whatif RUN_DIR --ep 8 64 [--placement contiguous round_robin greedy]
+    python -m profiling.whatif RUN_DIR --ep 8 64 [--placement contiguous round_robin greedy balanced]
+        [--redundant K --rebalance-every 100 --allreduce-gbps 1 --a2a-gbps 1 --expert-params P]
 
 For every target EP size R' and placement policy, every recorded step and every MoE layer l:
 
@@ -21,6 +22,10 @@ Placements (N experts, N/R' per rank, chosen per MoE layer):
     greedy       longest-processing-time: experts by mean load over the run (largest first) each go to the
                  least-loaded rank that still has room (ties: lowest rank). One placement for the whole run,
                  chosen on the same trace it is scored on (in-sample, so optimistic for a future run).
+    balanced     (only when asked for) S = N/R' + K slots per rank with replicas, from
+                 moe_dist.rebalance.balanced_placement; scored with the replica rule, plus the replica-sync
+                 all-reduce and the amortised migration (profiling/whatif_placement.py, its own
+                 assumptions).
 
 Assumptions (the projection is a model, not a measurement):
     - weak scaling: every rank keeps the recorded number of tokens per step, so global counts scale by
@@ -47,10 +52,20 @@ from pathlib import Path
 
 from profiling.analysis import PHASES
 from profiling.report import Run, RunDirError, fit_costs, load_ratio, load_run, mean
+from profiling.whatif_placement import ASSUMPTIONS as PLACEMENT_ASSUMPTIONS
+from profiling.whatif_placement import (
+    CommModel,
+    balanced_placements,
+    expert_params,
+    project_placements,
+    redundant_message,
+)
 
 log = logging.getLogger("moe_dist.whatif")
 
 PLACEMENTS = ("contiguous", "round_robin", "greedy")
+SLOT_PLACEMENTS = ("balanced",)
+"""Placements with redundant slots and replicas: scored by profiling.whatif_placement, not in the default."""
 ASSUMPTIONS = [
     "weak scaling: tokens per rank fixed, global expert counts scale by R'/R with the recorded distribution",
     "same routing distribution for every EP size and placement",
@@ -194,19 +209,48 @@ def project_one(run: Run, costs: dict[tuple[int, str], Cost], ranks: int, policy
     }
 
 
-def project(run_dir: Path, ep_sizes: list[int], placements: list[str]) -> list[dict]:
+@dataclass(frozen=True)
+class SlotOptions:
+    """How ``balanced`` is scored (profiling.whatif_placement)."""
+
+    redundant: int = 0
+    """K: redundant slots per rank."""
+    comm: CommModel = CommModel()
+    expert_params: int | None = None
+    """Parameters of one routed expert; None: from the run's config (moe_dist models)."""
+
+
+def project(
+    run_dir: Path, ep_sizes: list[int], placements: list[str], slots: SlotOptions | None = None
+) -> list[dict]:
     """One row per (EP size, placement); an EP size that does not divide the experts gives one row with
     ``skipped`` set to the message (and ``placement`` None)."""
     for p in placements:
-        if p not in PLACEMENTS:
-            raise ValueError(f"unknown placement {p!r}; choose from {PLACEMENTS}")
+        if p not in PLACEMENTS + SLOT_PLACEMENTS:
+            raise ValueError(f"unknown placement {p!r}; choose from {PLACEMENTS + SLOT_PLACEMENTS}")
     run = load_run(Path(run_dir))
     costs = cost_models(run)
-    return project_run(run, costs, recorded(run, costs), ep_sizes, placements)
+    return project_run(run, costs, recorded(run, costs), ep_sizes, placements, slots)
+
+
+def project_slots(
+    run: Run, costs: dict[tuple[int, str], Cost], base: dict, ranks: int, policy: str, opts: SlotOptions
+) -> dict:
+    msg = redundant_message(run.num_experts, ranks, opts.redundant)
+    if msg is not None:
+        return {"ep": ranks, "placement": policy, "skipped": msg}
+    params = opts.expert_params if opts.expert_params is not None else expert_params(run.config)
+    placements = balanced_placements(run, ranks, opts.redundant)
+    return project_placements(run, costs, base, ranks, placements, opts.comm, params, name=policy)
 
 
 def project_run(
-    run: Run, costs: dict[tuple[int, str], Cost], base: dict, ep_sizes: list[int], placements: list[str]
+    run: Run,
+    costs: dict[tuple[int, str], Cost],
+    base: dict,
+    ep_sizes: list[int],
+    placements: list[str],
+    slots: SlotOptions | None = None,
 ) -> list[dict]:
     if "capacity_padding" in run.straggler[0]:
         log.warning(
@@ -219,7 +263,11 @@ def project_run(
         if msg is not None:
             rows.append({"ep": R, "placement": None, "skipped": msg})
             continue
-        rows += [project_one(run, costs, R, p, base) for p in placements]
+        for p in placements:
+            if p in SLOT_PLACEMENTS:
+                rows.append(project_slots(run, costs, base, R, p, slots or SlotOptions()))
+            else:
+                rows.append(project_one(run, costs, R, p, base))
     return rows
 
 
@@ -236,10 +284,18 @@ def format_table(base: dict, rows: list[dict]) -> str:
         if r["skipped"]:
             out.append(f"{r['ep']:>5}  {r['skipped']}")
             continue
+        name = r["placement"] if "redundant" not in r else f"{r['placement']}+{r['redundant']}"
         out.append(
-            f"{r['ep']:>5}  {r['placement']:<12} {r['experts_per_rank']:>8} {r['load_ratio']:>9.3f} "
+            f"{r['ep']:>5}  {name:<12} {r['experts_per_rank']:>8} {r['load_ratio']:>9.3f} "
             f"{r['straggler_ms']:>13.3f} {r['step_ms']:>10.3f} {100 * r['straggler_frac']:>12.2f}"
         )
+        if "redundant" in r:
+            mig = sum(x["migration_bytes"] for x in r["layers"])
+            out.append(
+                f"{'':>7}(step includes replica sync {r['replica_sync_ms']:.3f} ms and migration "
+                f"{r['migration_ms']:.3f} ms / {r['rebalance_every']} steps = "
+                f"{r['amortised_migration_ms']:.3f} ms; {mig / 1e6:.3f} MB per rebalance)"
+            )
     return "\n".join(out)
 
 
@@ -247,8 +303,20 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--ep", type=int, nargs="+", required=True, help="target expert-parallel sizes")
-    ap.add_argument("--placement", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
+    ap.add_argument("--placement", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS + SLOT_PLACEMENTS)
+    ap.add_argument("--redundant", type=int, default=0, help="balanced: redundant slots per rank (K)")
+    ap.add_argument("--rebalance-every", type=int, default=CommModel.rebalance_every, help="balanced: steps")
+    ap.add_argument("--allreduce-gbps", type=float, default=CommModel.allreduce_gbps, help="balanced: GB/s")
+    ap.add_argument("--a2a-gbps", type=float, default=CommModel.a2a_gbps, help="balanced: GB/s per rank")
+    ap.add_argument("--expert-params", type=int, default=None, help="balanced: params of one expert")
     args = ap.parse_args(argv)
+    if args.rebalance_every < 1 or args.allreduce_gbps <= 0 or args.a2a_gbps <= 0:
+        raise SystemExit("error: --rebalance-every must be >= 1 and the bandwidths > 0")
+    slots = SlotOptions(
+        args.redundant,
+        CommModel(args.allreduce_gbps, args.a2a_gbps, args.rebalance_every),
+        args.expert_params,
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         run = load_run(args.run_dir)
@@ -256,10 +324,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     costs = cost_models(run)
     base = recorded(run, costs)
-    rows = project_run(run, costs, base, args.ep, args.placement)
+    rows = project_run(run, costs, base, args.ep, args.placement, slots)
     print(format_table(base, rows))  # noqa: T201 - the table is the command's output
     path = args.run_dir / "whatif.json"
-    path.write_text(json.dumps({"recorded": base, "assumptions": ASSUMPTIONS, "rows": rows}, indent=1))
+    assumptions = ASSUMPTIONS + (PLACEMENT_ASSUMPTIONS if set(args.placement) & set(SLOT_PLACEMENTS) else [])
+    path.write_text(json.dumps({"recorded": base, "assumptions": assumptions, "rows": rows}, indent=1))
     log.info("wrote %s", path)
 
 
