@@ -8,6 +8,7 @@ comparisons hold to ~1e-7 (relative to the largest entry), and are checked to 1e
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ pytest.importorskip("transformers")
 from moe_dist.hf import from_hf_block, hf_block_config  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
 from tests.hf_workers import BLOCKS, block_case_worker, block_inputs, make_block, tiny_config, world4_worker  # noqa: E402
-from tests.train_workers import tiny, torchrun_cmd  # noqa: E402
+from tests.train_workers import deepspeed_cmd, tiny, torchrun_cmd  # noqa: E402
 
 TOL = 1e-6
 TOKENS = [24, 17, 9, 30]  # unequal tokens per rank
@@ -205,7 +206,8 @@ HF_TINY = {
 
 def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
     """torchrun, 2 ranks, EP=2, model.kind=hf: steps 4-6 after a resume from step 3 equal the uninterrupted
-    run's; the exported directory loads with from_pretrained and gives our model's logits."""
+    run's; the deepspeed launcher with engine=deepspeed (ZeRO-2) gives the same losses; the exported directory
+    loads with from_pretrained and gives our model's logits."""
     import yaml
 
     cfg = tiny(
@@ -232,6 +234,15 @@ def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
     for step in (3, 4, 5):  # the steps trained again after the resume
         for key in ("loss", "aux_loss", "grad_norm", "tokens_per_expert"):
             assert cut[step][key] == full[step][key], (step, key)
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        # the DeepSpeed engine (ZeRO-2) trains the same HF model to the same losses, step by step
+        _run(deepspeed_cmd(path, "ds", "engine=deepspeed", "deepspeed.zero_stage=2"), tmp_path)
+        ds = rows("ds")
+        assert sorted(ds) == list(range(6))
+        for step in range(6):
+            assert ds[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-6), step
+        assert json.loads((runs / "ds" / "summary.json").read_text())["engine"] == "deepspeed"
 
     out = tmp_path / "export"
     _run([sys.executable, "-m", "moe_dist.export_hf", str(tmp_path / "runs" / "full"), str(out)], tmp_path)
