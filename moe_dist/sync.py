@@ -95,10 +95,11 @@ def sync_gradients(module: nn.Module, dense_group=None, expert_dp_group=None) ->
 def broadcast_parameters(module: nn.Module, dense_group=None, expert_dp_group=None) -> None:
     """Make every replica equal to the first rank of its group, as DDP does at construction.
 
-    Dense parameters and the buffers outside the experts (the router's selection bias, alpha) come from
-    rank 0 of ``dense_group``; expert parameters from rank 0 of ``expert_dp_group`` (None: no replicas,
-    nothing to send). Call it once after building, before training; the groups mean what they mean in
-    ``sync_gradients``.
+    Dense parameters and the buffers outside the experts (the router's selection bias, alpha; not the
+    layers' per-rank route tables) come from rank 0 of ``dense_group``; expert parameters from rank 0 of
+    ``expert_dp_group`` (None: no replicas, nothing to send), and each replica slot of an expert from the
+    expert's first replica in its EP group. Call it once after building, before training; the groups mean
+    what they mean in ``sync_gradients``.
     """
     experts = expert_params(module)
     world = group_size(dense_group)
@@ -107,8 +108,9 @@ def broadcast_parameters(module: nn.Module, dense_group=None, expert_dp_group=No
     if world == 1:
         return
     destroy_process_groups_at_exit()
-    expert_buffers = {id(b) for m in moe_layers(module) for b in m.experts.buffers()}
-    dense = dense_params(module) + [b for b in module.buffers() if id(b) not in expert_buffers]
+    # why not the route tables: each rank's own (they differ by rank under a replicated placement)
+    local = {id(b) for m in moe_layers(module) for b in [*m.experts.buffers(), m.route_slot_N]}
+    dense = dense_params(module) + [b for b in module.buffers() if id(b) not in local]
     _broadcast_from_first(dense, dense_group)
     if expert_dp_group is not None and replicas > 1:
         _broadcast_from_first(experts, expert_dp_group)
