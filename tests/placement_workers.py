@@ -36,6 +36,19 @@ def _counting_all_to_all(calls: list):
     return a2a, counting
 
 
+def launch_worker(
+    rank: int, world: int, cases: list[Case], contiguous: Case | None = None, sync: tuple | None = None
+) -> dict:
+    """One launch per world size runs several tests' bodies (each launch costs every rank a start-up):
+    ``oracle_case_worker`` on ``cases``, ``contiguous_worker`` on ``contiguous``, and
+    ``replica_sync_worker`` on the arguments ``sync`` (each None: skipped)."""
+    return {
+        "cases": oracle_case_worker(rank, world, cases),
+        "contiguous": contiguous_worker(rank, world, contiguous) if contiguous is not None else None,
+        "sync": replica_sync_worker(rank, world, *sync) if sync is not None else None,
+    }
+
+
 def oracle_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
     """Forward + backward of <h, cot> + aux for every case, with the case's placement (``extra``) and the
     dispatch counts folded into the statistics all-reduce or sent by their own all-to-all (``fold``)."""
