@@ -5,6 +5,7 @@ from moe_dist.config import MoEConfig
 from moe_dist.errors import ConfigError, NonFiniteError
 from moe_dist.layer import MoELayer, MoEOutput, moe_layers, update_expert_biases
 from moe_dist.parallel import ParallelLayout
+from moe_dist.placement import Placement
 from moe_dist.sync import broadcast_parameters, dense_params, expert_params, sync_gradients
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "MoEStats",
     "NonFiniteError",
     "ParallelLayout",
+    "Placement",
     "broadcast_parameters",
     "cv_squared",
     "dense_params",

@@ -214,6 +214,8 @@ def test_training_with_replicas_resumes_bit_exact(tmp_path: Path) -> None:
     assert manifest["placements"] == {"blocks.0.ffn": want, "blocks.1.ffn": want}
     assert manifest["experts"] == {"experts_ep0.pt": [0, 3], "experts_ep1.pt": [3, 4]}
     assert load_obj(ckpt / "dense.pt")["placements"] == manifest["placements"]
+    straggler = [json.loads(x) for x in (a / "straggler.jsonl").read_text().splitlines()]
+    assert straggler and all(r["replica_sync_ms"] > 0 for r in straggler), straggler
     e1 = load_obj(ckpt / "experts_ep1.pt")["model"]
     assert sorted(e1) == [f"blocks.{b}.ffn.experts.e3.{leaf}" for b in (0, 1) for leaf in ("w1", "w2")]
     shutil.copytree(a, tmp_path / "b")
