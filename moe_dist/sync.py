@@ -20,6 +20,7 @@ replicas, equal at start, take the same optimizer step and stay equal.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,8 @@ def sync_gradients(module: nn.Module, dense_group=None, expert_dp_group=None) ->
     else:
         for p in experts:
             p.grad.mul_(1.0 / world)
+    # why after the expert-data-parallel sum: every EP group then sums the same per-slot values in the same
+    # rank order, so all copies of an expert (replicas and their DP copies) get the same bits
     return _sum_over_replicas(module, lambda p: p.grad, keep_owner_only=False)
 
 
@@ -134,7 +137,9 @@ def owned_expert_grads(module: nn.Module) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _sum_over_replicas(module: nn.Module, get, keep_owner_only: bool) -> float:
+def _sum_over_replicas(
+    module: nn.Module, get: Callable[[nn.Parameter], Tensor | None], keep_owner_only: bool
+) -> float:
     """For every layer with a replicated placement, make each replica slot's tensor (``get(param)``) the
     sum over the expert's replicas in the EP group (``keep_owner_only``: the first replica's value alone).
     One all-reduce per (EP group, dtype, device) for all such layers: per layer and leaf a block [n, X]
