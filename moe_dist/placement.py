@@ -139,6 +139,10 @@ class Placement:
 
     def slot_loads(self, counts_RN: list[list[float]]) -> list[float]:
         """Rows each global slot receives when sender r sends counts_RN[r][i] pairs to expert i."""
+        if len(counts_RN) != self.ep or any(len(row) != self.num_experts for row in counts_RN):
+            raise ValueError(
+                f"slot_loads needs an [{self.ep}, {self.num_experts}] count matrix (EP ranks x experts)"
+            )
         loads = [0.0] * (self.ep * self.slots_per_rank)
         for r, row in enumerate(counts_RN):
             for e, g in enumerate(self.route_table(r)):

@@ -273,6 +273,8 @@ def test_slot_and_rank_loads_by_hand() -> None:
     # on rank 1): 1; slot 4 (e3): 40 + 4 + 400; slot 5 (e1 on rank 2): 200
     assert HAND.slot_loads(counts_RN) == [110, 22, 333, 1, 444, 200]
     assert HAND.rank_loads(counts_RN) == [132, 334, 644]
+    with pytest.raises(ValueError, match=r"\[3, 4\] count matrix"):
+        HAND.rank_loads(counts_RN[:2])
 
 
 def test_contiguous_owners_and_round_trip() -> None:
