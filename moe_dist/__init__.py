@@ -20,6 +20,7 @@ _EXPORTS = {
     "moe_layers": "moe_dist.layer",
     "update_expert_biases": "moe_dist.layer",
     "ParallelLayout": "moe_dist.parallel",
+    "Placement": "moe_dist.placement",
     "broadcast_parameters": "moe_dist.sync",
     "dense_params": "moe_dist.sync",
     "expert_params": "moe_dist.sync",
@@ -34,6 +35,7 @@ __all__ = [
     "MoEStats",
     "NonFiniteError",
     "ParallelLayout",
+    "Placement",
     "broadcast_parameters",
     "cv_squared",
     "dense_params",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from moe_dist.errors import ConfigError, NonFiniteError
     from moe_dist.layer import MoELayer, MoEOutput, moe_layers, update_expert_biases
     from moe_dist.parallel import ParallelLayout
+    from moe_dist.placement import Placement
     from moe_dist.sync import broadcast_parameters, dense_params, expert_params, sync_gradients
 
 

@@ -5,11 +5,13 @@ Layout of ``checkpoints/`` (format 2, the global view of ``moe_dist.global_state
     step_00000100/dense.pt          rank 0: replicated params and buffers (incl. expert biases), their
                                     AdamW state by name, param groups, scheduler, step, controller, the
                                     val loss of the model it holds (the resume self-check)
-    step_00000100/experts_ep{e}.pt  the first replica of EP rank e: its experts' weights and AdamW state,
-                                    one key per expert id (``blocks.3.ffn.experts.e17.w1``)
+    step_00000100/experts_ep{e}.pt  the first replica of EP rank e: the weights and AdamW state of the
+                                    experts whose first replica (in EP-rank order) it holds, one key per
+                                    expert id (``blocks.3.ffn.experts.e17.w1``); dense.pt also stores each
+                                    MoE layer's placement
     step_00000100/rank{r}.pt        every rank: RNG states (``engine: deepspeed``: its ZeRO partition too)
-    step_00000100/manifest.json     sha256 and size of every file, world, ep, step, which expert ids
-                                    each experts file holds
+    step_00000100/manifest.json     sha256 and size of every file, world, ep, step, the range of expert
+                                    ids [lo, hi) that covers each experts file's ids, the placements
     latest                          name of the newest complete checkpoint
 
 A rank resuming under another (world, EP) reads dense.pt, the experts files that hold the ids it now owns,
@@ -300,14 +302,21 @@ def layout_refusal(manifest: dict, world: int, ep: int, engine: str) -> str | No
     return None
 
 
-def files_to_read(manifest: dict, rank: int, world: int, ep: int, num_experts: int) -> list[str]:
-    """The files of a checkpoint that rank ``rank`` of a (world, ep) launch reads (and verifies)."""
+def files_to_read(
+    manifest: dict, rank: int, world: int, ep: int, num_experts: int, needed: list[int] | None = None
+) -> list[str]:
+    """The files of a checkpoint that rank ``rank`` of a (world, ep) launch reads (and verifies).
+
+    ``needed``: the expert ids this rank's slots hold (None: the contiguous share of its EP rank). A file
+    is read when its covering range [lo, hi) holds one of them (a cover may read a file more, never less).
+    """
     ep_rank = rank % ep
     if manifest.get("format", 1) < FORMAT:
         return [f"rank{rank}.pt", "dense.pt", f"experts_ep{ep_rank}.pt"]
-    per = num_experts // ep
-    lo, hi = ep_rank * per, (ep_rank + 1) * per
-    experts = [n for n, (a, b) in sorted(manifest["experts"].items()) if a < hi and lo < b]
+    if needed is None:
+        per = num_experts // ep
+        needed = list(range(ep_rank * per, (ep_rank + 1) * per))
+    experts = [n for n, (a, b) in sorted(manifest["experts"].items()) if any(a <= e < b for e in needed)]
     # why rank % saved world: a rank beyond the old world takes an old rank's RNG (same layout: its own)
     return ["dense.pt", *experts, f"rank{rank % int(manifest['world'])}.pt"]
 

@@ -1,11 +1,13 @@
 """Token dispatch: permute (local) and all-to-all (communication) as separate steps, one interface.
 
-Shape legend: T tokens, D model dim, K top-k, N experts, L local experts (N / R), R ranks in the EP
-group, P (token, expert) pairs kept after capacity (P <= T*K).
+Shape legend: T tokens, D model dim, K top-k, N logical experts, R ranks in the EP group, S slots per
+rank, G = R * S global slots, P (token, expert) pairs kept after capacity (P <= T*K).
 
-``dispatch()`` returns the rows grouped by local expert, their per-expert counts, and a ``DispatchMeta``
-that ``combine()`` takes back. ``LocalDispatcher`` runs everything on this rank; ``AllToAllDispatcher``
-sends rows to the rank that owns the expert with ``all_to_all_single`` and uneven splits.
+Routes are planned by global slot (``moe_dist.placement``): the layer maps each pair's logical expert to
+the slot this rank sends it to, so pairs sorted by slot id are grouped by destination rank, then slot.
+``dispatch()`` returns the rows grouped by local slot, their per-slot counts, and a ``DispatchMeta`` that
+``combine()`` takes back. ``LocalDispatcher`` runs everything on this rank; ``AllToAllDispatcher`` sends
+rows to the slot's rank with ``all_to_all_single`` and uneven splits.
 """
 
 from __future__ import annotations
@@ -18,19 +20,20 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moe_dist.comm import all_to_all, named_collective, permute_rows
+from moe_dist.placement import Placement
 from moe_dist.timing import TimingHook, backward_mark, stage_range
 
 
 @dataclass
 class RoutePlan:
-    """Local permutation of (token, expert) pairs into expert-sorted order, with capacity applied."""
+    """Local permutation of (token, expert) pairs into slot-sorted order, with capacity applied."""
 
     order_P: Tensor
-    """Pair index (t*K + k) of each kept pair, sorted by expert (stable; by score within an expert)."""
+    """Pair index (t*K + k) of each kept pair, sorted by slot (stable; by score within a slot)."""
     pair_slot_TK: Tensor
     """Row of each pair in the sorted buffer, or P (a zero row) when the pair was dropped."""
-    counts_N: Tensor
-    """int64 [N]: kept pairs per expert on this rank."""
+    counts_G: Tensor
+    """int64 [G]: kept pairs per global slot on this rank."""
     dropped: Tensor
     """int64 scalar: pairs dropped by capacity on this rank."""
     any_dropped: bool
@@ -47,32 +50,41 @@ class DispatchMeta:
 
 
 def plan_routes(
-    topk_idx_TK: Tensor, topk_scores_TK: Tensor, num_experts: int, capacity_factor: float | None
+    slot_TK: Tensor,
+    topk_scores_TK: Tensor,
+    num_slots: int,
+    capacity_factor: float | None,
+    num_experts: int | None = None,
 ) -> RoutePlan:
-    """Sort pairs by expert; with a capacity, keep each expert's top-C pairs by score on this rank."""
-    T, K = topk_idx_TK.shape
-    expert_P = topk_idx_TK.reshape(-1)
-    counts_N = torch.zeros(num_experts, dtype=torch.int64, device=expert_P.device).scatter_add_(
-        0, expert_P, torch.ones_like(expert_P)
+    """Sort pairs by global slot; with a capacity, keep each slot's top-C pairs by score on this rank.
+
+    C = ceil(cf * K * T / N) with N = ``num_experts`` logical experts (default ``num_slots``): a sender
+    sends all its pairs of an expert to one slot, so each slot's cap is its expert's, and the drops are
+    those of the same routing without replicas.
+    """
+    T, K = slot_TK.shape
+    slot_P = slot_TK.reshape(-1)
+    counts_G = torch.zeros(num_slots, dtype=torch.int64, device=slot_P.device).scatter_add_(
+        0, slot_P, torch.ones_like(slot_P)
     )  # not bincount: it syncs with the host on CUDA
     if capacity_factor is None:
-        order = torch.argsort(expert_P, stable=True)
-        slot = torch.empty_like(order)
-        slot[order] = torch.arange(order.numel(), device=order.device)
-        return RoutePlan(order, slot.view(T, K), counts_N, counts_N.new_zeros(()), False)
-    capacity = math.ceil(capacity_factor * K * T / num_experts)
-    # why two stable sorts: by score (descending), then by expert, so each expert's pairs are best-first
+        order = torch.argsort(slot_P, stable=True)
+        row = torch.empty_like(order)
+        row[order] = torch.arange(order.numel(), device=order.device)
+        return RoutePlan(order, row.view(T, K), counts_G, counts_G.new_zeros(()), False)
+    capacity = math.ceil(capacity_factor * K * T / (num_experts or num_slots))
+    # why two stable sorts: by score (descending), then by slot, so each slot's pairs are best-first
     by_score = torch.argsort(topk_scores_TK.reshape(-1).detach(), descending=True, stable=True)
-    order = by_score[torch.argsort(expert_P[by_score], stable=True)]
-    starts_N = torch.cumsum(counts_N, 0) - counts_N
-    rank_in_expert = torch.arange(order.numel(), device=order.device) - starts_N[expert_P[order]]
-    keep = rank_in_expert < capacity
+    order = by_score[torch.argsort(slot_P[by_score], stable=True)]
+    starts_G = torch.cumsum(counts_G, 0) - counts_G
+    rank_in_slot = torch.arange(order.numel(), device=order.device) - starts_G[slot_P[order]]
+    keep = rank_in_slot < capacity
     kept = order[keep]
-    kept_counts_N = counts_N.clamp(max=capacity)
-    slot = torch.full((T * K,), kept.numel(), dtype=torch.int64, device=order.device)
-    slot[kept] = torch.arange(kept.numel(), device=order.device)
-    dropped = counts_N.sum() - kept_counts_N.sum()
-    return RoutePlan(kept, slot.view(T, K), kept_counts_N, dropped, True)
+    kept_counts_G = counts_G.clamp(max=capacity)
+    row = torch.full((T * K,), kept.numel(), dtype=torch.int64, device=order.device)
+    row[kept] = torch.arange(kept.numel(), device=order.device)
+    dropped = counts_G.sum() - kept_counts_G.sum()
+    return RoutePlan(kept, row.view(T, K), kept_counts_G, dropped, True)
 
 
 class _GatherPairs(torch.autograd.Function):
@@ -119,7 +131,7 @@ class LocalDispatcher:
 
     def __init__(self, num_experts: int, layer: int = 0, hook: TimingHook | None = None) -> None:
         self.num_experts = num_experts
-        self.num_local = num_experts
+        self.num_slots = num_experts  # one rank: every expert in exactly one slot
         self.layer = layer
         self.hook = hook
 
@@ -129,7 +141,7 @@ class LocalDispatcher:
         K = plan.pair_slot_TK.shape[1]
         with stage_range(self.layer, "permute"):
             x_PD = _GatherPairs.apply(x_TD, plan, K)
-        return x_PD, plan.counts_N, DispatchMeta(plan=plan, num_tokens=x_TD.shape[0])
+        return x_PD, plan.counts_G, DispatchMeta(plan=plan, num_tokens=x_TD.shape[0])
 
     def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor:
         with stage_range(self.layer, "unpermute"):
@@ -140,11 +152,12 @@ class LocalDispatcher:
 
 
 class AllToAllDispatcher(LocalDispatcher):
-    """Experts split contiguously over ``group`` (N/R per rank): tokens travel by uneven all-to-all.
+    """Expert slots spread over ``group`` by a ``Placement`` (default: contiguous, N/R per rank): tokens
+    travel by uneven all-to-all.
 
     ``count_rows``: the row of each EP-group member (in EP order) in the [R_balance, N] count block that the
-    balancing all-reduce carries; with it, ``dispatch`` takes the splits from that block
-    (``counts_RN``) and skips the count all-to-all.
+    balancing all-reduce carries; with it, ``dispatch`` takes the splits from that block (``counts_RN``,
+    per logical expert) and every sender's route table, and skips the count all-to-all.
     """
 
     def __init__(
@@ -154,43 +167,59 @@ class AllToAllDispatcher(LocalDispatcher):
         layer: int = 0,
         hook: TimingHook | None = None,
         count_rows: list[int] | None = None,
+        placement: Placement | None = None,
     ) -> None:
         super().__init__(num_experts, layer, hook)
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.num_local = num_experts // self.world
+        self.placement = placement if placement is not None else Placement.contiguous(num_experts, self.world)
+        R, S = self.world, self.placement.slots_per_rank
+        self.num_slots = S
         self.count_rows = count_rows
+        # why every sender's table: all ranks know all tables, so the [R, N] count block alone sizes every
+        # buffer; a sender's pairs of expert e all go to one global slot g = r * S + s
+        tables = [self.placement.route_table(q) for q in range(R)]
+        self._send_to = [divmod(g, S) for g in tables[self.rank]]  # (rank, slot) per logical expert
+        # per sender q: (my slot, logical expert) for each expert that q sends to this rank
+        self._recv_from = [
+            [(g - self.rank * S, e) for e, g in enumerate(t) if g // S == self.rank] for t in tables
+        ]
 
     def _splits(self, plan: RoutePlan, counts_RN: list[list[int]] | None) -> tuple[list, list]:
-        """[R][L] rows this rank sends to each rank's experts, and receives from each rank."""
-        R, L = self.world, self.num_local
+        """[R][S] rows this rank sends to each rank's slots, and receives from each rank into its slots."""
+        R, S = self.world, self.num_slots
         if counts_RN is not None and self.count_rows is not None:
-            mine = slice(self.rank * L, (self.rank + 1) * L)
             own = counts_RN[self.count_rows[self.rank]]
-            send_RL = [own[r * L : (r + 1) * L] for r in range(R)]
-            recv_RL = [counts_RN[row][mine] for row in self.count_rows]
-            return send_RL, recv_RL
+            send_RS = [[0] * S for _ in range(R)]
+            for e, (r, s) in enumerate(self._send_to):
+                send_RS[r][s] = own[e]  # one expert per slot per sender: no sums
+            recv_RS = [[0] * S for _ in range(R)]
+            for q, pairs in enumerate(self._recv_from):
+                row = counts_RN[self.count_rows[q]]
+                for s, e in pairs:
+                    recv_RS[q][s] = row[e]
+            return send_RS, recv_RS
         # why: receivers must size their buffers, so counts go first (the one host sync per layer)
-        recv_counts = torch.empty_like(plan.counts_N)
+        recv_counts = torch.empty_like(plan.counts_G)
         with named_collective(f"MoE layer {self.layer}: dispatch count exchange"):
-            dist.all_to_all_single(recv_counts, plan.counts_N.contiguous(), group=self.group)
+            dist.all_to_all_single(recv_counts, plan.counts_G.contiguous(), group=self.group)
             # the read-back is where an asynchronous backend (NCCL) actually waits
-            send_RL, recv_RL = torch.stack([plan.counts_N, recv_counts]).view(2, R, L).tolist()
-        return send_RL, recv_RL
+            send_RS, recv_RS = torch.stack([plan.counts_G, recv_counts]).view(2, R, S).tolist()
+        return send_RS, recv_RS
 
     def dispatch(
         self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
     ) -> tuple[Tensor, Tensor, DispatchMeta]:
-        R, L = self.world, self.num_local
+        R, S = self.world, self.num_slots
         x_PD, _, meta = super().dispatch(x_TD, plan)
         hook = self.hook
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_start")
         with stage_range(self.layer, "dispatch_a2a"):
-            send_RL, recv_RL = self._splits(plan, counts_RN)
-            meta.send_splits = [sum(row) for row in send_RL]
-            meta.recv_splits = [sum(row) for row in recv_RL]
+            send_RS, recv_RS = self._splits(plan, counts_RN)
+            meta.send_splits = [sum(row) for row in send_RS]
+            meta.recv_splits = [sum(row) for row in recv_RS]
             x_PD = all_to_all(
                 x_PD,
                 meta.recv_splits,
@@ -201,10 +230,10 @@ class AllToAllDispatcher(LocalDispatcher):
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_end")
         with stage_range(self.layer, "permute"):
-            # rows arrive grouped (source rank, local expert); experts want (local expert, source rank)
-            counts_L = [sum(recv_RL[r][e] for r in range(R)) for e in range(L)]
-            if L > 1 and R > 1:
-                meta.regroup_idx = _regroup_index(recv_RL, x_PD.device)
+            # rows arrive grouped (source rank, local slot); experts want (local slot, source rank)
+            counts_S = [sum(recv_RS[r][s] for r in range(R)) for s in range(S)]
+            if S > 1 and R > 1:
+                meta.regroup_idx = _regroup_index(recv_RS, x_PD.device)
                 meta.regroup_inv = torch.empty_like(meta.regroup_idx)
                 meta.regroup_inv[meta.regroup_idx] = torch.arange(
                     meta.regroup_idx.numel(), device=x_PD.device
@@ -213,7 +242,7 @@ class AllToAllDispatcher(LocalDispatcher):
         if hook is not None:
             hook.tokens(self.layer, x_PD.shape[0])
         x_PD = backward_mark(x_PD, hook, self.layer, "experts_end")
-        counts_t = torch.tensor(counts_L, dtype=torch.int64, device=x_PD.device)
+        counts_t = torch.tensor(counts_S, dtype=torch.int64, device=x_PD.device)
         return x_PD, counts_t, meta
 
     def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor:
@@ -236,14 +265,14 @@ class AllToAllDispatcher(LocalDispatcher):
         return super().combine(y_PD, gates_TK, meta)
 
 
-def _regroup_index(recv_RL: list[list[int]], device: torch.device) -> Tensor:
-    """Index that reorders chunks laid out (rank r, expert e) into (expert e, rank r)."""
-    counts_RL = torch.tensor(recv_RL, dtype=torch.int64)
-    flat = counts_RL.flatten()
-    starts_RL = (torch.cumsum(flat, 0) - flat).view_as(counts_RL)
-    lens_E = counts_RL.t().flatten()  # chunk lengths in (expert, rank) order
-    src_starts = starts_RL.t().flatten()
-    dst_starts = torch.cumsum(lens_E, 0) - lens_E
+def _regroup_index(recv_RS: list[list[int]], device: torch.device) -> Tensor:
+    """Index that reorders chunks laid out (rank r, slot s) into (slot s, rank r)."""
+    counts_RS = torch.tensor(recv_RS, dtype=torch.int64)
+    flat = counts_RS.flatten()
+    starts_RS = (torch.cumsum(flat, 0) - flat).view_as(counts_RS)
+    lens_SR = counts_RS.t().flatten()  # chunk lengths in (slot, rank) order
+    src_starts = starts_RS.t().flatten()
+    dst_starts = torch.cumsum(lens_SR, 0) - lens_SR
     total = int(flat.sum())
-    shift = torch.repeat_interleave(src_starts - dst_starts, lens_E, output_size=total)
+    shift = torch.repeat_interleave(src_starts - dst_starts, lens_SR, output_size=total)
     return (shift + torch.arange(total)).to(device)

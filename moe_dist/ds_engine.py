@@ -12,7 +12,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_dist.engine import autocast_ctx, lr_lambda, param_groups
+from moe_dist.errors import ConfigError
+from moe_dist.layer import moe_layers
 from moe_dist.parallel import ParallelLayout
+from moe_dist.placement import DEEPSPEED_REFUSES_REPLICAS
 from moe_dist.run_config import RunConfig
 from moe_dist.sync import expert_params
 
@@ -76,10 +79,17 @@ def _moe_marker(num_experts: int, group_name: str) -> nn.Module:
     return _DeepSpeedMoEMarker()
 
 
+def refuse_replicas(model: nn.Module) -> None:
+    """Raise ConfigError (one line) if any MoE layer of ``model`` has a replicated placement."""
+    if any(m.placement.is_replicated() for m in moe_layers(model)):
+        raise ConfigError(DEEPSPEED_REFUSES_REPLICAS)
+
+
 class DeepSpeedEngine:
     def __init__(
         self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
     ) -> None:
+        refuse_replicas(model)  # before deepspeed is imported or touches a group
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         from deepspeed.utils import groups

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from moe_dist.parallel import ParallelLayout
 from moe_dist.run_config import RunConfig
-from moe_dist.sync import dense_params, expert_params, sync_gradients
+from moe_dist.sync import dense_params, expert_params, owned_expert_grads, sync_gradients
 
 
 def lr_lambda(cfg: RunConfig):
@@ -63,6 +63,8 @@ class TorchEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.dense = dense_params(model)
         self.experts = expert_params(model)
+        self.replica_sync_s = 0.0
+        """Seconds the last ``sync_grads`` spent summing replicated experts' grads (0 without replicas)."""
 
     def forward(self, idx: Tensor):
         with autocast_ctx(self.cfg, self.device):
@@ -87,17 +89,18 @@ class TorchEngine:
 
     def sync_grads(self) -> None:
         """The one gradient rule, shared with library users: see ``moe_dist.sync.sync_gradients``."""
-        sync_gradients(self.model, self.layout.world_group, self.layout.edp_group)
+        self.replica_sync_s = sync_gradients(self.model, self.layout.world_group, self.layout.edp_group)
 
     def _global_norm(self) -> float:
         # why fp64 accumulation: the norm decides clipping; it must not depend on summation order noise
-        def sq(params: list[nn.Parameter]) -> Tensor:
+        def sq(grads: list[Tensor]) -> Tensor:
             return sum(
-                (p.grad.pow(2).sum(dtype=torch.float64) for p in params),
+                (g.pow(2).sum(dtype=torch.float64) for g in grads),
                 torch.zeros((), dtype=torch.float64, device=self.device),
             )
 
-        dense_sq, expert_sq = sq(self.dense), sq(self.experts)
+        # why owned slots only: a replicated expert's grad sits in each of its replicas; it counts once
+        dense_sq, expert_sq = sq([p.grad for p in self.dense]), sq(owned_expert_grads(self.model))
         if self.layout.ep_group is not None:
             # why: each EP rank holds different experts; dense grads are already identical everywhere
             dist.all_reduce(expert_sq, group=self.layout.ep_group)

@@ -1,7 +1,8 @@
 """Grouped expert FFNs (stacked weights, one grouped GEMM per projection) and the dense shared experts.
 
-Shape legend: P rows (token, expert pairs) grouped by local expert, T tokens, D model dim, F ffn dim,
-L local experts, H hidden width of the shared FFN (num_shared_experts * shared_d_ff).
+Shape legend: P rows (token, expert pairs) grouped by local slot, T tokens, D model dim, F ffn dim,
+L local slots (each holds one logical expert; see moe_dist/placement.py), H hidden width of the shared FFN
+(num_shared_experts * shared_d_ff).
 
     plain:  FFN_i(u) = act(u W1_i) W2_i,               W1 [L, D, F],  W2 [L, F, D]
     gated:  FFN_i(u) = (act(u W1g_i) * u W1u_i) W2_i,  W1 [L, D, 2F] = [W1g | W1u] (gate first),  W2 [L, F, D]
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,11 +92,11 @@ class CastCache:
 
 
 def grouped_matmul(x_PD: Tensor, w_LDF: Tensor, counts_L: Tensor) -> Tensor:
-    """rows of group e times w[e], for groups of sizes counts_L laid out back to back."""
+    """rows of group s times w[s], for groups of sizes counts_L laid out back to back."""
     if grouped_mm_ok(x_PD, w_LDF):
         offs = torch.cumsum(counts_L, 0).to(torch.int32)
         return contiguous_grad(F.grouped_mm(x_PD, w_LDF.to(x_PD.dtype), offs=offs))
-    # plain fallback (fp64 oracles, odd sizes, older torch): one matmul per local expert
+    # plain fallback (fp64 oracles, odd sizes, older torch): one matmul per local slot
     sizes = counts_L.tolist()
     parts = [xe @ w_LDF[e].to(x_PD.dtype) for e, xe in enumerate(torch.split(x_PD, sizes))]
     return torch.cat(parts) if parts else x_PD.new_zeros(0, w_LDF.shape[2])
@@ -107,30 +109,36 @@ def expert_seed(seed: int, layer_idx: int, expert_id: int) -> int:
 
 
 class GroupedExperts(nn.Module):
-    """The ``num_local`` experts of this rank: FFN_i(u) = act(u W1_i) W2_i, or gated (see the module doc)."""
+    """The ``num_slots`` expert slots of this rank, stacked: FFN_s(u) = act(u W1_s) W2_s, or gated (see the
+    module doc). Which logical expert a slot holds is the layer's placement's business, not this module's."""
 
-    def __init__(self, num_local: int, d_model: int, d_ff: int, activation: str = "gelu") -> None:
+    def __init__(self, num_slots: int, d_model: int, d_ff: int, activation: str = "gelu") -> None:
         super().__init__()
-        self.num_local = num_local
+        self.num_slots = num_slots
         self.activation = activation
-        self.w1 = nn.Parameter(torch.empty(num_local, d_model, hidden_width(d_ff, activation)))
-        self.w2 = nn.Parameter(torch.empty(num_local, d_ff, d_model))
+        self.w1 = nn.Parameter(torch.empty(num_slots, d_model, hidden_width(d_ff, activation)))
+        self.w2 = nn.Parameter(torch.empty(num_slots, d_ff, d_model))
         self.cast = CastCache()
 
     @torch.no_grad()
-    def init_experts(self, first_expert: int, seed: int, layer_idx: int) -> None:
-        """Initialise local expert e (global id first_expert + e) from its own generator, seeded by
-        (seed, layer_idx, global id).
+    def init_experts(self, expert_ids: Sequence[int] | int, seed: int, layer_idx: int) -> None:
+        """Initialise slot s from the generator of its logical expert ``expert_ids[s]``, seeded by
+        (seed, layer_idx, expert id); an int is the first id of a contiguous run (slot s holds id + s).
 
-        why per expert: a rank draws only its own experts (start-up scales with N/R, not N), and an expert's
-        weights do not depend on the EP size, so an EP=R model equals the EP=1 model for the same seed.
+        why per expert: a rank draws only its own experts (start-up scales with N/R, not N), an expert's
+        weights do not depend on the EP size (an EP=R model equals the EP=1 model for the same seed), and
+        every replica of an expert starts equal to its original.
         """
+        if isinstance(expert_ids, int):
+            expert_ids = range(expert_ids, expert_ids + self.num_slots)
+        if len(expert_ids) != self.num_slots:
+            raise ValueError(f"{len(expert_ids)} expert ids for {self.num_slots} slots")
         d_model, d_ff = self.w1.shape[1], self.w2.shape[1]
         b1, b2 = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
-        for e in range(self.num_local):
-            g = torch.Generator().manual_seed(expert_seed(seed, layer_idx, first_expert + e))
-            self.w1[e].uniform_(-b1, b1, generator=g)
-            self.w2[e].uniform_(-b2, b2, generator=g)
+        for s, expert in enumerate(expert_ids):
+            g = torch.Generator().manual_seed(expert_seed(seed, layer_idx, expert))
+            self.w1[s].uniform_(-b1, b1, generator=g)
+            self.w2[s].uniform_(-b2, b2, generator=g)
 
     def forward(self, x_PD: Tensor, counts_L: Tensor) -> Tensor:
         w1, w2 = self.cast(self.w1, x_PD.dtype), self.cast(self.w2, x_PD.dtype)

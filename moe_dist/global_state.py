@@ -1,14 +1,17 @@
 """The layout-independent (global) view of a model and its AdamW state, for checkpoints that any (world, EP)
 can resume.
 
-A rank holds its L local experts of each MoE layer stacked, ``{layer}.experts.w1`` [L, D, W]. The global
-view names every expert by its global id, ``{layer}.experts.e{id}.w1`` [D, W], and so does the optimizer
-state of those weights (exp_avg and exp_avg_sq sliced the same way, the scalar ``step`` copied). Dense
-parameters and buffers (the router's expert bias among them) are replicated and keep their names. A rank
-writes the keys of its own experts and reads back the keys of the experts it owns under the new layout.
+A rank holds its L expert slots of each MoE layer stacked, ``{layer}.experts.w1`` [L, D, W]; slot s holds
+logical expert ``layer.slot_experts[s]`` (the layer's placement). The global view names every expert by its
+logical id, ``{layer}.experts.e{id}.w1`` [D, W], and so does the optimizer state of those weights (exp_avg
+and exp_avg_sq sliced the same way, the scalar ``step`` copied). Dense parameters and buffers (the router's
+expert bias among them) are replicated and keep their names. A replicated expert (several slots) is
+written once, from its first replica in EP-rank order (``layer.owned_slots``), and read into every slot
+that holds it, optimizer state included; so a rank writes the keys of the experts it owns and reads back
+the keys of every expert in its slots under the new layout and placement.
 
 Contract with the model: every parameter under ``MoELayer.experts`` is stacked over the layer's local
-experts on its first dim (``model.expert_params`` relies on the same).
+slots on its first dim (``model.expert_params`` relies on the same).
 """
 
 from __future__ import annotations
@@ -24,29 +27,57 @@ from moe_dist.layer import MoELayer
 
 @dataclass(frozen=True)
 class ExpertSlot:
-    """One stacked expert parameter of this rank: ``{prefix}.{leaf}`` holds experts [first, first + count)."""
+    """One stacked expert parameter of this rank: row s of ``{prefix}.{leaf}`` holds expert ``experts[s]``;
+    this rank writes the rows in ``owned`` (first replicas)."""
 
     prefix: str
     leaf: str
-    first: int
-    count: int
+    experts: tuple[int, ...]
+    owned: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.experts)
 
     def key(self, expert_id: int) -> str:
         return f"{self.prefix}.e{expert_id}.{self.leaf}"
 
     def keys(self) -> list[str]:
-        return [self.key(self.first + e) for e in range(self.count)]
+        """The key of every row (replicas of one expert share it): what a load reads."""
+        return [self.key(e) for e in self.experts]
+
+    def owned_keys(self) -> list[tuple[int, str]]:
+        """(row, key) of the rows this rank writes: each expert once over the EP group."""
+        return [(s, self.key(self.experts[s])) for s in self.owned]
 
 
 def expert_slots(model: nn.Module) -> dict[str, ExpertSlot]:
-    """Stacked expert parameter name -> its slot, for every MoE layer of ``model``."""
+    """Stacked expert parameter name -> its slot table, for every MoE layer of ``model``."""
     slots: dict[str, ExpertSlot] = {}
     for name, m in model.named_modules():
         if isinstance(m, MoELayer):
             prefix = f"{name}.experts" if name else "experts"
+            ids, owned = tuple(m.slot_experts), tuple(m.owned_slots)
             for leaf, _ in m.experts.named_parameters():
-                slots[f"{prefix}.{leaf}"] = ExpertSlot(prefix, leaf, m.first_expert, m.num_local)
+                slots[f"{prefix}.{leaf}"] = ExpertSlot(prefix, leaf, ids, owned)
     return slots
+
+
+def layer_placements(model: nn.Module) -> dict[str, dict]:
+    """Each MoE layer's placement (``Placement.to_dict``) by module name: stored in checkpoints."""
+    return {name: m.placement.to_dict() for name, m in model.named_modules() if isinstance(m, MoELayer)}
+
+
+def owned_expert_ids(model: nn.Module) -> list[list[int]]:
+    """Per EP rank, the expert ids (over all MoE layers) whose first replica it holds: what its experts
+    file of a checkpoint contains. Every rank computes it for every rank (placements are global)."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    ep = layers[0].ep_size if layers else 1
+    owned: list[set[int]] = [set() for _ in range(ep)]
+    for m in layers:
+        for e in range(m.placement.num_experts):
+            owned[m.placement.owner(e)[0]].add(e)
+    return [sorted(ids) for ids in owned]
 
 
 def split_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -58,8 +89,8 @@ def split_model(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]
         if slot is None:
             dense[name] = t.detach()
         else:
-            for e, key in enumerate(slot.keys()):
-                experts[key] = t[e].detach().clone()  # why clone: a view would save the whole stack
+            for s, key in slot.owned_keys():
+                experts[key] = t[s].detach().clone()  # why clone: a view would save the whole stack
     return dense, experts
 
 
@@ -100,10 +131,10 @@ def split_optimizer(
         if slot is None:
             dense[name] = st
             continue
-        for e, key in enumerate(slot.keys()):
+        for s, key in slot.owned_keys():
             # why by shape: exp_avg/exp_avg_sq are stacked like the param; ``step`` is one scalar for all
             experts[key] = {
-                k: v[e].clone() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == slot.count else v
+                k: v[s].clone() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == slot.count else v
                 for k, v in st.items()
             }
     groups = []

@@ -12,8 +12,8 @@ Supported blocks: ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock``, ``Qwen3
 transformers is an optional extra (``pip install -e ".[hf]"``); it is imported only when a function here
 needs it. The rest of a parallelised model stays transformers' own code.
 
-Shape legend: N experts, L local experts, D model dim, F expert ffn dim, H shared ffn width, B batch,
-S sequence, V vocab.
+Shape legend: N experts, L local slots (the layer's placement says which expert each holds), D model dim,
+F expert ffn dim, H shared ffn width, B batch, S sequence, V vocab.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from moe_dist.config import MoEConfig
 from moe_dist.errors import ConfigError
 from moe_dist.layer import MoELayer, MoEOutput, moe_layers
+from moe_dist.placement import Placement
 from moe_dist.timing import TimingHook
 
 log = logging.getLogger(__name__)
@@ -188,25 +189,27 @@ def from_hf_block(
     layer_idx: int = 0,
     config: Any = None,
     timing_hook: TimingHook | None = None,
+    placement: Placement | None = None,
     **overrides: Any,
 ) -> MoELayer:
     """A MoELayer (residual off) whose ``.hidden`` equals ``block(x)`` for x [B, S, D] or [T, D]; under EP
-    each rank copies only its own experts. ``config`` is the model's HF config (for ``router_aux_loss_coef``;
-    default: the one the block's experts keep). See ``hf_block_config`` for the balancing defaults.
+    each rank copies only the experts of its slots (``placement``; None = contiguous). ``config`` is the
+    model's HF config (for ``router_aux_loss_coef``; default: the one the block's experts keep). See
+    ``hf_block_config`` for the balancing defaults.
     """
     kind = block_kind(block)
     cfg = hf_block_config(block, config, **overrides)
-    layer = MoELayer(cfg, ep_group, balance_group, layer_idx, timing_hook)
+    layer = MoELayer(cfg, ep_group, balance_group, layer_idx, timing_hook, placement=placement)
     ref = block.gate.weight
     # params only: the layer's fp64 counting buffers must stay fp64 whatever the block's dtype
     for p in layer.parameters():
         p.data = p.data.to(device=ref.device, dtype=ref.dtype)
     layer.to(ref.device)
     transposed = bool(getattr(block.experts, "is_transposed", False))
-    lo, hi = layer.first_expert, layer.first_expert + layer.num_local
+    ids = layer.slot_experts  # slot s holds expert ids[s] (replicas copy the same expert)
     layer.router.weight.copy_(block.gate.weight)
-    layer.experts.w1.copy_(_ours(block.experts.gate_up_proj[lo:hi], transposed))
-    layer.experts.w2.copy_(_ours(block.experts.down_proj[lo:hi], transposed))
+    layer.experts.w1.copy_(_ours(block.experts.gate_up_proj[ids], transposed))
+    layer.experts.w2.copy_(_ours(block.experts.down_proj[ids], transposed))
     if kind == "deepseek_v3":
         layer.router.expert_bias.copy_(block.gate.e_score_correction_bias)
     shared = _shared_mlp(block, kind)
@@ -220,13 +223,16 @@ def from_hf_block(
     return layer
 
 
-def _gather_experts(w_LXY: Tensor, group) -> Tensor:
-    """[L, X, Y] on each EP rank -> [N, X, Y] in expert order (ranks hold contiguous slices)."""
+def _gather_experts(w_LXY: Tensor, group, placement: Placement) -> Tensor:
+    """[L, X, Y] on each EP rank -> [N, X, Y] in expert order (each expert from its first replica)."""
     if group is None or dist.get_world_size(group) == 1:
-        return w_LXY.detach().clone()
-    parts = [torch.empty_like(w_LXY) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, w_LXY.detach().contiguous(), group=group)
-    return torch.cat(parts)
+        parts = [w_LXY.detach()]
+    else:
+        parts = [torch.empty_like(w_LXY) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, w_LXY.detach().contiguous(), group=group)
+    S = placement.slots_per_rank
+    first_G = [r * S + s for r, s in (placement.owner(e) for e in range(placement.num_experts))]
+    return torch.cat(parts).index_select(0, torch.tensor(first_G, device=w_LXY.device))
 
 
 def to_hf_state_dict(layer: MoELayer, ep_group=None) -> dict[str, Tensor]:
@@ -234,8 +240,8 @@ def to_hf_state_dict(layer: MoELayer, ep_group=None) -> dict[str, Tensor]:
     a collective over ``ep_group`` (default: the layer's own), and every rank gets every expert."""
     spec: HFBlockSpec = layer.hf_spec
     group = ep_group if ep_group is not None else getattr(layer.dispatcher, "group", None)
-    w1 = _gather_experts(layer.experts.w1, group)
-    w2 = _gather_experts(layer.experts.w2, group)
+    w1 = _gather_experts(layer.experts.w1, group, layer.placement)
+    w2 = _gather_experts(layer.experts.w2, group, layer.placement)
     sd = {
         "gate.weight": layer.router.weight.detach().clone(),
         "experts.gate_up_proj": (w1 if spec.transposed else w1.transpose(1, 2)).contiguous(),
@@ -296,10 +302,15 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def parallelize_hf_model(
-    model: nn.Module, layout=None, timing_hook: TimingHook | None = None, **overrides: Any
+    model: nn.Module,
+    layout=None,
+    timing_hook: TimingHook | None = None,
+    placement: Placement | None = None,
+    **overrides: Any,
 ):
     """Swap every sparse-MoE block of a transformers model for an expert-parallel ``HFMoEBlock`` holding the
-    same weights (in place; returns ``model``). ``layout`` is a ``ParallelLayout`` (None: one process).
+    same weights (in place; returns ``model``). ``layout`` is a ``ParallelLayout`` (None: one process);
+    ``placement`` the expert placement of every block (None: contiguous).
 
     transformers' own aux loss is switched off (``output_router_logits = False``): its routers are gone;
     ours is in each block's ``aux_loss`` (sum them with ``hf_aux_loss``).
@@ -314,7 +325,7 @@ def parallelize_hf_model(
     config = getattr(model, "config", None)
     for i, (name, block) in enumerate(blocks):
         layer = from_hf_block(
-            block, ep_group, balance_group, _layer_index(name, i), config, timing_hook, **overrides
+            block, ep_group, balance_group, _layer_index(name, i), config, timing_hook, placement, **overrides
         )
         _set_submodule(model, name, HFMoEBlock(layer))
     if config is not None and getattr(config, "output_router_logits", False):

@@ -1,7 +1,8 @@
 """The MoE layer: h = u + sum_i g_i FFN_i(u) [+ shared(u)] (the seed, plus DeepSeek-V3/Qwen2-MoE shared
 experts), expert-parallel over an optional EP group.
 
-Shape legend: T tokens, D model dim, N experts, K top-k, L local experts, P dispatched rows, S sequence.
+Shape legend: T tokens, D model dim, N logical experts, K top-k, L local slots, G global slots (EP size x
+L), P dispatched rows, S sequence.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from moe_dist.config import MoEConfig
 from moe_dist.dispatcher import AllToAllDispatcher, LocalDispatcher, plan_routes
 from moe_dist.errors import ConfigError
 from moe_dist.experts import GroupedExperts, SharedExperts
+from moe_dist.placement import Placement
 from moe_dist.router import Router
 from moe_dist.teardown import destroy_process_groups_at_exit
 from moe_dist.timing import TimingHook, stage_range
@@ -46,12 +48,18 @@ class MoELayer(nn.Module):
 
     Args:
         cfg: the layer's config.
-        ep_group: ranks the N experts are split across (N/R each, contiguous); None = all local.
+        ep_group: ranks the experts are spread across (by ``placement``); None = all local.
         balance_group: ranks whose tokens are pooled for f_i and P_i; None = no pooling.
         layer_idx: names the layer in profiler ranges, timing records and errors.
         timing_hook: the profiler's hook (see ``moe_dist.timing``); None = no timing.
         init_seed: seeds each expert's own init generator with (init_seed, layer_idx, expert id); None = the
             seed last given to ``torch.manual_seed``.
+        placement: which logical expert each of the EP group's slots holds (``moe_dist.placement``), the same
+            on every rank of the group; None = ``Placement.contiguous(N, EP size)``, N/R experts per rank.
+
+    Placement-related attributes: ``placement``, ``slot_experts`` (the logical id of each local slot, i.e.
+    of each row of ``experts.w1``/``w2``), ``owned_slots`` (local slots holding the first replica of their
+    expert: what a checkpoint writes and the grad norm counts), ``ep_group``, ``ep_rank``, ``ep_size``.
     """
 
     def __init__(
@@ -62,6 +70,7 @@ class MoELayer(nn.Module):
         layer_idx: int = 0,
         timing_hook: TimingHook | None = None,
         init_seed: int | None = None,
+        placement: Placement | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.layer_idx, self.balance_group = cfg, layer_idx, balance_group
@@ -71,15 +80,29 @@ class MoELayer(nn.Module):
                 f"moe.num_experts={cfg.num_experts} is not divisible by the EP group size {ep_size}"
             )
         ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
-        self.ep_size = ep_size
-        self.num_local = cfg.num_experts // ep_size
-        self.first_expert = ep_rank * self.num_local
+        if placement is None:
+            placement = Placement.contiguous(cfg.num_experts, ep_size)
+        if placement.num_experts != cfg.num_experts or placement.ep != ep_size:
+            raise ConfigError(
+                f"MoE layer {layer_idx}: the placement is for {placement.num_experts} experts over "
+                f"{placement.ep} EP rank(s), but the layer has {cfg.num_experts} over {ep_size}"
+            )
+        self.ep_group, self.ep_size, self.ep_rank = ep_group, ep_size, ep_rank
+        self.placement = placement
+        self.slot_experts: list[int] = list(placement.slot_expert_RS[ep_rank])
+        self.owned_slots: list[int] = placement.owned_slots(ep_rank)
         self.router = Router(cfg)
-        self.experts = GroupedExperts(self.num_local, cfg.d_model, cfg.d_ff, cfg.activation)
+        self.experts = GroupedExperts(len(self.slot_experts), cfg.d_model, cfg.d_ff, cfg.activation)
         # why initial_seed by default: the seed the caller gave torch.manual_seed (the trainer's train.seed),
         # read without drawing from the global stream, so dense init does not depend on the EP size either
         self.experts.init_experts(
-            self.first_expert, torch.initial_seed() if init_seed is None else init_seed, layer_idx
+            self.slot_experts, torch.initial_seed() if init_seed is None else init_seed, layer_idx
+        )
+        # the global slot this rank sends each logical expert's pairs to (one gather per forward)
+        self.register_buffer(
+            "route_slot_N",
+            torch.tensor(placement.route_table(ep_rank), dtype=torch.int64),
+            persistent=False,
         )
         # dense, replicated: outside ``self.experts`` so expert_params (EP-local grads) leaves it out
         self.shared_experts: SharedExperts | None = None
@@ -92,7 +115,7 @@ class MoELayer(nn.Module):
         if ep_group is not None and ep_size > 1:
             count_rows = self._count_rows(ep_group, balance_group, cfg.num_experts)
             self.dispatcher = AllToAllDispatcher(
-                cfg.num_experts, ep_group, layer_idx, timing_hook, count_rows
+                cfg.num_experts, ep_group, layer_idx, timing_hook, count_rows, placement
             )
         else:
             self.dispatcher = LocalDispatcher(cfg.num_experts, layer_idx, timing_hook)
@@ -132,9 +155,10 @@ class MoELayer(nn.Module):
         return [bal_ranks.index(g) for g in ep_ranks]
 
     def forward(self, x: Tensor) -> MoEOutput:
-        """1. route: scores, top-K and the balancing terms (one all-reduce over the balance group);
-        2. dispatch: permute pairs by expert and all-to-all them to the expert's rank;
-        3. experts: one grouped GEMM per projection over the local experts (and the dense shared experts
+        """1. route: scores, top-K and the balancing terms (one all-reduce over the balance group); each
+           pair's logical expert is mapped to the slot (replica) this rank sends it to;
+        2. dispatch: permute pairs by slot and all-to-all them to the slot's rank;
+        3. experts: one grouped GEMM per projection over the local slots (and the dense shared experts
            on every token of this rank);
         4. combine: all-to-all back, unpermute, weight by the gates, add the shared output and the residual.
 
@@ -163,9 +187,13 @@ class MoELayer(nn.Module):
     def _route(self, x_TD: Tensor, seq_len: int | None = None):
         with stage_range(self.layer_idx, "router"):
             route = self.router(x_TD)
+            slot_TK = self.route_slot_N[route.topk_idx_TK]
+            G = self.ep_size * len(self.slot_experts)
             plan = plan_routes(
-                route.topk_idx_TK, route.topk_scores_TK, self.cfg.num_experts, self.cfg.capacity_factor
+                slot_TK, route.topk_scores_TK, G, self.cfg.capacity_factor, self.cfg.num_experts
             )
+            # kept pairs per logical expert: each maps to exactly one slot of this rank's route table
+            kept_counts_N = plan.counts_G[self.route_slot_N] if self.count_row is not None else None
             bal: BalanceResult = balance_terms(
                 self.cfg,
                 route,
@@ -177,7 +205,7 @@ class MoELayer(nn.Module):
                 self.aux_coef if self.cfg.aux_loss_coef == "auto" else None,  # None: the config's float
                 seq_len,
                 self.count_row,
-                plan.counts_N,
+                kept_counts_N,
             )
         # why the graph-task check: activation recompute re-runs forward inside backward; counting it
         # again would double the step's counts (torchtitan PR #1593)

@@ -7,6 +7,7 @@ Shape legend: B batch, S sequence, D model dim, V vocab (256 bytes), H heads.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_dist.layer import MoELayer, MoEOutput
+from moe_dist.placement import Placement
 from moe_dist.run_config import ModelConfig
 from moe_dist.sync import dense_params
 from moe_dist.timing import TimingHook
@@ -49,7 +51,14 @@ class DenseFFN(nn.Module):
 
 class Block(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, idx: int, moe: bool, ep_group, balance_group, timing_hook: TimingHook | None
+        self,
+        cfg: ModelConfig,
+        idx: int,
+        moe: bool,
+        ep_group,
+        balance_group,
+        timing_hook: TimingHook | None,
+        placement: Placement | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.d_model)
@@ -58,7 +67,9 @@ class Block(nn.Module):
         if moe:
             # the block adds the residual stream itself: x + sum g FFN(norm(x)) is the seed's h = u + ...
             moe_cfg = dataclasses.replace(cfg.moe, residual=False)
-            self.ffn: nn.Module = MoELayer(moe_cfg, ep_group, balance_group, idx, timing_hook)
+            self.ffn: nn.Module = MoELayer(
+                moe_cfg, ep_group, balance_group, idx, timing_hook, placement=placement
+            )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff_dense)
 
@@ -81,15 +92,27 @@ class LMOutput:
 
 
 class MoETransformer(nn.Module):
+    """``placements``: one ``Placement`` for every MoE layer, or one per block index (missing: contiguous);
+    None = contiguous everywhere. Like the groups, it is handed in: the model knows nothing of ranks."""
+
     def __init__(
-        self, cfg: ModelConfig, ep_group=None, balance_group=None, timing_hook: TimingHook | None = None
+        self,
+        cfg: ModelConfig,
+        ep_group=None,
+        balance_group=None,
+        timing_hook: TimingHook | None = None,
+        placements: Placement | Mapping[int, Placement] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(VOCAB, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+
+        def placement(i: int) -> Placement | None:
+            return placements.get(i) if isinstance(placements, Mapping) else placements
+
         self.blocks = nn.ModuleList(
-            Block(cfg, i, (i + 1) % cfg.moe_every == 0, ep_group, balance_group, timing_hook)
+            Block(cfg, i, (i + 1) % cfg.moe_every == 0, ep_group, balance_group, timing_hook, placement(i))
             for i in range(cfg.n_layers)
         )
         self.norm = nn.RMSNorm(cfg.d_model)

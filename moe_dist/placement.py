@@ -21,6 +21,25 @@ from dataclasses import dataclass, field
 
 from moe_dist.errors import ConfigError
 
+DEEPSPEED_REFUSES_REPLICAS = (
+    "engine=deepspeed does not support replicated experts (parallel.redundant_experts > 0, or a placement "
+    "with an expert in several slots): DeepSpeed's expert-gradient reduction does not sum replicas, so "
+    "they would drift apart; use engine=torch or parallel.redundant_experts=0"
+)
+
+
+def check_redundant(num_experts: int, ep: int, redundant: int) -> None:
+    """Raise ConfigError unless ``redundant`` extra slots per rank fit N experts over ``ep`` ranks: 0, or
+    EP >= 2 and at most N - N/EP (a rank cannot hold an expert twice)."""
+    L = num_experts // ep
+    if not isinstance(redundant, int) or isinstance(redundant, bool):
+        raise ConfigError(f"parallel.redundant_experts must be an int, got {redundant!r}")
+    if redundant < 0 or (redundant > 0 and (ep < 2 or redundant > num_experts - L)):
+        raise ConfigError(
+            f"parallel.redundant_experts={redundant}: needs 0, or EP >= 2 and at most "
+            f"{num_experts - L} (the experts a rank does not already hold; N={num_experts}, EP={ep})"
+        )
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -32,7 +51,12 @@ class Placement:
     _replicas: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        rows = self.slot_expert_RS
+        # why normalise: lists (from JSON or a caller) would make the frozen table unhashable and mutable
+        try:
+            rows = tuple(tuple(int(e) for e in row) for row in self.slot_expert_RS)
+        except (TypeError, ValueError):
+            raise ConfigError(f"a placement is rows of expert ids, got {self.slot_expert_RS!r}") from None
+        object.__setattr__(self, "slot_expert_RS", rows)
         if not rows or any(len(row) != len(rows[0]) for row in rows) or not rows[0]:
             raise ConfigError(f"a placement needs the same number (>= 1) of slots on every rank, got {rows}")
         seen: dict[int, list[tuple[int, int]]] = {}
@@ -69,12 +93,8 @@ class Placement:
         replicas of the next rank's experts, until a balanced placement replaces them."""
         if num_experts % ep:
             raise ConfigError(f"moe.num_experts={num_experts} is not divisible by the EP size {ep}")
+        check_redundant(num_experts, ep, redundant)
         L = num_experts // ep
-        if redundant < 0 or (redundant > 0 and (ep < 2 or redundant > num_experts - L)):
-            raise ConfigError(
-                f"parallel.redundant_experts={redundant}: needs 0, or EP >= 2 and at most "
-                f"{num_experts - L} (the experts a rank does not already hold)"
-            )
         rows = []
         for r in range(ep):
             own = list(range(r * L, (r + 1) * L))
@@ -88,6 +108,19 @@ class Placement:
 
     def is_replicated(self) -> bool:
         return any(len(v) > 1 for v in self._replicas.values())
+
+    def replicated_experts(self) -> list[int]:
+        """Logical experts held by more than one slot, in id order."""
+        return [e for e in range(self.num_experts) if len(self._replicas[e]) > 1]
+
+    def owner(self, expert: int) -> tuple[int, int]:
+        """(rank, slot) of the first replica of ``expert`` in rank order: the copy a checkpoint writes and
+        the grad norm counts."""
+        return self._replicas[expert][0]
+
+    def owned_slots(self, rank: int) -> list[int]:
+        """Slots of ``rank`` that hold the first replica of their expert."""
+        return [s for s, e in enumerate(self.slot_expert_RS[rank]) if self.owner(e) == (rank, s)]
 
     def route_table(self, src_rank: int) -> list[int]:
         """Global slot id (r * S + s) that sender ``src_rank`` uses for each logical expert (module doc)."""
@@ -106,6 +139,10 @@ class Placement:
 
     def slot_loads(self, counts_RN: list[list[float]]) -> list[float]:
         """Rows each global slot receives when sender r sends counts_RN[r][i] pairs to expert i."""
+        if len(counts_RN) != self.ep or any(len(row) != self.num_experts for row in counts_RN):
+            raise ValueError(
+                f"slot_loads needs an [{self.ep}, {self.num_experts}] count matrix (EP ranks x experts)"
+            )
         loads = [0.0] * (self.ep * self.slots_per_rank)
         for r, row in enumerate(counts_RN):
             for e, g in enumerate(self.route_table(r)):

@@ -24,6 +24,7 @@ import yaml
 
 from moe_dist.config import MoEConfig, check_type
 from moe_dist.errors import ConfigError
+from moe_dist.placement import DEEPSPEED_REFUSES_REPLICAS, check_redundant
 
 
 class _Loader(yaml.SafeLoader):
@@ -131,6 +132,17 @@ class ParallelConfig:
     """"auto" (nccl with CUDA, else gloo), "gloo" or "nccl"."""
     timeout_s: float = 300.0
     """Collective timeout: a rank stuck in a collective fails after this long instead of hanging."""
+    placement: str = "contiguous"
+    """Which experts each EP rank holds (moe_dist/placement.py): "contiguous" (rank r holds experts
+    [r*N/ep, (r+1)*N/ep), plus ``redundant_experts`` replicas of the next rank's) or "balanced" (re-placed
+    from the measured loads every ``rebalance_every`` steps; until that loop lands it starts, and stays,
+    contiguous)."""
+    redundant_experts: int = 0
+    """Extra expert slots per EP rank, each holding a replica of an expert the rank does not hold (0 = no
+    replicas). Needs ep >= 2, at most N - N/ep, and engine=torch. Replicas share their expert's tokens; their
+    grads are summed over the EP group every step."""
+    rebalance_every: int = 0
+    """placement=balanced: steps between re-placements (> 0); must stay 0 with placement=contiguous."""
 
     def __post_init__(self) -> None:
         check_type("parallel", "ep", self.ep, (int,))
@@ -139,6 +151,23 @@ class ParallelConfig:
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"parallel.backend must be auto, gloo or nccl, got {self.backend!r}")
         _positive("parallel", self, "timeout_s")
+        if self.placement not in ("contiguous", "balanced"):
+            raise ConfigError(f"parallel.placement must be contiguous or balanced, got {self.placement!r}")
+        for name in ("redundant_experts", "rebalance_every"):
+            check_type("parallel", name, getattr(self, name), (int,))
+            _positive("parallel", self, name, allow_zero=True)
+        if self.placement == "balanced" and self.rebalance_every <= 0:
+            raise ConfigError("parallel.placement=balanced needs parallel.rebalance_every > 0 (steps)")
+        if self.placement == "contiguous" and self.rebalance_every:
+            raise ConfigError(
+                f"parallel.rebalance_every={self.rebalance_every} needs parallel.placement=balanced "
+                "(a contiguous placement is never re-placed)"
+            )
+        if self.redundant_experts and self.ep < 2:
+            raise ConfigError(
+                f"parallel.redundant_experts={self.redundant_experts} needs parallel.ep >= 2 (with one EP "
+                "rank every expert is already local)"
+            )
 
 
 @dataclass
@@ -353,6 +382,11 @@ class RunConfig:
         check_type("run", "out_dir", self.out_dir, (str,))
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty directory name, got {self.name!r}")
+        if self.engine == "deepspeed" and self.parallel.redundant_experts:
+            raise ConfigError(DEEPSPEED_REFUSES_REPLICAS)
+        n, ep = self.model.moe.num_experts, self.parallel.ep
+        if self.model.kind == "moe_dist" and n % ep == 0:  # else check_world names the divisibility
+            check_redundant(n, ep, self.parallel.redundant_experts)
 
     @property
     def run_dir(self) -> Path:
@@ -370,6 +404,7 @@ class RunConfig:
         if n % ep:
             what = "the HF config's expert count" if self.model.kind == "hf" else "model.moe.num_experts"
             raise ConfigError(f"{what}={n} is not divisible by parallel.ep={ep}")
+        check_redundant(n, ep, self.parallel.redundant_experts)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,11 +32,19 @@ from moe_dist.checkpoint import (
 )
 from moe_dist.data import Corpus
 from moe_dist.errors import ConfigError, NonFiniteError
-from moe_dist.global_state import join_model, join_optimizer, split_model, split_optimizer
+from moe_dist.global_state import (
+    join_model,
+    join_optimizer,
+    layer_placements,
+    owned_expert_ids,
+    split_model,
+    split_optimizer,
+)
 from moe_dist.layer import moe_layers, update_expert_biases
 from moe_dist.metrics import MetricsLogger, NullLogger
 from moe_dist.model import MoETransformer, active_params
 from moe_dist.parallel import ParallelLayout
+from moe_dist.placement import Placement
 from moe_dist.run_config import RunConfig, dump_config
 from profiling.straggler import StragglerProfiler
 
@@ -118,11 +126,12 @@ class Trainer:
         self.profiler = StragglerProfiler(
             cfg, self.rank, self.world, layout.ep, device, self.run_dir, self.metrics, moe_ids
         )
+        placement = self._placement()
         if hf_model is not None:
-            self.model = self._hf_lm(hf_model).to(device)
+            self.model = self._hf_lm(hf_model, placement).to(device)
         else:
             self.model = MoETransformer(
-                cfg.model, layout.ep_group, layout.balance_group, self.profiler.hook
+                cfg.model, layout.ep_group, layout.balance_group, self.profiler.hook, placement
             ).to(device)
         if cfg.engine == "deepspeed":
             from moe_dist.ds_engine import DeepSpeedEngine
@@ -164,12 +173,31 @@ class Trainer:
                 cfg.engine,
             )
 
-    def _hf_lm(self, hf_model):
+    def _placement(self) -> Placement:
+        """Every MoE layer's expert placement at start: contiguous, with ``parallel.redundant_experts``
+        replicas per rank (placement=balanced starts there too; its re-placement loop is not in yet)."""
+        p = self.cfg.parallel
+        if self.cfg.model.kind == "hf":
+            from moe_dist.hf import hf_num_experts
+
+            n = hf_num_experts(self.cfg.model.hf_config)
+        else:
+            n = self.cfg.model.moe.num_experts
+        if p.placement == "balanced" and self.rank == 0:
+            log.warning(
+                "parallel.placement=balanced: re-placement every %d steps is not implemented yet; the "
+                "experts keep the contiguous placement (with %d redundant slot(s) per rank)",
+                p.rebalance_every,
+                p.redundant_experts,
+            )
+        return Placement.contiguous(n, self.layout.ep, p.redundant_experts)
+
+    def _hf_lm(self, hf_model, placement: Placement | None = None):
         """model.kind=hf: the transformers LM with every sparse-MoE block made expert-parallel over the run's
         layout (global balancing, the straggler profiler's timing hook), behind the trainer's interface."""
         from moe_dist.hf import HFCausalLM, parallelize_hf_model
 
-        parallelize_hf_model(hf_model, self.layout, self.profiler.hook, **self.cfg.model.hf_moe)
+        parallelize_hf_model(hf_model, self.layout, self.profiler.hook, placement, **self.cfg.model.hf_moe)
         return HFCausalLM(hf_model)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -215,6 +243,7 @@ class Trainer:
             "log_sizes": self.metrics.sizes(),  # rank 0's JSONL sizes: a resume cuts replayed rows
             # the resume self-check: the val loss of exactly this model on the fixed validation set
             "val_check": {"val_loss": self._val_loss_now(), "val_sequences": self.cfg.train.val_sequences},
+            "placements": layer_placements(self.model),  # which expert each slot held (a resume can rebuild)
         }
         experts_file: dict[str, Any] = {"model": experts}
         if self.cfg.engine == "deepspeed":
@@ -229,13 +258,18 @@ class Trainer:
             files["dense.pt"] = dense_file
         if self.layout.dp_rank == 0:  # one copy of each EP rank's experts
             files[f"experts_ep{self.layout.ep_rank}.pt"] = experts_file
-        per = self.cfg.model.moe.num_experts // self.layout.ep
+        # why a covering range [lo, hi): exact for contiguous placements (a readable manifest, as before);
+        # with replicas a file's ids may have gaps, and a reader then verifies a file more, never one less
         meta = {
             "format": FORMAT,
             "world": self.world,
             "ep": self.layout.ep,
             "engine": self.cfg.engine,
-            "experts": {f"experts_ep{e}.pt": [e * per, (e + 1) * per] for e in range(self.layout.ep)},
+            "experts": {
+                f"experts_ep{e}.pt": [ids[0], ids[-1] + 1] if ids else [0, 0]
+                for e, ids in enumerate(owned_expert_ids(self.model))
+            },
+            "placements": layer_placements(self.model),
             "config_digest": self.cfg.digest(),
             "config": self.cfg.to_dict(),  # a resume names the keys that changed (moe_dist/resume.py)
         }
@@ -314,7 +348,10 @@ class Trainer:
         refusal = layout_refusal(manifest, self.world, self.layout.ep, self.cfg.engine)
         if refusal is not None:
             raise ConfigError(refusal)
-        return files_to_read(manifest, self.rank, self.world, self.layout.ep, self.cfg.model.moe.num_experts)
+        needed = sorted({e for m in moe_layers(self.model) for e in m.slot_experts})
+        return files_to_read(
+            manifest, self.rank, self.world, self.layout.ep, self.cfg.model.moe.num_experts, needed
+        )
 
     def _load_format1(self, files: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint from before per-expert files, at the layout that wrote it."""
@@ -333,6 +370,12 @@ class Trainer:
             if name in files:
                 experts.update(files[name]["model"])
                 experts_opt.update(files[name].get("optimizer", {}))
+        saved = dense.get("placements")
+        if saved is not None and saved != layer_placements(self.model) and self.rank == 0:
+            log.info(
+                "the checkpoint's expert placements differ from this launch's; each slot reads its expert "
+                "by id (weights and AdamW state), replicas included"
+            )
         try:
             self.model.load_state_dict(join_model(self.model, dense["model"], experts))
             own = files[f"rank{self.rank % int(manifest['world'])}.pt"]
@@ -596,7 +639,10 @@ class Trainer:
         self.metrics.log(
             self.step, {"tokens_per_expert": record["tokens_per_expert"]}, {}, jsonl="routing.jsonl"
         )
-        self.profiler.step_end(self.step, step_time, {"dropped": dropped, **self._padding(counts)})
+        extra = {"dropped": dropped, **self._padding(counts)}
+        if any(m.placement.is_replicated() for m in moe_layers(self.model)):
+            extra["replica_sync_ms"] = getattr(self.engine, "replica_sync_s", 0.0) * 1e3
+        self.profiler.step_end(self.step, step_time, extra)
         return record
 
     def _skip_step(self, t0: float, why: str) -> dict:

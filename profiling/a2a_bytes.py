@@ -23,6 +23,7 @@ import torch
 from moe_dist.data import Corpus
 from moe_dist.export_hf import load_run_model
 from moe_dist.layer import moe_layers
+from moe_dist.placement import Placement
 from moe_dist.run_config import load_config
 
 
@@ -50,7 +51,10 @@ def count(run_dir: Path, batches: int) -> dict:
                 with torch.no_grad():
                     model(x)
                 for layer, idx_TK in zip(layers, picks, strict=True):
-                    dest_TK = idx_TK // (layer.cfg.num_experts // ep)
+                    # the run's placement: the EP rank of the replica this source rank sends each pair to
+                    p = Placement.contiguous(layer.cfg.num_experts, ep, cfg.parallel.redundant_experts)
+                    route_N = torch.tensor(p.route_table(src))
+                    dest_TK = route_N[idx_TK] // p.slots_per_rank
                     remote_TK = dest_TK != src
                     pair += int(remote_TK.sum())
                     onehot_TR = torch.zeros(idx_TK.shape[0], ep, dtype=torch.bool)
