@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +50,69 @@ def test_bench_layer_smoke(tmp_path: Path) -> None:
     if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64"):
         assert rows[0]["host_allocator"] == "mimalloc"
     assert out.with_suffix(".md").read_text().startswith("| R | E | K |")
+
+
+# a MoE layer's cell: "ms (×dense [IQR]) peak MB"
+MOE_CELL = re.compile(r"^([\d.]+) \(([\d.]+)× \[([\d.]+), ([\d.]+)\]\) (\d+)$")
+
+
+@pytest.fixture(scope="module")
+def two_rank_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict[str, str]]:
+    """One tiny 2-rank run in bf16 with SwiGLU experts and every peer that is installed: (JSON rows,
+    {column head: cell} of the table's one line)."""
+    out = tmp_path_factory.mktemp("bench") / "b.json"
+    cmd = [sys.executable, "-m", "profiling.bench_layer", "--ranks", "2", "--experts", "4", "--topk", "2"]
+    cmd += ["--tokens", "64", "--d-model", "32", "--d-ff", "64", "--warmup", "1", "--iters", "2"]
+    cmd += ["--dtype", "bf16", "--activation", "swiglu", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    head, rule, line, *rest = out.with_suffix(".md").read_text().splitlines()
+    assert not rest, rest  # one configuration, one line
+    cells = dict(zip(_md_cells(head), _md_cells(line), strict=True))
+    return json.loads(out.read_text())["rows"], cells
+
+
+def _md_cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _moe_column(cells: dict[str, str], name: str, dense: str) -> str:
+    return cells[f"{name} ms (×{dense} [IQR]) MB"]
+
+
+def test_bench_layer_two_ranks_every_contestant(two_rank_bench) -> None:
+    """Our three layers, DeepSpeed's and a dense FFN per expert type are all in the table, with positive
+    finite figures; ours is compared with the SwiGLU dense FFN, DeepSpeed's GELU experts with the GELU one."""
+    rows, cells = two_rank_bench
+    assert len(rows) == 1 and rows[0]["dtype"] == "bf16" and rows[0]["activation"] == "swiglu"
+    assert cells["dtype"] == "bf16" and cells["ours act"] == "swiglu"
+    for dense in ("dense_swiglu", "dense"):
+        ms, mb = re.fullmatch(r"([\d.]+) \((\d+)\)", cells[f"{dense} ms (MB)"]).groups()
+        assert math.isfinite(float(ms)) and float(ms) > 0
+    expected = {"ours_dropless": "dense_swiglu", "ours_cf1.25": "dense_swiglu", "ours_nocomm": "dense_swiglu"}
+    expected["deepspeed_cf1.25"] = "dense"
+    for name, dense in expected.items():
+        m = MOE_CELL.match(_moe_column(cells, name, dense))
+        assert m, (name, cells)
+        assert all(math.isfinite(float(v)) and float(v) > 0 for v in m.groups()[:4]), (name, m.groups())
+        assert rows[0][f"{name}_dense"] == dense
+        for key in ("_ms", "_vs_dense", "_peak_mb", "_cpu_ms"):
+            assert math.isfinite(rows[0][name + key]) and rows[0][name + key] > 0, name + key
+    if importlib.util.find_spec("torchtitan") is None:
+        assert not any(k.startswith("torchtitan") for k in rows[0])  # skipped, not failed
+
+
+def test_bench_layer_two_ranks_torchtitan(two_rank_bench) -> None:
+    """torchtitan's layer (SwiGLU experts, EP over both ranks) against the SwiGLU dense layer."""
+    pytest.importorskip("torchtitan")
+    rows, cells = two_rank_bench
+    m = MOE_CELL.match(_moe_column(cells, "torchtitan", "dense_swiglu"))
+    assert m, cells
+    assert all(math.isfinite(float(v)) and float(v) > 0 for v in m.groups()[:4]), m.groups()
+    assert rows[0]["torchtitan_dense"] == "dense_swiglu"
+    for key in ("_ms", "_vs_dense", "_peak_mb", "_cpu_ms"):
+        assert math.isfinite(rows[0]["torchtitan" + key]) and rows[0]["torchtitan" + key] > 0, key
 
 
 def test_kineto_markers_are_dropped_and_other_stderr_kept(capfd: pytest.CaptureFixture[str]) -> None:
