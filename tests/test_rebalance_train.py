@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_dist.checkpoint import load_obj
+from moe_dist.config import MoEConfig
 from moe_dist.errors import ConfigError
+from moe_dist.layer import MoELayer
+from moe_dist.placement import Placement
 from moe_dist.run_config import config_from_dict
 from tests.distributed import run_ranks
 from tests.train_workers import fp64_runs_worker, tiny
@@ -59,7 +63,7 @@ def runs(tmp_path_factory) -> dict:
         (dict(moved, name="resumed"), ("resume", "moved", 3)),
     ]
     per_rank = run_ranks(fp64_runs_worker, 4, plan, timeout=600)
-    res = {}
+    res: dict = {"out": out}
     for i, name in enumerate(("moved", "still", "resumed")):
         res[name] = {
             "ranks": [r[i] for r in per_rank],
@@ -147,6 +151,10 @@ def test_resume_after_a_rebalance_is_bit_exact(runs: dict) -> None:
             assert la["placement"] == lb["placement"]
             for k in la["t"]:
                 assert torch.equal(la["t"][k], lb["t"][k]), k
+    # the step-3 checkpoint holds the window opened by the rebalance after step 2: step 3's pairs alone
+    window = load_obj(runs["out"] / "moved" / "checkpoints" / "step_00000003" / "dense.pt")["rebalance"]
+    assert window["since"] == 2 and window["counts_LRN"].shape == (2, 2, N)
+    assert window["counts_LRN"].sum(dim=(1, 2)).tolist() == [256.0, 256.0]  # top_k x 128 tokens, per layer
     st = {r["step"]: r for r in resumed["straggler"]}
     assert (
         st[STEPS - 1]["placement_version"]
@@ -161,3 +169,18 @@ def test_deepspeed_refuses_balanced_placement_in_one_line() -> None:
         )
     msg = str(e.value)
     assert "\n" not in msg and "engine=deepspeed" in msg and "placement=balanced" in msg, msg
+
+
+def test_set_placement_switches_tables_and_refuses_another_shape() -> None:
+    """A layer without an EP group (one rank): the slot table, owned slots and route table follow; the
+    stacked slots are left alone; another number of experts, ranks or slots is refused."""
+    layer = MoELayer(MoEConfig(num_experts=4, d_model=8, d_ff=8, top_k=2), init_seed=0)
+    w1 = layer.experts.w1.detach().clone()
+    p = Placement(4, ((3, 1, 0, 2),), version=5)
+    layer.set_placement(p)
+    assert layer.placement is p and layer.slot_experts == [3, 1, 0, 2] and layer.owned_slots == [0, 1, 2, 3]
+    assert layer.route_slot_N.tolist() == [2, 1, 3, 0]
+    assert torch.equal(layer.experts.w1, w1)
+    for bad in (Placement(4, ((0, 1), (2, 3))), Placement(2, ((0, 1),)), Placement(5, ((0, 1, 2, 3, 4),))):
+        with pytest.raises(ConfigError, match="must keep 4 experts over 1 EP rank"):
+            layer.set_placement(bad)
