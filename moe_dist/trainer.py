@@ -465,6 +465,8 @@ class Trainer:
         files = self._read_on_every_rank(ckpt, self._names_for(manifest))
         if manifest.get("format", 1) < FORMAT:
             state = self._load_format1(files)
+            if self.rebalancer is not None:  # format 1 stored no window
+                self.rebalancer.reset(int(state["step"]))
         else:
             state = self._load_global(files, manifest)
         if self.controller is not None and state.get("controller"):
