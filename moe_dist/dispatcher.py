@@ -173,10 +173,16 @@ class AllToAllDispatcher(LocalDispatcher):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.placement = placement if placement is not None else Placement.contiguous(num_experts, self.world)
-        R, S = self.world, self.placement.slots_per_rank
-        self.num_slots = S
         self.count_rows = count_rows
+        self.set_placement(
+            placement if placement is not None else Placement.contiguous(num_experts, self.world)
+        )
+
+    def set_placement(self, placement: Placement) -> None:
+        """Dispatch by ``placement`` from the next call on (``MoELayer.set_placement`` validates it)."""
+        self.placement = placement
+        R, S = self.world, placement.slots_per_rank
+        self.num_slots = S
         # why every sender's table: all ranks know all tables, so the [R, N] count block alone sizes every
         # buffer; a sender's pairs of expert e all go to one global slot g = r * S + s
         tables = [self.placement.route_table(q) for q in range(R)]

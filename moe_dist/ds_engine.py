@@ -15,7 +15,7 @@ from moe_dist.engine import autocast_ctx, lr_lambda, param_groups
 from moe_dist.errors import ConfigError
 from moe_dist.layer import moe_layers
 from moe_dist.parallel import ParallelLayout
-from moe_dist.placement import DEEPSPEED_REFUSES_REPLICAS
+from moe_dist.placement import DEEPSPEED_REFUSES_BALANCED, DEEPSPEED_REFUSES_REPLICAS
 from moe_dist.run_config import RunConfig
 from moe_dist.sync import expert_params
 
@@ -90,6 +90,8 @@ class DeepSpeedEngine:
         self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
     ) -> None:
         refuse_replicas(model)  # before deepspeed is imported or touches a group
+        if cfg is not None and cfg.parallel.placement == "balanced":  # RunConfig refuses it first
+            raise ConfigError(DEEPSPEED_REFUSES_BALANCED)
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         from deepspeed.utils import groups

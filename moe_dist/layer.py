@@ -104,6 +104,11 @@ class MoELayer(nn.Module):
             torch.tensor(placement.route_table(ep_rank), dtype=torch.int64),
             persistent=False,
         )
+        # the rebalance window: kept pairs this rank sent to each logical expert (training forwards) since
+        # the owner last zeroed it. why fp64: integer counts stay exact (to 2^53) under any summation order
+        self.register_buffer(
+            "sent_counts_N", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False
+        )
         # dense, replicated: outside ``self.experts`` so expert_params (EP-local grads) leaves it out
         self.shared_experts: SharedExperts | None = None
         if cfg.num_shared_experts > 0:
@@ -137,6 +142,32 @@ class MoELayer(nn.Module):
                 "gradient, so it is reported but trains nothing",
                 stacklevel=2,
             )
+
+    def set_placement(self, placement: Placement) -> None:
+        """Switch to ``placement``: the slot table, owned slots, route table and the dispatcher's splits. The
+        slot tensors (weights, optimizer state) are not touched: ``moe_dist.migrate.migrate_layers`` moves
+        them and then calls this; a checkpoint load calls it before reading the slots by expert id.
+
+        The number of experts, EP ranks and slots per rank must stay: the stacked slots keep their shape.
+        """
+        old = self.placement
+        if (placement.num_experts, placement.ep, placement.slots_per_rank) != (
+            old.num_experts,
+            old.ep,
+            old.slots_per_rank,
+        ):
+            raise ConfigError(
+                f"MoE layer {self.layer_idx}: a new placement must keep {old.num_experts} experts over "
+                f"{old.ep} EP rank(s) x {old.slots_per_rank} slots, got {placement.num_experts} over "
+                f"{placement.ep} x {placement.slots_per_rank}"
+            )
+        self.placement = placement
+        self.slot_experts = list(placement.slot_expert_RS[self.ep_rank])
+        self.owned_slots = placement.owned_slots(self.ep_rank)
+        table = torch.tensor(placement.route_table(self.ep_rank), dtype=torch.int64)
+        self.route_slot_N.copy_(table)  # why copy_: the buffer keeps its device
+        if isinstance(self.dispatcher, AllToAllDispatcher):
+            self.dispatcher.set_placement(placement)
 
     def _count_rows(self, ep_group, balance_group, num_experts: int) -> list[int] | None:
         """Rows of the EP-group members in the balance group, when the dispatch counts can ride the
@@ -212,6 +243,7 @@ class MoELayer(nn.Module):
         if self.training and torch._C._current_graph_task_id() == -1:
             self.window_counts += bal.counts_N
             self.window_tokens += bal.stats.num_tokens.to(torch.float64)
+            self.sent_counts_N += plan.counts_G[self.route_slot_N].to(torch.float64)
         return route, plan, bal
 
     def _experts(self, x_PD: Tensor, counts_L: Tensor) -> Tensor:

@@ -27,6 +27,12 @@ DEEPSPEED_REFUSES_REPLICAS = (
     "they would drift apart; use engine=torch or parallel.redundant_experts=0"
 )
 
+DEEPSPEED_REFUSES_BALANCED = (
+    "engine=deepspeed does not support parallel.placement=balanced: moving experts between ranks mid-run "
+    "would have to move DeepSpeed's partitioned optimizer state too; use engine=torch or "
+    "parallel.placement=contiguous"
+)
+
 
 def check_redundant(num_experts: int, ep: int, redundant: int) -> None:
     """Raise ConfigError unless ``redundant`` extra slots per rank fit N experts over ``ep`` ranks: 0, or

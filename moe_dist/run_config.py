@@ -24,7 +24,7 @@ import yaml
 
 from moe_dist.config import MoEConfig, check_type
 from moe_dist.errors import ConfigError
-from moe_dist.placement import DEEPSPEED_REFUSES_REPLICAS, check_redundant
+from moe_dist.placement import DEEPSPEED_REFUSES_BALANCED, DEEPSPEED_REFUSES_REPLICAS, check_redundant
 
 
 class _Loader(yaml.SafeLoader):
@@ -134,9 +134,9 @@ class ParallelConfig:
     """Collective timeout: a rank stuck in a collective fails after this long instead of hanging."""
     placement: str = "contiguous"
     """Which experts each EP rank holds (moe_dist/placement.py): "contiguous" (rank r holds experts
-    [r*N/ep, (r+1)*N/ep), plus ``redundant_experts`` replicas of the next rank's) or "balanced" (re-placed
-    from the measured loads every ``rebalance_every`` steps; until that loop lands it starts, and stays,
-    contiguous)."""
+    [r*N/ep, (r+1)*N/ep), plus ``redundant_experts`` replicas of the next rank's) or "balanced" (starts
+    contiguous, then re-placed from the measured loads every ``rebalance_every`` steps, weights and AdamW
+    state moved exactly: moe_dist/rebalance_loop.py; engine=torch only)."""
     redundant_experts: int = 0
     """Extra expert slots per EP rank, each holding a replica of an expert the rank does not hold (0 = no
     replicas). Needs ep >= 2, at most N - N/ep, and engine=torch. Replicas share their expert's tokens; their
@@ -384,6 +384,8 @@ class RunConfig:
             raise ConfigError(f"name must be a non-empty directory name, got {self.name!r}")
         if self.engine == "deepspeed" and self.parallel.redundant_experts:
             raise ConfigError(DEEPSPEED_REFUSES_REPLICAS)
+        if self.engine == "deepspeed" and self.parallel.placement == "balanced":
+            raise ConfigError(DEEPSPEED_REFUSES_BALANCED)
         n, ep = self.model.moe.num_experts, self.parallel.ep
         if self.model.kind == "moe_dist" and n % ep == 0:  # else check_world names the divisibility
             check_redundant(n, ep, self.parallel.redundant_experts)

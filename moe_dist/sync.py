@@ -111,8 +111,11 @@ def broadcast_parameters(module: nn.Module, dense_group=None, expert_dp_group=No
     if world == 1:
         return
     destroy_process_groups_at_exit()
-    # why not the route tables: each rank's own (they differ by rank under a replicated placement)
-    local = {id(b) for m in moe_layers(module) for b in [*m.experts.buffers(), m.route_slot_N]}
+    # why not the route tables and dispatch counts: each rank's own (route tables differ by rank under a
+    # replicated placement; the counts are of this rank's tokens)
+    local = {
+        id(b) for m in moe_layers(module) for b in [*m.experts.buffers(), m.route_slot_N, m.sent_counts_N]
+    }
     dense = dense_params(module) + [b for b in module.buffers() if id(b) not in local]
     _broadcast_from_first(dense, dense_group)
     if expert_dp_group is not None and replicas > 1:

@@ -45,6 +45,7 @@ from moe_dist.metrics import MetricsLogger, NullLogger
 from moe_dist.model import MoETransformer, active_params
 from moe_dist.parallel import ParallelLayout
 from moe_dist.placement import Placement
+from moe_dist.rebalance_loop import RebalanceLoop
 from moe_dist.run_config import RunConfig, dump_config
 from profiling.straggler import StragglerProfiler
 
@@ -92,6 +93,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in fp32 for the loss; fp32 and fp64 as they are (why: an fp64 model, as the
+    tests build one, keeps its loss in fp64)."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def load_stats(counts: torch.Tensor) -> dict[str, float]:
@@ -142,6 +149,9 @@ class Trainer:
 
             self.engine = TorchEngine(self.model, cfg, layout, device)
         self.collapse = CollapseMonitor(cfg.train.collapse_patience, self.rank)
+        self.rebalancer: RebalanceLoop | None = None
+        if cfg.parallel.placement == "balanced":  # the DeepSpeed engine refused it above (config check)
+            self.rebalancer = RebalanceLoop(moe_layers(self.model), layout, cfg.parallel.rebalance_every)
         self.controller = None
         if any(m.cfg.aux_loss_coef == "auto" for m in moe_layers(self.model)):
             self.controller = AuxController(cfg.auto_aux, moe_layers(self.model))
@@ -175,7 +185,8 @@ class Trainer:
 
     def _placement(self) -> Placement:
         """Every MoE layer's expert placement at start: contiguous, with ``parallel.redundant_experts``
-        replicas per rank (placement=balanced starts there too; its re-placement loop is not in yet)."""
+        replicas per rank (placement=balanced starts there too; ``RebalanceLoop`` re-places it; a resume
+        switches to the checkpoint's placements, ``_stored_placements``)."""
         p = self.cfg.parallel
         if self.cfg.model.kind == "hf":
             from moe_dist.hf import hf_num_experts
@@ -183,13 +194,6 @@ class Trainer:
             n = hf_num_experts(self.cfg.model.hf_config)
         else:
             n = self.cfg.model.moe.num_experts
-        if p.placement == "balanced" and self.rank == 0:
-            log.warning(
-                "parallel.placement=balanced: re-placement every %d steps is not implemented yet; the "
-                "experts keep the contiguous placement (with %d redundant slot(s) per rank)",
-                p.rebalance_every,
-                p.redundant_experts,
-            )
         return Placement.contiguous(n, self.layout.ep, p.redundant_experts)
 
     def _hf_lm(self, hf_model, placement: Placement | None = None):
@@ -243,7 +247,9 @@ class Trainer:
             "log_sizes": self.metrics.sizes(),  # rank 0's JSONL sizes: a resume cuts replayed rows
             # the resume self-check: the val loss of exactly this model on the fixed validation set
             "val_check": {"val_loss": self._val_loss_now(), "val_sequences": self.cfg.train.val_sequences},
-            "placements": layer_placements(self.model),  # which expert each slot held (a resume can rebuild)
+            "placements": layer_placements(self.model),  # which expert each slot held (a resume rebuilds)
+            # the rebalance window so far (collective): a resume rebalances on the same counts
+            "rebalance": self.rebalancer.state_dict() if self.rebalancer is not None else None,
         }
         experts_file: dict[str, Any] = {"model": experts}
         if self.cfg.engine == "deepspeed":
@@ -344,11 +350,32 @@ class Trainer:
         assert files is not None
         return files
 
+    def _stored_placements(self, manifest: dict) -> list[Placement] | None:
+        """The checkpoint's placement of every MoE layer (layer order), when a resume rebuilds with them:
+        the torch engine, and every layer with the same experts, EP size and slots per rank as this launch.
+        None otherwise (a reshard, another redundant_experts): the config's contiguous placement is kept and
+        each slot reads its expert by id."""
+        stored = manifest.get("placements")
+        ids = {id(m) for m in moe_layers(self.model)}
+        named = [(n, m) for n, m in self.model.named_modules() if id(m) in ids]
+        if self.cfg.engine != "torch" or not stored or set(stored) != {n for n, _ in named}:
+            return None
+        out = [Placement.from_dict(stored[n]) for n, _ in named]
+        for p, (_, m) in zip(out, named, strict=True):
+            have = m.placement
+            if (p.num_experts, p.ep, p.slots_per_rank) != (have.num_experts, have.ep, have.slots_per_rank):
+                return None
+        return out
+
     def _names_for(self, manifest: dict) -> list[str]:
         refusal = layout_refusal(manifest, self.world, self.layout.ep, self.cfg.engine)
         if refusal is not None:
             raise ConfigError(refusal)
-        needed = sorted({e for m in moe_layers(self.model) for e in m.slot_experts})
+        stored = self._stored_placements(manifest)
+        if stored is not None:  # the slots this rank will hold once the stored placements are set
+            needed = sorted({e for p in stored for e in p.slot_expert_RS[self.layout.ep_rank]})
+        else:
+            needed = sorted({e for m in moe_layers(self.model) for e in m.slot_experts})
         return files_to_read(
             manifest, self.rank, self.world, self.layout.ep, self.cfg.model.moe.num_experts, needed
         )
@@ -371,11 +398,25 @@ class Trainer:
                 experts.update(files[name]["model"])
                 experts_opt.update(files[name].get("optimizer", {}))
         saved = dense.get("placements")
-        if saved is not None and saved != layer_placements(self.model) and self.rank == 0:
+        stored = self._stored_placements(manifest)
+        if stored is not None:
+            # why set before loading: the slots then read the experts they held when saved, so a resume
+            # after a rebalance continues bit-exactly (the stored version carries on too)
+            for m, p in zip(moe_layers(self.model), stored, strict=True):
+                m.set_placement(p)
+        elif saved is not None and saved != layer_placements(self.model) and self.rank == 0:
             log.info(
-                "the checkpoint's expert placements differ from this launch's; each slot reads its expert "
-                "by id (weights and AdamW state), replicas included"
+                "the checkpoint's expert placements do not fit this launch (EP size or slots per rank "
+                "changed): the config's contiguous placement; each slot reads its expert by id (weights and "
+                "AdamW state), replicas included"
             )
+        if self.rebalancer is not None:
+            window = dense.get("rebalance")
+            restored = stored is not None and window is not None and self.rebalancer.load_state_dict(window)
+            if not restored:
+                self.rebalancer.reset(int(dense["step"]))
+                if self.rank == 0:
+                    log.info("the rebalance window restarts at the resumed step %d", dense["step"])
         try:
             self.model.load_state_dict(join_model(self.model, dense["model"], experts))
             own = files[f"rank{self.rank % int(manifest['world'])}.pt"]
@@ -424,6 +465,8 @@ class Trainer:
         files = self._read_on_every_rank(ckpt, self._names_for(manifest))
         if manifest.get("format", 1) < FORMAT:
             state = self._load_format1(files)
+            if self.rebalancer is not None:  # format 1 stored no window
+                self.rebalancer.reset(int(state["step"]))
         else:
             state = self._load_global(files, manifest)
         if self.controller is not None and state.get("controller"):
@@ -583,9 +626,8 @@ class Trainer:
                 out = self.engine.forward(x.to(self.device))
             except NonFiniteError as e:
                 return self._skip_step(t0, str(e))
-            ce = F.cross_entropy(
-                out.logits_BSV.float().reshape(-1, out.logits_BSV.shape[-1]), y.to(self.device).reshape(-1)
-            )
+            logits = _upcast(out.logits_BSV)
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1))
             # why all-reduce here: every rank must take the same skip/raise decision before backward
             (ce_global,) = self.mean_over_ranks([float(ce.detach())])
             if not math.isfinite(ce_global):
@@ -604,6 +646,9 @@ class Trainer:
         lr = self.engine.lr
         counts = update_expert_biases(self.model)  # the step's global counts per layer
         alphas = self.controller.update(counts) if self.controller is not None else None
+        placed: dict = {}
+        if self.rebalancer is not None and self.rebalancer.due(self.step + 1):
+            placed = self.rebalancer.rebalance(self.step + 1, self.engine.optimizer)
         loss, aux, self.stop_flag, *local_maxvio = self.mean_over_ranks(
             [ce_sum / t.grad_accum, aux_sum / t.grad_accum, float(self._sigterm), *local_maxvio]
         )
@@ -636,12 +681,20 @@ class Trainer:
         scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
         record["tokens_per_expert"] = [c.long().tolist() for c in counts]
         self.metrics.log(self.step, record, scalars)
-        self.metrics.log(
-            self.step, {"tokens_per_expert": record["tokens_per_expert"]}, {}, jsonl="routing.jsonl"
-        )
+        routing = {"tokens_per_expert": record["tokens_per_expert"]}
+        if placed:  # the window's mean per-sender counts, for profiling.whatif_placement
+            routing.update(
+                tokens_per_expert_RN=placed["tokens_per_expert_RN"],
+                rebalance_window_steps=placed["rebalance_window_steps"],
+            )
+        self.metrics.log(self.step, routing, {}, jsonl="routing.jsonl")
         extra = {"dropped": dropped, **self._padding(counts)}
-        if any(m.placement.is_replicated() for m in moe_layers(self.model)):
+        replicated = any(m.placement.is_replicated() for m in moe_layers(self.model))
+        if replicated or self.rebalancer is not None:
             extra["replica_sync_ms"] = getattr(self.engine, "replica_sync_s", 0.0) * 1e3
+            extra["placement_version"] = max(m.placement.version for m in moe_layers(self.model))
+            extra["migration_ms"] = placed.get("migration_ms", 0.0)
+            extra["migration_bytes"] = placed.get("migration_bytes", 0)
         self.profiler.step_end(self.step, step_time, extra)
         return record
 
@@ -702,7 +755,7 @@ class Trainer:
                 log.warning("evaluation: %s", e)
                 total = float("nan")
                 break
-            logits = out.logits_BSV.float()
+            logits = _upcast(out.logits_BSV)
             ce = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1), reduction="none"
             )

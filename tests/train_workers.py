@@ -109,3 +109,52 @@ def train_worker(rank: int, world: int, cfg_dict: dict) -> dict:
     cfg = config_from_dict(cfg_dict)
     layout = ParallelLayout.build(cfg.parallel.ep)
     return Trainer(cfg, layout, torch.device("cpu")).train()
+
+
+def _expert_state(trainer) -> list[dict]:
+    """Per MoE layer: the placement, this rank's slot table, and every stacked expert tensor with its AdamW
+    exp_avg / exp_avg_sq (cloned)."""
+    from moe_dist.layer import moe_layers
+
+    opt = trainer.engine.optimizer
+    out = []
+    for m in moe_layers(trainer.model):
+        tensors = {}
+        for name, p in m.experts.named_parameters():
+            tensors[name] = p.detach().clone()
+            for k in ("exp_avg", "exp_avg_sq"):
+                tensors[f"{name}.{k}"] = opt.state[p][k].clone()
+        out.append({"placement": m.placement.to_dict(), "slot_experts": list(m.slot_experts), "t": tensors})
+    return out
+
+
+def fp64_runs_worker(rank: int, world: int, runs: list[tuple[dict, tuple | None]]) -> list[dict]:
+    """Several fp64 training runs in turn, in one launch (each launch costs every rank a start-up). A run's
+    second item, ("resume", src, step), first makes its run directory a copy of run ``src`` cut back to the
+    checkpoint of ``step`` (rank 0, then a barrier). Returns per run the summary and ``_expert_state``."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from moe_dist.trainer import Trainer
+
+    torch.set_default_dtype(torch.float64)  # why: placements change summation orders; fp64 keeps it ~1e-15
+    results = []
+    for cfg_dict, prep in runs:
+        cfg = config_from_dict(cfg_dict)
+        if prep is not None and rank == 0:
+            _, src, step = prep
+            src_dir = Path(cfg.out_dir) / src
+            shutil.copytree(src_dir, cfg.run_dir)
+            for ckpt in (cfg.run_dir / "checkpoints").glob("step_*"):
+                if int(ckpt.name.split("_")[1]) > step:
+                    shutil.rmtree(ckpt)
+            (cfg.run_dir / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+            (cfg.run_dir / "summary.json").unlink()
+        dist.barrier()
+        layout = ParallelLayout.build(cfg.parallel.ep)
+        trainer = Trainer(cfg, layout, torch.device("cpu"))
+        summary = trainer.train()
+        results.append({"summary": summary, "ep_rank": layout.ep_rank, "layers": _expert_state(trainer)})
+    return results
