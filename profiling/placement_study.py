@@ -386,9 +386,13 @@ def whatif_rows(res: dict, rows: list[dict], out: Path) -> tuple[list[dict], dic
     return preds, bw
 
 
-def ratio_cell(x: float) -> str:
-    """A ratio, or a dash where the prediction is 0 (a predicted perfect balance has no ratio)."""
-    return "–" if x != x else f"{x:.2f}"
+MIN_PREDICTED_FRAC = 0.01
+"""Below this predicted straggler share the measured / predicted ratio is not shown (a predicted perfect
+balance, 0 or a rounding residue, has no meaningful ratio; the difference in points is shown instead)."""
+
+
+def ratio_cell(measured: float, predicted: float) -> str:
+    return "–" if predicted < MIN_PREDICTED_FRAC else f"{measured / predicted:.2f}"
 
 
 def markdown(rows: list[dict], preds: list[dict], bw: dict) -> str:
@@ -416,15 +420,16 @@ def markdown(rows: list[dict], preds: list[dict], bw: dict) -> str:
         "both; shares are ratios of means:",
         "",
         "| max/mean load | placement | measured straggler % | predicted straggler % | measured / predicted | "
-        "measured step ms | predicted step ms | predicted sync ms | "
+        "difference (points) | measured step ms | predicted step ms | predicted sync ms | "
         f"predicted straggler % at {GPU_FACTOR:g}× | predicted step ms at {GPU_FACTOR:g}× |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r, p in zip(rows, preds, strict=True):
-        m, g = p["measured"], p[tag]
+        m, g, meas = p["measured"], p[tag], r["mean_straggler_frac"]
         lines.append(
             f"| {r['load']:.2f} | {r['placement']} | {100 * r['mean_straggler_frac']:.1f}% | "
-            f"{100 * m['straggler_frac']:.1f}% | {ratio_cell(p['measured_over_predicted_frac'])} | "
+            f"{100 * m['straggler_frac']:.1f}% | {ratio_cell(meas, m['straggler_frac'])} | "
+            f"{100 * (meas - m['straggler_frac']):+.1f} | "
             f"{r['mean_step_ms']:.1f} | {m['step_ms']:.1f} | {m['replica_sync_ms']:.1f} | "
             f"{100 * g['straggler_frac']:.1f}% | {g['step_ms']:.1f} |"
         )
