@@ -262,12 +262,18 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], q[1], q[2]
 
 
-def summarize(cell: dict, contiguous: dict) -> dict:
+def paired(cell: dict, ref: dict) -> tuple[float, float, float]:
+    """Quartiles of the per-round step ratios cell / ref (round i of each: the same slice of machine time)."""
+    return quartiles([a / b for a, b in zip(cell["step_ms_steps"], ref["step_ms_steps"], strict=True)])
+
+
+def summarize(cell: dict, contiguous: dict, repacked: dict | None) -> dict:
+    """One table row; ``repacked`` is the same load's balanced+0 cell (None: not measured)."""
     recs = cell["records"]
     places = [Placement.from_dict(p) for p in cell["placements"]]
     pred = [load_ratio(p.rank_loads(c)) for p, c in zip(places, cell["counts"], strict=True)]
-    ratios = [a / b for a, b in zip(cell["step_ms_steps"], contiguous["step_ms_steps"], strict=True)]
-    lo, mid, hi = quartiles(ratios)
+    lo, mid, hi = paired(cell, contiguous)
+    vs_repacked = paired(cell, repacked) if repacked is not None and cell["redundant"] else None
     sync = cell["sync_ms_steps"]
     return {
         "load": cell["load"],
@@ -279,6 +285,9 @@ def summarize(cell: dict, contiguous: dict) -> dict:
         "step_ms": statistics.median(cell["step_ms_steps"]),
         "vs_contiguous": mid,
         "vs_contiguous_iqr": [lo, hi],
+        "vs_balanced0": None if vs_repacked is None else vs_repacked[1],
+        "vs_balanced0_iqr": None if vs_repacked is None else [vs_repacked[0], vs_repacked[2]],
+        "step_ms_steps": cell["step_ms_steps"],
         "straggler_ms": statistics.median(r["straggler_ms"] for r in recs),
         "straggler_frac": statistics.median(r["straggler_frac"] for r in recs),
         "token_explained_frac": statistics.median(r["token_explained_frac"] for r in recs),
@@ -395,19 +404,26 @@ def ratio_cell(measured: float, predicted: float) -> str:
     return "–" if predicted < MIN_PREDICTED_FRAC else f"{measured / predicted:.2f}"
 
 
+def vs_cell(r: dict) -> str:
+    if r.get("vs_balanced0") is None:
+        return "–"
+    lo, hi = r["vs_balanced0_iqr"]
+    return f"{r['vs_balanced0']:.2f}× [{lo:.2f}, {hi:.2f}]"
+
+
 def markdown(rows: list[dict], preds: list[dict], bw: dict) -> str:
     lines = [
         "| max/mean load | placement | predicted max/mean | measured max/mean | step ms | "
-        "×contiguous [IQR] | straggler ms | straggler % of step | replica-sync ms (min–max over ranks) | "
-        "migration ms | migration MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "×contiguous [IQR] | ×balanced+0 [IQR] | straggler ms | straggler % of step | "
+        "replica-sync ms (min–max over ranks) | migration ms | migration MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lo, hi = r["vs_contiguous_iqr"]
         lines.append(
             f"| {r['load']:.2f} | {r['placement']} | {r['predicted_load_ratio']:.2f} | "
             f"{r['measured_load_ratio']:.2f} | {r['step_ms']:.1f} | "
-            f"{r['vs_contiguous']:.2f}× [{lo:.2f}, {hi:.2f}] | "
+            f"{r['vs_contiguous']:.2f}× [{lo:.2f}, {hi:.2f}] | {vs_cell(r)} | "
             f"{r['straggler_ms']:.1f} | {100 * r['straggler_frac']:.0f}% | "
             f"{r['replica_sync_ms_min']:.1f}–{r['replica_sync_ms_max']:.1f} | {r['migration_ms']:.1f} | "
             f"{r['migration_bytes'] / 1e6:.2f} |"
@@ -441,7 +457,8 @@ def report(res: dict, out: Path, meta: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cells = res["cells"]
     contiguous = {c["load"]: c for c in cells if c["redundant"] is None}
-    rows = [summarize(c, contiguous[c["load"]]) for c in cells]
+    repacked = {c["load"]: c for c in cells if c["redundant"] == 0}
+    rows = [summarize(c, contiguous[c["load"]], repacked.get(c["load"])) for c in cells]
     preds, bw = whatif_rows(res, rows, out)
     table = markdown(rows, preds, bw)
     doc = {"meta": {**(meta or {}), "world": res["world"], "options": res["options"]}, "rows": rows}
