@@ -183,13 +183,9 @@ def measure_migration(
     """Migrate every layer from Placement.contiguous(N, R, K) to ``new`` (one all-to-all), ``reps`` times on
     the same source tensors; check the moved weights against ``target``'s layers, which hold ``new``."""
     old = Placement.contiguous(new[0].num_experts, world, new[0].redundant)
-    torch.manual_seed(0)  # the same expert init as every PlacedExperiment
-    jobs = [
-        Job(t, old, p)
-        for t, p in zip(
-            migration_slot_tensors(build_layers(spec, world, None, [old] * len(new)), rank), new, strict=True
-        )
-    ]
+    torch.manual_seed(0)  # why: the same expert init as every PlacedExperiment
+    source = migration_slot_tensors(build_layers(spec, world, None, [old] * len(new)), rank)
+    jobs = [Job(t, old, p) for t, p in zip(source, new, strict=True)]
     group = dist.group.WORLD if world > 1 else None
     secs, busiest = [], 0.0
     for _ in range(reps):
