@@ -40,6 +40,9 @@ class SweepSpec:
     d_ff: int = 512
     experts_per_rank: int = 2
     top_k: int = 2
+    hot_experts: int | None = None
+    """How many of rank 0's experts take the hot tokens (their K picks cycle over them); None = all L. The
+    excess lies on ONE expert (1: only replicas spread it) or on all of rank 0's (L: re-packing helps)."""
     layers: int = 2
     steps: int = 8
     warmup: int = 2
@@ -50,16 +53,19 @@ class SweepSpec:
 def routed_inputs(spec: SweepSpec, rank: int, world: int) -> torch.Tensor:
     """Tokens whose top-K is set by construction (see the module docstring)."""
     L, K, T, D = spec.experts_per_rank, spec.top_k, spec.tokens, spec.d_model
+    H = L if spec.hot_experts is None else spec.hot_experts
     N = L * world
-    if not 1.0 <= spec.load <= world or K > L or N >= D:
-        raise ValueError(f"need 1 <= load <= {world}, top_k <= experts_per_rank, N < d_model; got {spec}")
+    if not 1.0 <= spec.load <= world or not K <= H <= L or N >= D:
+        raise ValueError(
+            f"need 1 <= load <= {world}, top_k <= hot_experts <= experts_per_rank, N < d_model; got {spec}"
+        )
     hot = round(T * spec.load / world)
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(T, D, generator=g) * 0.1
     others = list(range(L, N))
     for t in range(T):
         if t < hot:
-            chosen = [(t + k) % L for k in range(K)]
+            chosen = [(t + k) % H for k in range(K)]
         else:
             chosen = [others[(t * K + k) % len(others)] for k in range(K)] if others else list(range(K))
         for i, e in enumerate(chosen):
@@ -67,7 +73,9 @@ def routed_inputs(spec: SweepSpec, rank: int, world: int) -> torch.Tensor:
     return x
 
 
-def build_layers(spec: SweepSpec, world: int, hook) -> list[MoELayer]:
+def build_layers(spec: SweepSpec, world: int, hook, placements: list | None = None) -> list[MoELayer]:
+    """``spec.layers`` stacked layers with the one-hot router; ``placements[i]`` (a ``Placement``) for layer
+    i, or the contiguous layout when None."""
     N = spec.experts_per_rank * world
     cfg = MoEConfig(
         d_model=spec.d_model,
@@ -80,7 +88,10 @@ def build_layers(spec: SweepSpec, world: int, hook) -> list[MoELayer]:
     group = dist.group.WORLD if world > 1 else None
     layers = []
     for i in range(spec.layers):
-        layer = MoELayer(cfg, ep_group=group, balance_group=group, layer_idx=i, timing_hook=hook)
+        place = placements[i] if placements is not None else None
+        layer = MoELayer(
+            cfg, ep_group=group, balance_group=group, layer_idx=i, timing_hook=hook, placement=place
+        )
         with torch.no_grad():
             layer.router.weight.zero_()
             layer.router.weight[:, :N] = torch.eye(N)
