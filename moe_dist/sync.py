@@ -135,7 +135,9 @@ def owned_expert_grads(module: nn.Module) -> list[Tensor]:
             if not layer.placement.is_replicated():
                 out.append(p.grad)
             else:
-                out.append(p.grad.index_select(0, torch.tensor(layer.owned_slots, device=p.grad.device)))
+                # a rank may own no expert (all its slots replicas): the index is then empty, still int64
+                owned = torch.tensor(layer.owned_slots, dtype=torch.long, device=p.grad.device)
+                out.append(p.grad.index_select(0, owned))
     return out
 
 

@@ -126,7 +126,7 @@ def replica_sync_worker(
     from moe_dist.ds_engine import DeepSpeedEngine
     from moe_dist.global_state import join_model, join_optimizer, split_model, split_optimizer
     from moe_dist.parallel import ParallelLayout
-    from moe_dist.sync import broadcast_parameters, sync_gradients
+    from moe_dist.sync import broadcast_parameters, owned_expert_grads, sync_gradients
 
     t = make_tensors(case)
     results = []
@@ -154,6 +154,8 @@ def replica_sync_worker(
             ((out.hidden * t["cot"][rank]).sum() + out.aux_loss).backward()
             sync_s.append(sync_gradients(layer, layout.world_group, layout.edp_group))
             if step == 0:
+                # the grad norm's expert part: each expert once over the EP group (a rank may own none)
+                res["owned_sq"] = sum(float(g.square().sum()) for g in owned_expert_grads(layer))
                 res["grad_w1"] = layer.experts.w1.grad.clone()
                 res["grad_w2"] = layer.experts.w2.grad.clone()
                 res["grad_router"] = layer.router.weight.grad.clone()

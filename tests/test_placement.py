@@ -134,7 +134,9 @@ SYNC_CASE = Case("sync", dict(BASE, capacity_factor=None), [12, 20, 9, 15], seed
 SYNC_LAYOUTS = [
     (4, random_placement(N, 4, 2, 7).to_dict()),  # EP 4
     (2, Placement(N, ((0, 1, 2, 3, 4, 6), (4, 5, 6, 7, 0, 1))).to_dict()),  # EP 2 x DP 2
+    (2, Placement(N, (tuple(range(N)), tuple(range(N)))).to_dict()),  # EP 2 x DP 2; rank 1 owns no expert
 ]
+SYNC_IDS = ["ep4", "ep2xdp2", "ep2xdp2-all-replicated"]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def sync_results() -> list:
     return [rank_out["sync"] for rank_out in results_for(4)]
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["ep4", "ep2xdp2"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=SYNC_IDS)
 def test_replicas_stay_bitwise_equal_after_sync_and_adamw(sync_results: list, which: int) -> None:
     ep, pdict = SYNC_LAYOUTS[which]
     placement = Placement.from_dict(pdict)
@@ -160,6 +162,11 @@ def test_replicas_stay_bitwise_equal_after_sync_and_adamw(sync_results: list, wh
             close(got["grad_w2"][s], ref["grad_w2"][e] / world, f"rank {r} slot {s} (expert {e}) W2 grad")
         close(got["grad_router"], ref["grad_router"] / world, f"rank {r} router grad")
         assert all(s > 0 for s in got["sync_s"]), got["sync_s"]  # seconds, reported per call
+    # the grad norm counts each logical expert once per EP group, whichever rank owns it
+    want_sq = sum(float((ref[k] / world).square().sum()) for k in ("grad_w1", "grad_w2"))
+    for dp in range(world // ep):
+        got_sq = sum(got["owned_sq"] for got in per_rank[dp * ep : (dp + 1) * ep])
+        assert got_sq == pytest.approx(want_sq, rel=1e-9), (dp, got_sq, want_sq)
     for e in range(N):
         copies = [(got, s) for got in per_rank for s, x in enumerate(got["slot_experts"]) if x == e]
         assert len(copies) == len(placement.replicas(e)) * (world // ep)
@@ -174,7 +181,7 @@ def test_replicas_stay_bitwise_equal_after_sync_and_adamw(sync_results: list, wh
         assert not torch.equal(got0["slots"]["w1"][s0], t["w1"][e])
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["ep4", "ep2xdp2"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=SYNC_IDS)
 def test_checkpoint_writes_each_expert_once_and_reloads_bit_exact(sync_results: list, which: int) -> None:
     ep, pdict = SYNC_LAYOUTS[which]
     placement = Placement.from_dict(pdict)
