@@ -109,3 +109,8 @@ def train_worker(rank: int, world: int, cfg_dict: dict) -> dict:
     cfg = config_from_dict(cfg_dict)
     layout = ParallelLayout.build(cfg.parallel.ep)
     return Trainer(cfg, layout, torch.device("cpu")).train()
+
+
+def train_each_worker(rank: int, world: int, cfg_dicts: list[dict]) -> list[dict]:
+    """``train_worker`` on each config in turn, in the same ranks (one spawn instead of one per run)."""
+    return [train_worker(rank, world, cfg_dict) for cfg_dict in cfg_dicts]
