@@ -13,7 +13,7 @@ from moe_dist import MoEConfig, MoELayer
 from moe_dist.balance_controller import AuxController
 from moe_dist.run_config import AutoAuxConfig
 from tests.distributed import run_ranks
-from tests.train_workers import tiny, train_worker
+from tests.train_workers import tiny, train_each_worker
 
 STEPS = 120
 
@@ -32,10 +32,13 @@ def _cfg(tmp: Path, name: str, coef) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The alpha = 0 run and the auto-alpha run, one after the other in the same two spawned ranks (each
+    Trainer seeds itself and builds its own groups; one spawn saves a second start of two ranks)."""
     tmp = tmp_path_factory.mktemp("study")
+    methods = (("alpha0", 0.0), ("auto", "auto"))
+    summaries = run_ranks(train_each_worker, 2, [_cfg(tmp, n, c) for n, c in methods], timeout=400)[0]
     out = {}
-    for name, coef in (("alpha0", 0.0), ("auto", "auto")):
-        summary = run_ranks(train_worker, 2, _cfg(tmp, name, coef), timeout=300)[0]
+    for (name, _), summary in zip(methods, summaries, strict=True):
         recs = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
         out[name] = (summary, [r for r in recs if "loss" in r])
     return out

@@ -7,20 +7,24 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from moe_dist.checkpoint import CheckpointError, UnsafeCheckpointError, load_obj
 from tests.distributed import run_ranks
-from tests.train_workers import deepspeed_cmd, tiny, train_worker
+from tests.shared_runs import (
+    RESUMED_FROM,
+    AuditedRun,
+    SharedRun,
+    ep2_config,
+    launch_deepspeed,
+    write_ds_config,
+)
+from tests.train_workers import train_worker
 
-ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = f"{os.system.__module__}.system"  # how the pickle names os.system: posix.system on Linux
 
 
@@ -103,19 +107,16 @@ def test_spawn_refuses_a_result_that_would_run_code(tmp_path: Path) -> None:
     assert not (tmp_path / "marker").exists()
 
 
-def test_torch_engine_resume_refuses_a_crafted_shard(tmp_path: Path) -> None:
+def test_torch_engine_resume_refuses_a_crafted_shard(torch_ep2_run: SharedRun, tmp_path: Path) -> None:
     """rank1.pt of the newest checkpoint carries a payload and a matching manifest: both ranks raise
     UnsafeCheckpointError naming that file and posix.system, nothing runs, the run directory is as it was
     (config.yaml included: the resumed config differs, so a rewrite would show), and no older checkpoint
-    is used instead."""
-    train = {"steps": 2, "ckpt_every": 1, "keep_last": 5}
-    cfg = tiny(out_dir=str(tmp_path), name="a", parallel={"ep": 2}, train=train)
-    run_ranks(train_worker, 2, cfg)
-    run, marker = tmp_path / "a", tmp_path / "marker"
+    is used instead. The run is a copy of the session's shared torch-engine run cut back to step 2."""
+    run, marker = torch_ep2_run.copy(tmp_path / "a", until=2), tmp_path / "marker"
     shard = run / "checkpoints" / "step_00000002" / "rank1.pt"
     _craft(shard, marker)
     before = _snapshot(run)
-    res = run_ranks(train_worker, 2, dict(cfg, train={**cfg["train"], "steps": 4}), expect_errors=True)
+    res = run_ranks(train_worker, 2, ep2_config(tmp_path, train={"steps": 4}), expect_errors=True)
     for status, msg in res:
         assert status == "error", msg
         first = msg.splitlines()[0]
@@ -124,62 +125,31 @@ def test_torch_engine_resume_refuses_a_crafted_shard(tmp_path: Path) -> None:
     assert _snapshot(run) == before
 
 
-_AUDIT = """
-import os, torch
-_load = torch.load
-def _audited(*args, **kwargs):
-    with open(os.environ["LOAD_AUDIT"], "a") as f:
-        f.write(f"{os.getpid()} weights_only={kwargs.get('weights_only')!r}\\n")
-    return _load(*args, **kwargs)
-torch.load = _audited
-"""
-
-
-def _deepspeed(cfg: Path, name: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run(
-        deepspeed_cmd(cfg, name), env=env, cwd=ROOT, capture_output=True, text=True, timeout=400
-    )
-
-
-def test_deepspeed_resume_loads_weights_only_and_refuses_a_crafted_shard(tmp_path: Path) -> None:
+def test_deepspeed_resume_loads_weights_only_and_refuses_a_crafted_shard(
+    ds_zero2_resumed: AuditedRun, ds_zero2_run: SharedRun, tmp_path: Path
+) -> None:
     """engine=deepspeed, ZeRO-2 (its optimizer state holds DeepSpeed objects). A normal resume succeeds
     with every torch.load in every process made with weights_only=True (DeepSpeed's own checkpoint engine,
     which unpickles everything, is never used). A crafted rank1.pt is refused on both ranks, runs nothing,
-    and leaves the run directory as it was."""
-    pytest.importorskip("deepspeed")
+    and leaves the run directory as it was.
+
+    The normal resume is the session's shared one (tests/shared_runs.py: the shared ZeRO-2 run cut back to
+    step 3 and resumed with every torch.load logged); the crafted shard is in a copy of the shared run cut
+    back to step 2, launched with train.steps=3."""
     from moe_dist.ds_engine import checkpoint_globals
 
-    cfg = tmp_path / "cfg.yaml"
-
-    def write_cfg(steps: int) -> None:
-        sections = dict(parallel={"ep": 2}, engine="deepspeed", deepspeed={"zero_stage": 2})
-        train = {"steps": steps, "ckpt_every": 1, "keep_last": 5}
-        cfg.write_text(yaml.safe_dump(tiny(out_dir=str(tmp_path), train=train, **sections)))
-
-    write_cfg(2)
-    p = _deepspeed(cfg, "a")
-    assert p.returncode == 0, p.stderr[-5000:]
-    run = tmp_path / "a"
-    shutil.copytree(run, tmp_path / "b")
-
-    write_cfg(3)
-    audit_dir, audit = tmp_path / "audit", tmp_path / "loads.txt"
-    audit_dir.mkdir()
-    (audit_dir / "sitecustomize.py").write_text(_AUDIT)
-    pythonpath = os.pathsep.join([str(audit_dir), os.environ.get("PYTHONPATH", str(ROOT))])
-    p = _deepspeed(cfg, "b", {"PYTHONPATH": pythonpath, "LOAD_AUDIT": str(audit)})
-    assert p.returncode == 0, p.stderr[-5000:]
-    assert "resumed from" in p.stderr and "at step 2" in p.stderr, p.stderr[-3000:]
-    loads = audit.read_text().splitlines()
+    stderr = ds_zero2_resumed.stderr
+    assert "resumed from" in stderr and f"at step {RESUMED_FROM}" in stderr, stderr[-3000:]
+    loads = ds_zero2_resumed.loads
     assert len(loads) == 6, loads  # dense, experts and rank file on each of 2 ranks
     assert all(line.endswith("weights_only=True") for line in loads), loads
 
-    marker = tmp_path / "marker"
+    run, marker = ds_zero2_run.copy(tmp_path / "a", until=2), tmp_path / "marker"
+    cfg = write_ds_config(tmp_path, steps=3)
     shard = run / "checkpoints" / "step_00000002" / "rank1.pt"
     _craft(shard, marker, checkpoint_globals())
     before = _snapshot(run)
-    p = _deepspeed(cfg, "a")
+    p = launch_deepspeed(cfg, "a")
     assert p.returncode != 0
     out = p.stdout + p.stderr
     line = f"UnsafeCheckpointError: refused checkpoint file {shard}: it holds {SYSTEM},"

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -207,7 +206,9 @@ HF_TINY = {
 def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
     """torchrun, 2 ranks, EP=2, model.kind=hf: steps 4-6 after a resume from step 3 equal the uninterrupted
     run's; the deepspeed launcher with engine=deepspeed (ZeRO-2) gives the same losses; the exported directory
-    loads with from_pretrained and gives our model's logits."""
+    loads with from_pretrained and gives our model's logits. The export is ``python -m moe_dist.export_hf``'s
+    ``main`` called with the command's arguments in this process (a subprocess would only add an interpreter
+    start and the imports of torch and transformers)."""
     import yaml
 
     cfg = tiny(
@@ -245,10 +246,11 @@ def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
         assert json.loads((runs / "ds" / "summary.json").read_text())["engine"] == "deepspeed"
 
     out = tmp_path / "export"
-    _run([sys.executable, "-m", "moe_dist.export_hf", str(tmp_path / "runs" / "full"), str(out)], tmp_path)
     from transformers import AutoModelForCausalLM
 
-    from moe_dist.export_hf import load_run_model
+    from moe_dist.export_hf import load_run_model, main
+
+    main([str(tmp_path / "runs" / "full"), str(out)])  # the command's own argv, in-process
 
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     ours = load_run_model(tmp_path / "runs" / "full").eval()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from moe_dist.data import Corpus
 from moe_dist.run_config import DataConfig
 from tests.distributed import run_ranks
 from tests.reshard_workers import probed_run
+from tests.shared_runs import SHARED_STEPS, SharedRun, write_ds_config
 from tests.train_workers import deepspeed_cmd, tiny, train_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,19 +132,17 @@ def test_a_permuted_expert_fails_the_resume_check(saved_runs: dict, tmp_path: Pa
     assert [c["resume_check"] for c in checks] == ["fail"] and checks[0]["rel_diff"] > 1e-5
 
 
-def test_deepspeed_checkpoint_at_another_layout_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_deepspeed_checkpoint_at_another_layout_is_refused_in_one_line(
+    ds_zero2_run: SharedRun, tmp_path: Path
+) -> None:
     """engine=deepspeed (ZeRO-2) resumed with EP 2 -> 1: every rank prints one line naming DeepSpeed's
-    universal-checkpoint conversion and exits 2, before any process group exists."""
+    universal-checkpoint conversion and exits 2, before any process group exists. The checkpoint is a
+    copy of the session's shared ZeRO-2 run (tests/shared_runs.py)."""
     pytest.importorskip("deepspeed")
-    cfg = tmp_path / "cfg.yaml"
-    sections = dict(parallel={"ep": 2}, engine="deepspeed", deepspeed={"zero_stage": 2}, train={"steps": 2})
-    cfg.write_text(yaml.safe_dump(tiny(out_dir=str(tmp_path), **sections)))
+    cfg = write_ds_config(tmp_path)
+    ds_zero2_run.copy(tmp_path / "d")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(
-        deepspeed_cmd(cfg, "d"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=400
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    cmd = deepspeed_cmd(cfg, "d", "parallel.ep=1", "train.steps=4")
+    cmd = deepspeed_cmd(cfg, "d", "parallel.ep=1", f"train.steps={SHARED_STEPS + 2}")
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     out = p.stdout + p.stderr
     assert p.returncode != 0

@@ -18,6 +18,7 @@ from moe_dist.errors import ConfigError
 from moe_dist.model import MoETransformer
 from moe_dist.run_config import config_from_dict, load_config
 from tests.distributed import run_ranks
+from tests.shared_runs import RESUMED_FROM, SHARED_STEPS, SharedRun, ep2_config, write_ds_config
 from tests.train_workers import deepspeed_cmd, grad_sync_worker, tiny, torchrun_cmd, train_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,22 +96,17 @@ def test_learning_and_run_directory(tmp_path: Path) -> None:
     assert json.loads((run / "summary.json").read_text())["mean_maxvio_per_layer"]
 
 
-def test_resume_is_exact_and_survives_a_corrupt_shard(tmp_path: Path) -> None:
-    """Run 6 steps with checkpoints at 3 and 6. Copy the run, corrupt a shard of step 6: the resumed run
-    must name the file, fall back to step 3, and reproduce steps 4-6 bit for bit."""
-    cfg = tiny(
-        out_dir=str(tmp_path),
-        name="a",
-        parallel={"ep": 2},
-        train={"steps": 6, "ckpt_every": 3, "keep_last": 5},
-    )
-    run_ranks(train_worker, 2, cfg)
-    a, b = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(a, b)
+def test_resume_is_exact_and_survives_a_corrupt_shard(torch_ep2_run: SharedRun, tmp_path: Path) -> None:
+    """A 6-step run with checkpoints at 3 and 6 (a copy of the session's shared torch-engine run without
+    its checkpoints of steps 1, 2, 4 and 5). Corrupt a shard of step 6: the resumed run must name the
+    file, fall back to step 3, and reproduce steps 4-6 bit for bit."""
+    a, b = torch_ep2_run.path, torch_ep2_run.copy(tmp_path / "b")
+    for step in (1, 2, 4, 5):
+        shutil.rmtree(b / "checkpoints" / f"step_{step:08d}")
     (b / "metrics.jsonl").write_text("")
     shard = b / "checkpoints" / "step_00000006" / "rank1.pt"
     shard.write_bytes(shard.read_bytes()[:-10])
-    run_ranks(train_worker, 2, dict(cfg, name="b"))
+    run_ranks(train_worker, 2, ep2_config(tmp_path, "b"))
     got = {r["step"]: r for r in _read_metrics(b) if "loss" in r}
     want = {r["step"]: r for r in _read_metrics(a) if "loss" in r}
     assert sorted(got) == [3, 4, 5]
@@ -129,10 +125,12 @@ def _as_format1(run: Path) -> None:
         mpath.write_text(json.dumps(manifest))
 
 
-def test_format1_checkpoint_at_another_layout_is_a_clear_error(tmp_path: Path) -> None:
-    cfg = tiny(out_dir=str(tmp_path), name="a", parallel={"ep": 2}, train={"steps": 2})
-    run_ranks(train_worker, 2, cfg)
-    _as_format1(tmp_path / "a")
+def test_format1_checkpoint_at_another_layout_is_a_clear_error(
+    torch_ep2_run: SharedRun, tmp_path: Path
+) -> None:
+    """A copy of the session's shared EP=2 run, its manifests made format 1, resumed at EP=1."""
+    _as_format1(torch_ep2_run.copy(tmp_path / "a"))
+    cfg = ep2_config(tmp_path)
     res = run_ranks(train_worker, 2, dict(cfg, parallel={**cfg["parallel"], "ep": 1}), expect_errors=True)
     for status, msg in res:
         assert status == "error" and "ConfigError" in msg and "world=2, ep=2" in msg, msg
@@ -182,33 +180,46 @@ def _launch(cmd: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.
     return p
 
 
-def _yaml(tmp_path: Path, **sections) -> Path:
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(tiny(out_dir=str(tmp_path), **sections)))
-    return path
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared runs' config (``shared_runs.write_ds_config``) launched by torchrun with engine=torch."""
+    root = tmp_path_factory.mktemp("torchrun")
+    _launch([*torchrun_cmd(write_ds_config(root), "t"), "engine=torch"], root)
+    return root / "t"
 
 
-def test_torchrun_launch(tmp_path: Path) -> None:
-    cfg = _yaml(tmp_path, parallel={"ep": 2})
-    _launch(torchrun_cmd(cfg, "tr"), tmp_path)
-    s = json.loads((tmp_path / "tr" / "summary.json").read_text())
-    assert s["steps"] == 4 and s["engine"] == "torch" and s["ep"] == 2
+def test_torchrun_launch(torchrun_run: Path) -> None:
+    s = json.loads((torchrun_run / "summary.json").read_text())
+    assert s["steps"] == SHARED_STEPS and s["engine"] == "torch" and s["ep"] == 2
 
 
-def test_deepspeed_launch_matches_torch_engine(tmp_path: Path) -> None:
+def test_deepspeed_launch_matches_torch_engine(
+    torchrun_run: Path, ds_zero2_run: SharedRun, tmp_path: Path
+) -> None:
     """Same seed and config under both engines and ZeRO stages 0-2: per-step losses are equal. They were
     bit-identical when measured (same reduction groups, same fp32 AdamW); we allow 1e-6 relative so that a
-    DeepSpeed release that re-buckets its all-reduce does not fail for summation order alone."""
+    DeepSpeed release that re-buckets its all-reduce does not fail for summation order alone.
+
+    The torch-engine run is test_torchrun_launch's and the ZeRO-2 run the session's shared one
+    (tests/shared_runs.py); ZeRO 0 and 1 run here on the same config file, overriding only the stage.
+    The runs have 6 steps; the first 5 losses are compared, as when this test ran 5 steps of its own:
+    step 5 (0-based 4) is the first whose grad norm exceeds optim.grad_clip (1.04 > 1.0), and under
+    ZeRO 0, which clips with DeepSpeed's own code, the loss of step 6 then differs from the torch
+    engine's by 1.4e-6 relative (ZeRO 1/2 stay bit-identical; with grad_clip=100 all four are)."""
     pytest.importorskip("deepspeed")
-    cfg = _yaml(tmp_path, parallel={"ep": 2}, train={"steps": 5})
-    _launch(torchrun_cmd(cfg, "t"), tmp_path)
-    t = [r["loss"] for r in _read_metrics(tmp_path / "t") if "loss" in r]
-    assert len(t) == 5
-    for zero in (0, 1, 2):
-        _launch(deepspeed_cmd(cfg, f"d{zero}", "engine=deepspeed", f"deepspeed.zero_stage={zero}"), tmp_path)
-        d = [r["loss"] for r in _read_metrics(tmp_path / f"d{zero}") if "loss" in r]
-        assert d == pytest.approx(t, rel=1e-6), f"ZeRO stage {zero}"
-        assert json.loads((tmp_path / f"d{zero}" / "summary.json").read_text())["engine"] == "deepspeed"
+    compared = 5
+    cfg = write_ds_config(tmp_path)
+    t = [r["loss"] for r in _read_metrics(torchrun_run) if "loss" in r]
+    assert len(t) == SHARED_STEPS
+    runs = {0: tmp_path / "d0", 1: tmp_path / "d1", 2: ds_zero2_run.path}
+    for zero, run in runs.items():
+        if zero != 2:
+            _launch(deepspeed_cmd(cfg, run.name, f"deepspeed.zero_stage={zero}"), tmp_path)
+        d = [r["loss"] for r in _read_metrics(run) if "loss" in r]
+        assert len(d) == SHARED_STEPS, f"ZeRO stage {zero}"
+        assert d[:compared] == pytest.approx(t[:compared], rel=1e-6), f"ZeRO stage {zero}"
+        assert json.loads((run / "summary.json").read_text())["engine"] == "deepspeed"
+        assert yaml.safe_load((run / "config.yaml").read_text())["deepspeed"]["zero_stage"] == zero
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -217,30 +228,12 @@ def test_shipped_configs_validate(path: Path) -> None:
     cfg.check_world(2 * cfg.parallel.ep)  # any world that the EP size divides
 
 
-def test_deepspeed_zero2_resume_is_exact(tmp_path: Path) -> None:
-    """engine=deepspeed with ZeRO-2: drop the step-6 checkpoint of a 6-step run and resume from step 3;
-    steps 4-6 repeat the uninterrupted run's losses exactly."""
-    pytest.importorskip("deepspeed")
-    cfg = _yaml(
-        tmp_path,
-        parallel={"ep": 2},
-        engine="deepspeed",
-        deepspeed={"zero_stage": 2},
-        train={"steps": 6, "ckpt_every": 3, "keep_last": 5},
-    )
-
-    def launch(name: str) -> None:
-        _launch(deepspeed_cmd(cfg, name), tmp_path)
-
-    launch("a")
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    (tmp_path / "b" / "metrics.jsonl").write_text("")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
-    (tmp_path / "b" / "checkpoints" / "latest").write_text("step_00000003")
-    launch("b")
-    want = {r["step"]: r["loss"] for r in _read_metrics(tmp_path / "a") if "loss" in r}
-    got = {r["step"]: r["loss"] for r in _read_metrics(tmp_path / "b") if "loss" in r}
-    assert sorted(got) == [3, 4, 5] and all(got[s] == want[s] for s in got), (got, want)
+def test_deepspeed_zero2_resume_is_exact(ds_zero2_run: SharedRun, ds_zero2_resumed: SharedRun) -> None:
+    """engine=deepspeed with ZeRO-2: the session's shared 6-step run, cut back to its step-3 checkpoint and
+    resumed (tests/shared_runs.py), repeats the uninterrupted run's losses of steps 4-6 exactly."""
+    want = {r["step"]: r["loss"] for r in _read_metrics(ds_zero2_run.path) if "loss" in r}
+    got = {r["step"]: r["loss"] for r in _read_metrics(ds_zero2_resumed.path) if "loss" in r}
+    assert RESUMED_FROM == 3 and sorted(got) == [3, 4, 5] and all(got[s] == want[s] for s in got), (got, want)
 
 
 def test_text_corpus_with_relative_globs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

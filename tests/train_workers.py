@@ -158,3 +158,8 @@ def fp64_runs_worker(rank: int, world: int, runs: list[tuple[dict, tuple | None]
         summary = trainer.train()
         results.append({"summary": summary, "ep_rank": layout.ep_rank, "layers": _expert_state(trainer)})
     return results
+
+
+def train_each_worker(rank: int, world: int, cfg_dicts: list[dict]) -> list[dict]:
+    """``train_worker`` on each config in turn, in the same ranks (one spawn instead of one per run)."""
+    return [train_worker(rank, world, cfg_dict) for cfg_dict in cfg_dicts]
