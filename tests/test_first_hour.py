@@ -3,7 +3,6 @@ resume, a corrupt checkpoint, replayed steps, no launcher, numbers in YAML, the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import yaml
 
 from moe_dist.errors import ConfigError
 from moe_dist.run_config import load_config
+from tests.shared_runs import snapshot
 from tests.train_workers import tiny, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,19 +45,6 @@ def _single(cfg: Path, *overrides: str, timeout: float = 180) -> subprocess.Comp
 def _torchrun(cfg: Path, name: str, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [*torchrun_cmd(cfg, name, nproc=nproc), *overrides]
     return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def _snapshot(run: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file under the run directory: size, mtime and content hash."""
-    return {
-        str(p.relative_to(run)): (
-            p.stat().st_size,
-            p.stat().st_mtime_ns,
-            hashlib.sha256(p.read_bytes()).hexdigest(),
-        )
-        for p in sorted(run.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _rows(path: Path) -> list[dict]:
@@ -114,13 +101,13 @@ def test_numbers_in_scientific_notation_load(tmp_path: Path) -> None:
 def test_rerunning_a_finished_run_keeps_its_results(finished_single: Path, tmp_path: Path) -> None:
     cfg = _copy(finished_single, tmp_path / "w")
     run = tmp_path / "w" / "runs" / "tiny"
-    before = _snapshot(run)
+    before = snapshot(run)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_val_loss"] is not None and max(summary["mean_maxvio_per_layer"]) > 0
     p = _single(cfg)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "already complete at step 4" in p.stderr
-    assert _snapshot(run) == before  # summary, metrics, checkpoints, TensorBoard: not one byte moved
+    assert snapshot(run) == before  # summary, metrics, checkpoints, TensorBoard: not one byte moved
 
 
 def test_resume_under_another_config_names_the_keys(finished_single: Path, tmp_path: Path) -> None:
@@ -128,11 +115,11 @@ def test_resume_under_another_config_names_the_keys(finished_single: Path, tmp_p
     warning that names them."""
     cfg = _copy(finished_single, tmp_path / "w")
     run = tmp_path / "w" / "runs" / "tiny"
-    before = _snapshot(run)
+    before = snapshot(run)
     p = _single(cfg, "model.moe.top_k=1", "train.steps=6")
     assert p.returncode == 2, p.stderr[-3000:]
     assert "model.moe.top_k: 2 -> 1" in p.stderr and "Traceback" not in p.stderr
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     p = _single(cfg, "optim.lr=1e-3", "train.steps=6")
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"changed config: optim\.lr: 0\.003 -> 0\.001; train\.steps: 4 -> 6", p.stderr)
@@ -165,7 +152,7 @@ def test_refused_layout_change_is_one_line_per_rank_and_changes_nothing(
         manifest = json.loads(text)
         del manifest["format"], manifest["experts"]
         path.write_text(json.dumps(manifest))
-    before = _snapshot(run)
+    before = snapshot(run)
     for nproc, extra in ((4, ["train.steps=6"]), (2, ["parallel.ep=1", "train.steps=6"])):
         p = _torchrun(cfg, "tiny", *extra, nproc=nproc)
         assert p.returncode != 0
@@ -176,7 +163,7 @@ def test_refused_layout_change_is_one_line_per_rank_and_changes_nothing(
         assert "Connection closed" not in p.stderr and "an older checkpoint" not in p.stderr
         assert len(re.findall(r"exitcode\s*: 2", p.stderr)) >= 1, p.stderr[-3000:]
         assert not re.search(r'File ".*moe_dist/', p.stderr), p.stderr[-4000:]  # no worker traceback
-        assert _snapshot(run) == before
+        assert snapshot(run) == before
     for path, text in manifests.items():
         path.write_text(text)
     p = _torchrun(cfg, "tiny", "train.steps=6", "train.micro_batch=2", nproc=4)
