@@ -4,7 +4,10 @@ DeepSpeed's own MoE layer registers them, so its engine reduces them over the ex
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,6 +88,23 @@ def refuse_replicas(model: nn.Module) -> None:
         raise ConfigError(DEEPSPEED_REFUSES_REPLICAS)
 
 
+def shm_buffer_path(rank: int) -> Path:
+    """The POSIX shared-memory file DeepSpeed's CPU all-reduce creates for ``rank`` of this launch
+    (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer (66 MB). DeepSpeed never does, so every
+    CPU launch left one such file per rank in /dev/shm until memory ran out. Peers that still map the
+    buffer keep their mapping (POSIX unlink semantics)."""
+    try:
+        shm_buffer_path(rank).unlink(missing_ok=True)
+    except OSError as e:  # a cleanup must not turn a finished run into a failed one
+        log.warning("could not remove DeepSpeed's shared-memory buffer: %s", e)
+
+
 class DeepSpeedEngine:
     def __init__(
         self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
@@ -128,6 +148,8 @@ class DeepSpeedEngine:
         )
         self.model = model
         self._last_norm = 0.0
+        # why only now: initialize() broadcast the parameters, so every peer has mapped our buffer already
+        atexit.register(release_shm_buffer, dist.get_rank())
 
     def forward(self, idx: Tensor):
         with autocast_ctx(self.cfg, self.device):

@@ -127,10 +127,18 @@ def launch_deepspeed(cfg: Path, name: str, env: dict | None = None) -> subproces
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
 
 
+def shm_buffers_left(p: subprocess.CompletedProcess) -> list[str]:
+    """DeepSpeed CPU all-reduce buffers in /dev/shm that carry launch ``p``'s master port (each rank
+    unlinks its own at exit; before that fix every launch left 66 MB per rank there)."""
+    port = p.args[p.args.index("--master_port") + 1]
+    return sorted(f.name for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def ds_run(root: Path) -> SharedRun:
     """The shared DeepSpeed run ``root/d2`` (``write_ds_config``); the launch must succeed."""
     p = launch_deepspeed(write_ds_config(root), "d2")
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-5000:])
+    assert shm_buffers_left(p) == []
     return SharedRun(root / "d2", snapshot(root / "d2"), p.stderr)
 
 
