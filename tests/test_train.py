@@ -115,6 +115,26 @@ def test_resume_is_exact_and_survives_a_corrupt_shard(torch_ep2_run: SharedRun, 
             assert got[step][key] == want[step][key], (step, key)
 
 
+def test_a_bad_file_is_named_and_only_its_checkpoint_is_dropped(
+    torch_ep2_run: SharedRun, tmp_path: Path
+) -> None:
+    """verified_checkpoints on a copy of the shared run: a truncated shard (step 6) and a same-size byte
+    flip (step 5) each drop only their own checkpoint, and the reason names the file and what is wrong."""
+    from moe_dist.checkpoint import verified_checkpoints
+
+    b = torch_ep2_run.copy(tmp_path / "b") / "checkpoints"
+    short = b / "step_00000006" / "rank1.pt"
+    short.write_bytes(short.read_bytes()[:-10])
+    flipped = b / "step_00000005" / "dense.pt"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    good, errors = verified_checkpoints(b, lambda manifest: list(manifest["files"]))
+    assert sorted(good) == [1, 2, 3, 4] and sorted(errors) == [5, 6]
+    assert f"{short} is truncated or altered" in errors[6]
+    assert f"{flipped} is corrupt: sha256 does not match the manifest" in errors[5]
+
+
 def _as_format1(run: Path) -> None:
     """Make every checkpoint's manifest say format 1 (written before per-expert files): the layout
     decision reads only the manifest."""
