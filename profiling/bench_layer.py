@@ -13,6 +13,8 @@ ours is compared with); torchtitan's experts are always SwiGLU, and DeepSpeed's 
 
 ``ours_nocomm`` is our dropless layer with its token all-to-alls replaced by same-size local copies
 (``profiling.nocomm``): the floor of this machine for the layer without the wire and the waits in it.
+``wire_only`` is that wire alone: the layer's four token all-to-alls on T·K rows at even splits, no compute;
+``ours_nocomm`` + ``wire_only`` (both as ratios to dense) is the floor with the wire.
 
 ``--dtype bf16`` runs every layer's forward under CPU autocast to bfloat16 (backward outside it), fp32
 weights and inputs for all. After every timed step an untimed SGD step updates every layer's weights in
@@ -53,7 +55,7 @@ from moe_dist.experts import apply_activation, hidden_width
 from moe_dist.hostmem import allocator_for_children, allocator_in_use, retain_freed_memory
 from moe_dist.spawn import run_ranks
 from profiling.bench_peers import PeerMissing, Torchtitan, deepspeed_moe
-from profiling.nocomm import nocomm_layer
+from profiling.nocomm import nocomm_layer, wire_only
 from profiling.quiet import without_kineto_markers
 from profiling.sweep import SweepSpec, routed_inputs
 
@@ -198,6 +200,9 @@ def summarise(row: dict, timed: dict[str, tuple], refs: dict[str, str] | None = 
 
 def ours(cfg: MoEConfig, group, skew: float | None, nocomm: bool = False):
     """Our layer on ``group``; ``nocomm``: with same-size local copies for its all-to-alls."""
+    # why the same seed for every variant: the same router weights route the same tokens to the same experts,
+    # so dropless, capacity and nocomm see one load imbalance between the ranks, not three different ones
+    torch.manual_seed(0)
     layer = nocomm_layer(cfg, group) if nocomm else MoELayer(cfg, ep_group=group, balance_group=group)
     if skew is not None:
         with torch.no_grad():
@@ -254,6 +259,7 @@ def bench_worker(rank: int, world: int, args: dict) -> list[dict]:
         }
         if group is not None:  # on one rank there is no all-to-all to take away
             moes["ours_nocomm"] = (ours(MoEConfig(**base), group, skew, nocomm=True), act)
+            moes["wire_only"] = ((wire_only(k, group), []), act)
         if ds_ok:
             moes["deepspeed_cf1.25"] = (deepspeed_moe(DenseFFN(d, f), d, n, k, world, 1.25, skew), "gelu")
         if titan is not None:

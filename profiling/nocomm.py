@@ -14,15 +14,17 @@ Timing only: never use this layer for training.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from unittest import mock
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from moe_dist import MoEConfig, MoELayer
 from moe_dist import dispatcher as dispatcher_module
+from moe_dist.comm import all_to_all
 from moe_dist.dispatcher import AllToAllDispatcher, DispatchMeta, RoutePlan
 
 
@@ -88,3 +90,25 @@ def nocomm_layer(cfg: MoEConfig, group) -> MoELayer:
     d = layer.dispatcher
     layer.dispatcher = LocalCopyDispatcher(d.num_experts, d.group, d.layer, d.hook, d.count_rows)
     return layer
+
+
+def wire_only(top_k: int, group) -> Callable[[Tensor], Tensor]:
+    """The wire alone: the four token all-to-alls of a dropless layer (dispatch and combine, forward and
+    backward) on T·K rows of the input, split evenly over the ranks, with no routing and no compute.
+
+    Its time plus ``ours_nocomm``'s is the measured floor of our layer with communication on this machine;
+    even splits leave out the wait for a rank that drew more rows, which ``ours_nocomm`` keeps.
+    """
+    world = dist.get_world_size(group)
+
+    def forward(x_TD: Tensor) -> Tensor:
+        rows_PD = x_TD.repeat(top_k, 1)  # why: one row per (token, choice), as the dispatcher sends
+        if torch.is_autocast_enabled(x_TD.device.type):  # our layer sends autocast-dtype rows
+            rows_PD = rows_PD.to(torch.get_autocast_dtype(x_TD.device.type))
+        n = rows_PD.shape[0]
+        splits = [n // world + (r < n % world) for r in range(world)]
+        y_PD = all_to_all(rows_PD, splits, splits, group, "dispatch all-to-all")
+        z_PD = all_to_all(y_PD, splits, splits, group, "combine all-to-all")
+        return z_PD.view(top_k, *x_TD.shape).sum(0)
+
+    return forward

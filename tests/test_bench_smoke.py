@@ -82,8 +82,9 @@ def _moe_column(cells: dict[str, str], name: str, dense: str) -> str:
 
 
 def test_bench_layer_two_ranks_every_contestant(two_rank_bench) -> None:
-    """Our three layers, DeepSpeed's and a dense FFN per expert type are all in the table, with positive
-    finite figures; ours is compared with the SwiGLU dense FFN, DeepSpeed's GELU experts with the GELU one."""
+    """Our three layers, the wire alone, DeepSpeed's and a dense FFN per expert type are all in the table,
+    with positive finite figures; ours is compared with the SwiGLU dense FFN, DeepSpeed's GELU experts with
+    the GELU one."""
     rows, cells = two_rank_bench
     assert len(rows) == 1 and rows[0]["dtype"] == "bf16" and rows[0]["activation"] == "swiglu"
     assert cells["dtype"] == "bf16" and cells["ours act"] == "swiglu"
@@ -99,6 +100,8 @@ def test_bench_layer_two_ranks_every_contestant(two_rank_bench) -> None:
         assert rows[0][f"{name}_dense"] == dense
         for key in ("_ms", "_vs_dense", "_peak_mb", "_cpu_ms"):
             assert math.isfinite(rows[0][name + key]) and rows[0][name + key] > 0, name + key
+    wire = MOE_CELL.match(_moe_column(cells, "wire_only", "dense_swiglu"))  # no tensors kept: 0 MB is fine
+    assert wire and float(wire.group(1)) > 0 and rows[0]["wire_only_dense"] == "dense_swiglu", cells
     if importlib.util.find_spec("torchtitan") is None:
         assert not any(k.startswith("torchtitan") for k in rows[0])  # skipped, not failed
 
