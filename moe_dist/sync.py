@@ -208,19 +208,25 @@ def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
     return list(buckets.values())
 
 
-def _all_reduce_scaled(grads: list[Tensor], group, scale: float) -> None:
-    """Sum over ``group``, times ``scale``: one all-reduce per flat bucket instead of one per tensor."""
-    for bucket in _by_dtype(grads):
+def _flat_collective(tensors: list[Tensor], collective: Callable[[Tensor], None]) -> None:
+    """Run ``collective`` in place on one flat buffer per (device, dtype) bucket instead of once per tensor,
+    and copy the result back into ``tensors``."""
+    for bucket in _by_dtype(tensors):
         flat = _flatten_dense_tensors(bucket)
+        collective(flat)
+        for t, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+            t.copy_(synced)
+
+
+def _all_reduce_scaled(grads: list[Tensor], group, scale: float) -> None:
+    """Sum over ``group``, times ``scale``."""
+
+    def reduce(flat: Tensor) -> None:
         dist.all_reduce(flat, group=group)
         flat.mul_(scale)
-        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
-            g.copy_(synced)
+
+    _flat_collective(grads, reduce)
 
 
 def _broadcast_from_first(tensors: list[Tensor], group) -> None:
-    for bucket in _by_dtype(tensors):
-        flat = _flatten_dense_tensors(bucket)
-        dist.broadcast(flat, group=group, group_src=0)
-        for t, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
-            t.copy_(synced)
+    _flat_collective(tensors, lambda flat: dist.broadcast(flat, group=group, group_src=0))

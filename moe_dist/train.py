@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
     reexec_with_allocator(cfg.train.retain_host_memory, cfg.parallel.backend)  # before any process group
     import torch.distributed as dist
 
-    from moe_dist.hostmem import retain_freed_memory
     from moe_dist.parallel import ParallelLayout
     from moe_dist.resume import preflight
 
@@ -169,8 +168,6 @@ def main(argv: list[str] | None = None) -> dict:
     if finished is not None:
         return finished
     device, backend = init_distributed(cfg)
-    if device.type == "cpu" and cfg.train.retain_host_memory:
-        retain_freed_memory()
     try:
         check_same_config(cfg)
         layout = ParallelLayout.build(cfg.parallel.ep)

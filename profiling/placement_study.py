@@ -64,8 +64,9 @@ from moe_dist.placement import Placement
 from moe_dist.rebalance import balanced_placement
 from moe_dist.sync import sync_gradients
 from profiling.analysis import StragglerAnalyzer
+from profiling.placement_table import markdown
 from profiling.report import Run, load_ratio, load_run
-from profiling.sweep import SweepSpec, build_layers, routed_inputs
+from profiling.sweep import SweepSpec, build_layers, forward_backward, routed_inputs
 from profiling.timer import StragglerTimer
 from profiling.whatif import cost_models, recorded
 from profiling.whatif_placement import CommModel, expert_params, project_placements, replica_sync_ms
@@ -137,10 +138,7 @@ class PlacedExperiment:
         if self.world > 1:
             dist.barrier()  # why: start every step together so step times compare across variants
         t0 = time.perf_counter()
-        h = self.x.requires_grad_()
-        for layer in self.layers:
-            h = layer(h).hidden + h  # the residual stream between layers
-        h.square().mean().backward()
+        forward_backward(self.layers, self.x)
         sync_s = sync_gradients(self.model)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -391,63 +389,6 @@ def whatif_rows(res: dict, rows: list[dict], out: Path) -> tuple[list[dict], dic
     return preds, bw
 
 
-MIN_PREDICTED_FRAC = 0.01
-"""Below this predicted straggler share the measured / predicted ratio is not shown (a predicted perfect
-balance, 0 or a rounding residue, has no meaningful ratio; the difference in points is shown instead)."""
-
-
-def ratio_cell(measured: float, predicted: float) -> str:
-    return "–" if predicted < MIN_PREDICTED_FRAC else f"{measured / predicted:.2f}"
-
-
-def vs_cell(r: dict) -> str:
-    if r.get("vs_balanced0") is None:
-        return "–"
-    lo, hi = r["vs_balanced0_iqr"]
-    return f"{r['vs_balanced0']:.2f}× [{lo:.2f}, {hi:.2f}]"
-
-
-def markdown(rows: list[dict], preds: list[dict], bw: dict) -> str:
-    lines = [
-        "| max/mean load | placement | predicted max/mean | measured max/mean | step ms | "
-        "×contiguous [IQR] | ×balanced+0 [IQR] | straggler ms | straggler % of step | "
-        "replica-sync ms (min–max over ranks) | migration ms | migration MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lo, hi = r["vs_contiguous_iqr"]
-        lines.append(
-            f"| {r['load']:.2f} | {r['placement']} | {r['predicted_load_ratio']:.2f} | "
-            f"{r['measured_load_ratio']:.2f} | {r['step_ms']:.1f} | "
-            f"{r['vs_contiguous']:.2f}× [{lo:.2f}, {hi:.2f}] | {vs_cell(r)} | "
-            f"{r['straggler_ms']:.1f} | {100 * r['straggler_frac']:.0f}% | "
-            f"{r['replica_sync_ms_min']:.1f}–{r['replica_sync_ms_max']:.1f} | {r['migration_ms']:.1f} | "
-            f"{r['migration_bytes'] / 1e6:.2f} |"
-        )
-    tag = f"{GPU_FACTOR:g}x"
-    lines += [
-        "",
-        "What-if (profiling.whatif_placement) at the measured bandwidths (all-reduce "
-        f"{bw['allreduce_gbps']:.3f} GB/s, all-to-all {bw['a2a_gbps']:.3f} GB/s) and at {GPU_FACTOR:g}× "
-        "both; shares are ratios of means:",
-        "",
-        "| max/mean load | placement | measured straggler % | predicted straggler % | measured / predicted | "
-        "difference (points) | measured step ms | predicted step ms | predicted sync ms | "
-        f"predicted straggler % at {GPU_FACTOR:g}× | predicted step ms at {GPU_FACTOR:g}× |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r, p in zip(rows, preds, strict=True):
-        m, g, meas = p["measured"], p[tag], r["mean_straggler_frac"]
-        lines.append(
-            f"| {r['load']:.2f} | {r['placement']} | {100 * r['mean_straggler_frac']:.1f}% | "
-            f"{100 * m['straggler_frac']:.1f}% | {ratio_cell(meas, m['straggler_frac'])} | "
-            f"{100 * (meas - m['straggler_frac']):+.1f} | "
-            f"{r['mean_step_ms']:.1f} | {m['step_ms']:.1f} | {m['replica_sync_ms']:.1f} | "
-            f"{100 * g['straggler_frac']:.1f}% | {g['step_ms']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def report(res: dict, out: Path, meta: dict | None = None) -> dict:
     """Summaries, what-if and files (placement_study.json, placement_study.md) from ``study``'s result."""
     out.mkdir(parents=True, exist_ok=True)
@@ -456,7 +397,7 @@ def report(res: dict, out: Path, meta: dict | None = None) -> dict:
     repacked = {c["load"]: c for c in cells if c["redundant"] == 0}
     rows = [summarize(c, contiguous[c["load"]], repacked.get(c["load"])) for c in cells]
     preds, bw = whatif_rows(res, rows, out)
-    table = markdown(rows, preds, bw)
+    table = markdown(rows, preds, bw, GPU_FACTOR)
     doc = {"meta": {**(meta or {}), "world": res["world"], "options": res["options"]}, "rows": rows}
     doc.update(whatif=preds, bandwidths=bw)
     (out / "placement_study.json").write_text(json.dumps(doc, indent=1, default=str))

@@ -50,6 +50,14 @@ class SweepSpec:
     timers: bool = True
 
 
+def forward_backward(layers: list, x: torch.Tensor) -> None:
+    """One forward and backward of ``layers`` on ``x``, with the residual stream between layers."""
+    h = x.requires_grad_()
+    for layer in layers:
+        h = layer(h).hidden + h
+    h.square().mean().backward()
+
+
 def routed_inputs(spec: SweepSpec, rank: int, world: int) -> torch.Tensor:
     """Tokens whose top-K is set by construction (see the module docstring)."""
     L, K, T, D = spec.experts_per_rank, spec.top_k, spec.tokens, spec.d_model
@@ -123,10 +131,7 @@ class LayerExperiment:
         if self.world > 1:
             dist.barrier()  # why: start every step together so step times compare across loads
         t0 = time.perf_counter()
-        h = self.x.requires_grad_()
-        for layer in self.layers:
-            h = layer(h).hidden + h  # the residual stream between layers
-        h.square().mean().backward()
+        forward_backward(self.layers, self.x)
         for layer in self.layers:
             for p in layer.parameters():
                 p.grad = None  # as after an optimizer step

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from tests.oracle import Case, make_tensors
-from tests.workers import build_layer
+from tests.workers import build_layer, layer_results
 
 
 def arch_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
@@ -31,19 +31,7 @@ def arch_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
         assert out.hidden.shape == x_in.shape
         loss = (out.hidden.reshape_as(x) * t["cot"][rank]).sum() + out.aux_loss
         loss.backward()
-        res = {
-            "hidden": out.hidden.detach().reshape_as(x),
-            "aux": out.aux_loss.detach(),
-            "terms": {k: v.detach() for k, v in out.terms.items()},
-            "f": out.stats.f,
-            "P": out.stats.P,
-            "counts": out.stats.tokens_per_expert,
-            "dropped": int(out.stats.dropped),
-            "grad_x": x.grad,
-            "grad_router": layer.router.weight.grad,
-            "grad_w1": layer.experts.w1.grad,
-            "grad_w2": layer.experts.w2.grad,
-        }
+        res = layer_results(layer, out, x)
         if shared is not None:
             res["grad_ws1"] = shared.w1.grad
             res["grad_ws2"] = shared.w2.grad

@@ -9,6 +9,7 @@ from moe_dist import MoEConfig, MoELayer
 from moe_dist.errors import ConfigError
 from moe_dist.placement import Placement
 from tests.oracle import Case, make_tensors
+from tests.workers import count_folding, counted_all_to_alls, layer_results
 
 
 def build(
@@ -24,16 +25,6 @@ def build(
         layer.experts.w1.copy_(t["w1"][layer.slot_experts])
         layer.experts.w2.copy_(t["w2"][layer.slot_experts])
     return layer
-
-
-def _counting_all_to_all(calls: list):
-    a2a = dist.all_to_all_single
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return a2a(*args, **kwargs)
-
-    return a2a, counting
 
 
 def launch_worker(
@@ -52,42 +43,20 @@ def launch_worker(
 def oracle_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
     """Forward + backward of <h, cot> + aux for every case, with the case's placement (``extra``) and the
     dispatch counts folded into the statistics all-reduce or sent by their own all-to-all (``fold``)."""
-    import moe_dist.layer as layer_mod
 
     group = dist.group.WORLD
     results = []
     for case in cases:
         t = make_tensors(case)
-        cap = layer_mod.MAX_FOLDED_COUNTS
-        layer_mod.MAX_FOLDED_COUNTS = cap if case.extra["fold"] else 0
-        try:
+        with count_folding(case.extra["fold"]):
             layer = build(case, t, group, group, Placement.from_dict(case.extra["placement"]))
-        finally:
-            layer_mod.MAX_FOLDED_COUNTS = cap
         x = t["xs"][rank].clone().requires_grad_()
-        calls: list = []
-        a2a, counting = _counting_all_to_all(calls)
-        dist.all_to_all_single = counting
-        try:
+        with counted_all_to_alls() as calls:
             out = layer(x)
             forward_a2a = len(calls)
             ((out.hidden * t["cot"][rank]).sum() + out.aux_loss).backward()
-        finally:
-            dist.all_to_all_single = a2a
         results.append(
-            {
-                "hidden": out.hidden.detach(),
-                "aux": out.aux_loss.detach(),
-                "f": out.stats.f,
-                "counts": out.stats.tokens_per_expert,
-                "dropped": int(out.stats.dropped),
-                "grad_x": x.grad,
-                "grad_router": layer.router.weight.grad,
-                "grad_w1": layer.experts.w1.grad,
-                "grad_w2": layer.experts.w2.grad,
-                "slot_experts": layer.slot_experts,
-                "forward_a2a": forward_a2a,
-            }
+            {**layer_results(layer, out, x), "slot_experts": layer.slot_experts, "forward_a2a": forward_a2a}
         )
     return results
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -123,36 +126,68 @@ def skip_collective_worker(rank: int, world: int, case: Case, skip: str) -> None
     layer(x)
 
 
+@contextmanager
+def count_folding(on: bool) -> Iterator[None]:
+    """Layers built inside fold their dispatch counts into the statistics all-reduce (``on``, the default)
+    or send them with their own all-to-all."""
+    import moe_dist.layer as layer_mod
+
+    cap = layer_mod.MAX_FOLDED_COUNTS
+    layer_mod.MAX_FOLDED_COUNTS = cap if on else 0
+    try:
+        yield
+    finally:
+        layer_mod.MAX_FOLDED_COUNTS = cap
+
+
+@contextmanager
+def counted_all_to_alls() -> Iterator[list]:
+    """Inside the block, every ``dist.all_to_all_single`` call appends to the yielded list."""
+    calls: list = []
+    a2a = dist.all_to_all_single
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return a2a(*args, **kwargs)
+
+    dist.all_to_all_single = counting
+    try:
+        yield calls
+    finally:
+        dist.all_to_all_single = a2a
+
+
+def layer_results(layer: MoELayer, out, x: torch.Tensor) -> dict:
+    """What the oracle comparisons read after one forward (``out``) and backward of ``layer`` on ``x``."""
+    return {
+        "hidden": out.hidden.detach().reshape_as(x),
+        "aux": out.aux_loss.detach(),
+        "terms": {k: v.detach() for k, v in out.terms.items()},
+        "f": out.stats.f,
+        "P": out.stats.P,
+        "counts": out.stats.tokens_per_expert,
+        "dropped": int(out.stats.dropped),
+        "grad_x": x.grad,
+        "grad_router": layer.router.weight.grad,
+        "grad_w1": layer.experts.w1.grad,
+        "grad_w2": layer.experts.w2.grad,
+    }
+
+
 def folded_counts_worker(rank: int, world: int, case: Case) -> dict:
     """The same forward+backward with the dispatch counts folded into the statistics all-reduce and with
     the count all-to-all: all-to-all calls per forward, and every result."""
-    import moe_dist.layer as layer_mod
-
     group = dist.group.WORLD
     t = make_tensors(case)
     out: dict = {}
     for fold in (True, False):
-        cap = layer_mod.MAX_FOLDED_COUNTS
-        layer_mod.MAX_FOLDED_COUNTS = cap if fold else 0
-        try:
+        with count_folding(fold):
             layer = build_layer(case, t, rank, world, group)
-        finally:
-            layer_mod.MAX_FOLDED_COUNTS = cap
-        calls = []
-        a2a = dist.all_to_all_single
-
-        def counting(*args, _a2a=a2a, _calls=calls, **kwargs):
-            _calls.append(1)
-            return _a2a(*args, **kwargs)
-
         x = t["xs"][rank].clone().requires_grad_()
-        dist.all_to_all_single = counting
-        try:
+        with counted_all_to_alls() as calls:
             res = layer(x)
             forward_calls = len(calls)
             ((res.hidden * t["cot"][rank]).sum() + res.aux_loss).backward()
-        finally:
-            dist.all_to_all_single = a2a
         out[fold] = {
             "forward_a2a": forward_calls,
             "hidden": res.hidden.detach(),
