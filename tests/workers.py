@@ -35,21 +35,7 @@ def layer_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
         out = layer(x)
         loss = (out.hidden * t["cot"][rank]).sum() + out.aux_loss
         loss.backward()
-        results.append(
-            {
-                "hidden": out.hidden.detach(),
-                "aux": out.aux_loss.detach(),
-                "terms": {k: v.detach() for k, v in out.terms.items()},
-                "f": out.stats.f,
-                "P": out.stats.P,
-                "counts": out.stats.tokens_per_expert,
-                "dropped": int(out.stats.dropped),
-                "grad_x": x.grad,
-                "grad_router": layer.router.weight.grad,
-                "grad_w1": layer.experts.w1.grad,
-                "grad_w2": layer.experts.w2.grad,
-            }
-        )
+        results.append(layer_results(layer, out, x))
     return results
 
 
