@@ -66,7 +66,7 @@ from moe_dist.sync import sync_gradients
 from profiling.analysis import StragglerAnalyzer
 from profiling.placement_table import markdown
 from profiling.report import Run, load_ratio, load_run
-from profiling.sweep import SweepSpec, build_layers, forward_backward, routed_inputs
+from profiling.sweep import SweepSpec, build_layers, forward_backward, gather_ranks, routed_inputs
 from profiling.timer import StragglerTimer
 from profiling.whatif import cost_models, recorded
 from profiling.whatif_placement import CommModel, expert_params, project_placements, replica_sync_ms
@@ -147,14 +147,9 @@ class PlacedExperiment:
         # one gather carries the profiler's [layers, FIELDS] block and, in an extra row, the sync ms
         extra = torch.zeros(1, data.shape[1], dtype=data.dtype)
         extra[0, 0] = sync_s * 1e3
-        mine = torch.cat([data, extra])
-        gathered = [mine]
-        if self.world > 1:
-            gathered = [torch.empty_like(mine) for _ in range(self.world)]
-            dist.all_gather(gathered, mine)
+        block = gather_ranks(torch.cat([data, extra]), self.world)
         elapsed = (time.perf_counter() - t0) * 1e3
         if step >= self.spec.warmup:
-            block = torch.stack(gathered)
             self.step_ms.append(elapsed)
             self.sync_ms_R.append(block[:, -1, 0].tolist())
             self.records.append(self.analyzer.update(step, elapsed, block[:, :-1]))

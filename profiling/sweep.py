@@ -58,6 +58,15 @@ def forward_backward(layers: list, x: torch.Tensor) -> None:
     h.square().mean().backward()
 
 
+def gather_ranks(data: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's ``data`` stacked along a new first dim (rank order); one all-gather, none at world 1."""
+    if world == 1:
+        return data.unsqueeze(0)
+    gathered = [torch.empty_like(data) for _ in range(world)]
+    dist.all_gather(gathered, data)
+    return torch.stack(gathered)
+
+
 def routed_inputs(spec: SweepSpec, rank: int, world: int) -> torch.Tensor:
     """Tokens whose top-K is set by construction (see the module docstring)."""
     L, K, T, D = spec.experts_per_rank, spec.top_k, spec.tokens, spec.d_model
@@ -137,16 +146,12 @@ class LayerExperiment:
                 p.grad = None  # as after an optimizer step
         self.x = self.x.detach()
         if self.spec.timers:  # timers off means no gather either: the overhead benchmark compares both
-            data = self.timer.collect()
-            gathered = [data]
-            if self.world > 1:
-                gathered = [torch.empty_like(data) for _ in range(self.world)]
-                dist.all_gather(gathered, data)
+            block = gather_ranks(self.timer.collect(), self.world)
         elapsed = (time.perf_counter() - t0) * 1e3  # the step includes the profiler's own gather
         if step >= self.spec.warmup:
             self.step_ms.append(elapsed)
             if self.spec.timers:
-                self.records.append(self.analyzer.update(step, elapsed, torch.stack(gathered)))
+                self.records.append(self.analyzer.update(step, elapsed, block))
         self.done += 1
 
     def result(self) -> dict:
