@@ -151,11 +151,7 @@ class MoELayer(nn.Module):
         The number of experts, EP ranks and slots per rank must stay: the stacked slots keep their shape.
         """
         old = self.placement
-        if (placement.num_experts, placement.ep, placement.slots_per_rank) != (
-            old.num_experts,
-            old.ep,
-            old.slots_per_rank,
-        ):
+        if placement.shape != old.shape:
             raise ConfigError(
                 f"MoE layer {self.layer_idx}: a new placement must keep {old.num_experts} experts over "
                 f"{old.ep} EP rank(s) x {old.slots_per_rank} slots, got {placement.num_experts} over "

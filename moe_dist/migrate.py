@@ -48,7 +48,7 @@ class MigrationStats:
 
 def sources(old: Placement, new: Placement) -> list[tuple[int, int]]:
     """(rank, slot) under ``old`` that new global slot g = r * S + s copies from (module doc)."""
-    if (old.num_experts, old.ep, old.slots_per_rank) != (new.num_experts, new.ep, new.slots_per_rank):
+    if old.shape != new.shape:
         raise ConfigError(
             f"migration needs placements of one shape: {old.ep}x{old.slots_per_rank} of {old.num_experts} "
             f"experts vs {new.ep}x{new.slots_per_rank} of {new.num_experts} (S is fixed for a run)"

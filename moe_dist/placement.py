@@ -89,6 +89,12 @@ class Placement:
         return len(self.slot_expert_RS[0])
 
     @property
+    def shape(self) -> tuple[int, int, int]:
+        """(experts, EP ranks, slots per rank): what stacked slot tensors are sized by. Placements of one
+        shape can replace each other (migration, set_placement, a resume) without resizing anything."""
+        return self.num_experts, self.ep, self.slots_per_rank
+
+    @property
     def redundant(self) -> int:
         """Slots per rank beyond N / R."""
         return self.slots_per_rank - self.num_experts // self.ep

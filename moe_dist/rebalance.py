@@ -222,11 +222,7 @@ def balanced_placement(
     starts = [greedy_pack(load_N, replica_counts(load_N, ep, ep * slots_per_rank), ep, slots_per_rank)]
     if redundant == 0 or (ep >= 2 and redundant <= N - N // ep):
         starts.append([list(r) for r in Placement.contiguous(N, ep, redundant).slot_expert_RS])
-    same_shape = prev is not None and (prev.num_experts, prev.ep, prev.slots_per_rank) == (
-        N,
-        ep,
-        slots_per_rank,
-    )
+    same_shape = prev is not None and prev.shape == (N, ep, slots_per_rank)
     if same_shape:
         starts.append([list(r) for r in prev.slot_expert_RS])
     tol = 1e-9 * max(1.0, sum(load_N))  # why: equal peaks up to rounding count as a tie

@@ -361,10 +361,8 @@ class Trainer:
         if self.cfg.engine != "torch" or not stored or set(stored) != {n for n, _ in named}:
             return None
         out = [Placement.from_dict(stored[n]) for n, _ in named]
-        for p, (_, m) in zip(out, named, strict=True):
-            have = m.placement
-            if (p.num_experts, p.ep, p.slots_per_rank) != (have.num_experts, have.ep, have.slots_per_rank):
-                return None
+        if any(p.shape != m.placement.shape for p, (_, m) in zip(out, named, strict=True)):
+            return None
         return out
 
     def _names_for(self, manifest: dict) -> list[str]:
