@@ -17,6 +17,7 @@ logical expert, exactly as without replicas), and each receiver sizes its buffer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from moe_dist.errors import ConfigError
@@ -32,6 +33,12 @@ DEEPSPEED_REFUSES_BALANCED = (
     "would have to move DeepSpeed's partitioned optimizer state too; use engine=torch or "
     "parallel.placement=contiguous"
 )
+
+
+def load_ratio(loads: Sequence[float], empty: float = 0.0) -> float:
+    """max / mean of per-rank loads (1.0 = perfectly even); ``empty`` when nothing was counted."""
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean > 0 else empty
 
 
 def check_redundant(num_experts: int, ep: int, redundant: int) -> None:

@@ -36,15 +36,10 @@ from torch import Tensor
 from moe_dist.layer import MoELayer
 from moe_dist.migrate import migrate_layers
 from moe_dist.parallel import ParallelLayout
+from moe_dist.placement import load_ratio
 from moe_dist.rebalance import balanced_placement, keep_if_unchanged
 
 log = logging.getLogger("moe_dist.rebalance")
-
-
-def load_ratio(loads: Sequence[float]) -> float:
-    """max / mean of per-rank loads (1.0 = perfectly even; 0.0 when nothing was counted)."""
-    mean = sum(loads) / len(loads)
-    return max(loads) / mean if mean > 0 else 0.0
 
 
 class RebalanceLoop:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_dist.placement import load_ratio
 from profiling.timer import FIELDS
 
 PHASES = ("fwd", "bwd")
@@ -122,9 +123,7 @@ def scalars(rec: dict) -> dict[str, float]:
         for phase in PHASES:
             out[f"straggler/L{ell}/{phase}_ms"] = entry[phase]["straggler_ms"]
             out[f"straggler/L{ell}/{phase}_rank"] = entry[phase]["rank"]
-        n = entry["n"]
-        mean = sum(n) / len(n)
-        out[f"load/L{ell}/rank_max_over_mean"] = max(n) / mean if mean > 0 else 0.0
+        out[f"load/L{ell}/rank_max_over_mean"] = load_ratio(entry["n"])
     return out
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from moe_dist.placement import load_ratio as rank_load_ratio
 from profiling.analysis import PHASES, LinearFit
 
 log = logging.getLogger("moe_dist.report")
@@ -124,9 +125,8 @@ def mean(xs: list[float]) -> float:
 
 
 def load_ratio(n: list[float]) -> float:
-    """max_r n_r / mean_r n_r (1 = balanced)."""
-    m = mean(n)
-    return max(n) / m if m > 0 else 1.0
+    """max_r n_r / mean_r n_r (1 = balanced; also 1 when nothing was counted)."""
+    return rank_load_ratio(n, empty=1.0)
 
 
 # --- derived numbers -----------------------------------------------------------------------------------
