@@ -311,8 +311,11 @@ def commit_save(
                 }
             manifest = dict(meta, step=step, files=dict(sorted(entries.items())))
             _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-            if final.exists():  # a step saved again (a replay after a crash): it replaces the older copy
-                shutil.rmtree(final)
+            if final.exists():  # a step saved again (a replay): a good older copy is replaced, a bad one
+                if _verifies(final):  # set aside
+                    shutil.rmtree(final)
+                else:
+                    set_aside(final)
             os.replace(tmp, final)
             _fsync_dir(root)  # why: the rename is the commit; durable before any older one is deleted
             _verified.add((str(final), (final / "manifest.json").stat().st_mtime_ns))

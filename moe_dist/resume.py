@@ -57,6 +57,23 @@ def move_aside(run_dir: Path) -> Path:
     return dst
 
 
+def claim_out_dir(out: Path, overwrite: bool, rank: int = 0) -> str | None:
+    """The study tools' ``--out``: why a used one is refused (one line), or None. With ``overwrite`` a used
+    one is moved aside by rank 0 (``<out>.old-<time>``, nothing deleted) and None returned."""
+    used = used_entries(out)
+    if not used:
+        return None
+    if not overwrite:
+        shown = ", ".join(used[:5]) + (", ..." if len(used) > 5 else "")
+        return (
+            f"--out {out} already holds results ({shown}); use another --out, or add --overwrite to move "
+            f"them aside (to {out.name}.old-<time>, nothing deleted)"
+        )
+    if rank == 0:
+        log.warning("--overwrite: moved %s aside to %s", out, move_aside(out))
+    return None
+
+
 def fresh_start(cfg: RunConfig, rank: int) -> None:
     """``train.resume=false``: refuse a used run directory unless ``train.overwrite=true``, which moves it
     aside (rank 0 only, before any process group: the other ranks write nothing before it exists)."""
