@@ -570,14 +570,14 @@ class Trainer:
     def _check_shared_run_dir(self) -> None:
         """Every rank must see the run directory rank 0 writes (checkpoints are assembled in one directory
         by all ranks): rank 0 writes a nonce file there, every rank reads it back, and if any rank cannot,
-        every rank raises the same ConfigError. The file is removed again (and the directory, if this made
-        it), so a launch refused later still leaves the run directory as it found it."""
+        every rank raises the same ConfigError. The file is removed again (and the directories, if this made
+        them), so a launch refused later still leaves the run directory as it found it."""
         if self.world == 1:
             return
-        token, created, error = secrets.token_hex(8), False, None
+        token, created, error = secrets.token_hex(8), [], None
         if self.rank == 0:
             try:
-                created = not self.run_dir.exists()
+                created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / f"{SHARED_CHECK}{token}").write_text(token)
             except OSError as e:
@@ -591,8 +591,9 @@ class Trainer:
         seen_R = self._gather(seen)
         if self.rank == 0:
             path.unlink(missing_ok=True)
-            if created and not any(self.run_dir.iterdir()):
-                self.run_dir.rmdir()
+            for d in created:  # innermost first: what this made, if still empty
+                if not any(d.iterdir()):
+                    d.rmdir()
         if error is not None:
             raise ConfigError(error)
         missing = [r for r, ok in enumerate(seen_R) if not ok]

@@ -163,3 +163,151 @@ def test_commit_is_durable(tmp_path: Path, monkeypatch) -> None:
         ("rename", str(tmp_path / "summary.json")),
         ("fsync", str(tmp_path)),
     ]
+
+
+def _failing_write(rank: int, step: int, real):
+    """``real`` (``_atomic_write``), failing with ENOSPC on ``rank`` for the files of the checkpoint of
+    ``step``."""
+
+    def write(path: Path, data: bytes) -> None:
+        if torch.distributed.get_rank() == rank and path.parent.name == f"step_{step:08d}.tmp":
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    return write
+
+
+def _trainer(cfg: dict):
+    from moe_dist.parallel import ParallelLayout
+    from moe_dist.trainer import Trainer
+
+    c = config_from_dict(cfg)
+    return Trainer(c, ParallelLayout.build(c.parallel.ep), torch.device("cpu"))
+
+
+def _outcome(fn) -> tuple[str, str]:
+    """("ok", "") or (error type, its one line)."""
+    try:
+        fn()
+    except (CheckpointError, ConfigError) as e:
+        return type(e).__name__, str(e)
+    return "ok", ""
+
+
+def _cases_worker(rank: int, world: int, root: str) -> dict:
+    """Five cases on one 2-rank process group (EP 2), each a run of its own under ``root``."""
+    import torch.distributed as dist
+
+    from moe_dist import checkpoint, trainer
+
+    def cfg(name: str, **train) -> dict:
+        t = {"steps": 4, "ckpt_every": 2, "keep_last": 3, "eval_every": 1, **train}
+        return tiny(out_dir=root, name=name, parallel={"ep": 2, "timeout_s": 20}, train=t)
+
+    out: dict = {}
+    real_write = checkpoint._atomic_write
+    # 1. rank 1 cannot write the checkpoint of step 4 (disk full): stop
+    checkpoint._atomic_write = _failing_write(1, 4, real_write)
+    out["stop"] = _outcome(lambda: _trainer(cfg("stop")).train())
+    # 2. the same at step 2 with save_failure=warn: the run goes on and saves step 4
+    checkpoint._atomic_write = _failing_write(1, 2, real_write)
+    out["warn"] = _outcome(lambda: _trainer(cfg("warn", save_failure="warn")).train())
+    checkpoint._atomic_write = real_write
+    dist.barrier()
+
+    # 3. an expert weight of rank 1 turns NaN just before the save of step 2
+    real_save = trainer.Trainer.save
+
+    def save(self) -> None:
+        if rank == 1 and self.step == 2:
+            w1 = dict(self.model.named_parameters())["blocks.1.ffn.experts.w1"]
+            with torch.no_grad():
+                w1[1].fill_(float("nan"))  # the slot of expert 3 (rank 1 holds experts 2 and 3)
+        real_save(self)
+
+    trainer.Trainer.save = save
+    out["nan"] = _outcome(lambda: _trainer(cfg("nan")).train())
+    trainer.Trainer.save = real_save
+    dist.barrier()
+
+    # 4. resuming "stop" (newest: step 2), rank 1 cannot load its experts: every rank, the same line
+    real_join = trainer.join_model
+
+    def join(model, dense, experts):
+        if rank == 1:
+            raise KeyError("blocks.0.ffn.experts.e2.w1")
+        return real_join(model, dense, experts)
+
+    trainer.join_model = join
+    out["load"] = _outcome(lambda: _trainer(cfg("stop", steps=6)).train())
+    trainer.join_model = real_join
+    dist.barrier()
+
+    # 5. each rank in a directory of its own with a relative out_dir: two nodes without a shared out_dir
+    os.chdir(Path(root) / f"node{rank}")
+    out["shared"] = _outcome(lambda: _trainer(dict(cfg("n"), out_dir="runs")).train())
+    return out
+
+
+@pytest.fixture(scope="module")
+def gathered(tmp_path_factory) -> tuple[Path, dict]:
+    """The five cases of ``_cases_worker`` on 2 ranks: (their root, rank 0's outcomes); every rank had
+    the same outcome, the same line, in every case."""
+    root = tmp_path_factory.mktemp("gathered")
+    for r in (0, 1):
+        (root / f"node{r}").mkdir()
+    res = run_ranks(_cases_worker, 2, str(root), timeout=200)
+    assert res[0] == res[1], res
+    return root, res[0]
+
+
+def test_failed_save_stops_every_rank(gathered: tuple[Path, dict]) -> None:
+    """Rank 1's disk is full at the save of step 4: every rank raises the same CheckpointError (the entry
+    point prints it as one line and exits 2) naming rank 1 and the OS error; no .tmp is left and step 2
+    stays the newest checkpoint."""
+    from moe_dist.checkpoint import SaveError
+
+    root, res = gathered
+    kind, line = res["stop"]
+    assert kind == "SaveError" and issubclass(SaveError, CheckpointError)
+    assert "rank 1" in line and "No space left on device" in line and "\n" not in line, line
+    assert sorted(p.name for p in (root / "stop" / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_save_failure_warn_goes_on(gathered: tuple[Path, dict]) -> None:
+    """train.save_failure=warn: the failed save of step 2 is logged and the run finishes, saving step 4."""
+    root, res = gathered
+    assert res["warn"] == ("ok", "")
+    assert sorted(p.name for p in (root / "warn" / "checkpoints").iterdir()) == ["step_00000004"]
+    assert json.loads((root / "warn" / "summary.json").read_text())["steps"] == 4
+
+
+def test_nonfinite_tensor_is_refused_at_save(gathered: tuple[Path, dict]) -> None:
+    """A NaN expert weight on rank 1 at save: every rank refuses the checkpoint in one line naming the
+    tensor; nothing is written."""
+    root, res = gathered
+    kind, line = res["nan"]
+    assert kind == "SaveError" and "rank 1" in line and "blocks.1.ffn.experts.e3.w1" in line, line
+    assert "NaN or Inf" in line
+    ckpts = root / "nan" / "checkpoints"
+    assert not ckpts.exists() or list(ckpts.iterdir()) == []
+
+
+def test_load_error_is_gathered(gathered: tuple[Path, dict]) -> None:
+    """Rank 1 cannot load its share of a checkpoint: every rank raises the same line (before, rank 0 went
+    on into a collective that rank 1 never joined)."""
+    _, res = gathered
+    kind, line = res["load"]
+    assert kind == "CheckpointError" and "rank 1 could not load" in line, line
+    assert "blocks.0.ffn.experts.e2.w1" in line
+
+
+def test_out_dir_must_be_shared(gathered: tuple[Path, dict]) -> None:
+    """Ranks that do not see the same run directory (other filesystems, simulated with a relative out_dir
+    and a working directory per rank) all stop at start with the same ConfigError saying out_dir must be
+    shared; nothing is left in either directory."""
+    root, res = gathered
+    kind, line = res["shared"]
+    assert kind == "ConfigError" and "out_dir must be on a filesystem shared by all nodes" in line, line
+    assert "rank(s) [1]" in line
+    assert [p for p in (root / "node0").rglob("*")] == [] and [p for p in (root / "node1").rglob("*")] == []

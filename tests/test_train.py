@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from moe_dist.checkpoint import checkpoint_dirs
 from moe_dist.errors import ConfigError
 from moe_dist.model import MoETransformer
 from moe_dist.run_config import config_from_dict, load_config
