@@ -1,7 +1,9 @@
 """Balance vs quality study: the default model on the stdlib corpus under each balancing method, with the
 same seed, data and step budget, launched one after another with torchrun.
 
-    python -m profiling.study --out runs/study --steps 150 --nproc 2 [--only alpha0 auto]
+    python -m profiling.study --out runs/study --steps 150 --nproc 2 [--only alpha0 auto] [--overwrite]
+
+A used ``--out`` is refused unless ``--overwrite`` (it is moved aside, nothing deleted) or ``--reuse``.
 
 Per run it reports final val loss and bits per byte; MaxVio per step (pooled over ranks), per batch (one
 rank's micro-batch) and global (counts summed over the second half of the run), per layer and averaged;

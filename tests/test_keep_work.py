@@ -201,36 +201,36 @@ def _cases_worker(rank: int, world: int, root: str) -> dict:
     from moe_dist import checkpoint, trainer
 
     def cfg(name: str, **train) -> dict:
-        t = {"steps": 4, "ckpt_every": 2, "keep_last": 3, "eval_every": 1, **train}
+        t = {"steps": 2, "ckpt_every": 1, "keep_last": 3, "eval_every": 1, "val_sequences": 8, **train}
         return tiny(out_dir=root, name=name, parallel={"ep": 2, "timeout_s": 20}, train=t)
 
     out: dict = {}
     real_write = checkpoint._atomic_write
-    # 1. rank 1 cannot write the checkpoint of step 4 (disk full): stop
-    checkpoint._atomic_write = _failing_write(1, 4, real_write)
-    out["stop"] = _outcome(lambda: _trainer(cfg("stop")).train())
-    # 2. the same at step 2 with save_failure=warn: the run goes on and saves step 4
+    # 1. rank 1 cannot write the checkpoint of step 2 (disk full): stop
     checkpoint._atomic_write = _failing_write(1, 2, real_write)
+    out["stop"] = _outcome(lambda: _trainer(cfg("stop")).train())
+    # 2. the same at step 1 with save_failure=warn: the run goes on and saves step 2
+    checkpoint._atomic_write = _failing_write(1, 1, real_write)
     out["warn"] = _outcome(lambda: _trainer(cfg("warn", save_failure="warn")).train())
     checkpoint._atomic_write = real_write
     dist.barrier()
 
-    # 3. an expert weight of rank 1 turns NaN just before the save of step 2
+    # 3. an expert weight of rank 1 turns NaN just before the save of step 1
     real_save = trainer.Trainer.save
 
     def save(self) -> None:
-        if rank == 1 and self.step == 2:
+        if rank == 1 and self.step == 1:
             w1 = dict(self.model.named_parameters())["blocks.1.ffn.experts.w1"]
             with torch.no_grad():
                 w1[1].fill_(float("nan"))  # the slot of expert 3 (rank 1 holds experts 2 and 3)
         real_save(self)
 
     trainer.Trainer.save = save
-    out["nan"] = _outcome(lambda: _trainer(cfg("nan")).train())
+    out["nan"] = _outcome(lambda: _trainer(cfg("nan", steps=1)).train())
     trainer.Trainer.save = real_save
     dist.barrier()
 
-    # 4. resuming "stop" (newest: step 2), rank 1 cannot load its experts: every rank, the same line
+    # 4. resuming "stop" (newest: step 1), rank 1 cannot load its experts: every rank, the same line
     real_join = trainer.join_model
 
     def join(model, dense, experts):
@@ -239,7 +239,7 @@ def _cases_worker(rank: int, world: int, root: str) -> dict:
         return real_join(model, dense, experts)
 
     trainer.join_model = join
-    out["load"] = _outcome(lambda: _trainer(cfg("stop", steps=6)).train())
+    out["load"] = _outcome(lambda: _trainer(cfg("stop", steps=3)).train())
     trainer.join_model = real_join
     dist.barrier()
 
@@ -262,8 +262,8 @@ def gathered(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_failed_save_stops_every_rank(gathered: tuple[Path, dict]) -> None:
-    """Rank 1's disk is full at the save of step 4: every rank raises the same CheckpointError (the entry
-    point prints it as one line and exits 2) naming rank 1 and the OS error; no .tmp is left and step 2
+    """Rank 1's disk is full at the save of step 2: every rank raises the same CheckpointError (the entry
+    point prints it as one line and exits 2) naming rank 1 and the OS error; no .tmp is left and step 1
     stays the newest checkpoint."""
     from moe_dist.checkpoint import SaveError
 
@@ -271,15 +271,15 @@ def test_failed_save_stops_every_rank(gathered: tuple[Path, dict]) -> None:
     kind, line = res["stop"]
     assert kind == "SaveError" and issubclass(SaveError, CheckpointError)
     assert "rank 1" in line and "No space left on device" in line and "\n" not in line, line
-    assert sorted(p.name for p in (root / "stop" / "checkpoints").iterdir()) == ["step_00000002"]
+    assert sorted(p.name for p in (root / "stop" / "checkpoints").iterdir()) == ["step_00000001"]
 
 
 def test_save_failure_warn_goes_on(gathered: tuple[Path, dict]) -> None:
-    """train.save_failure=warn: the failed save of step 2 is logged and the run finishes, saving step 4."""
+    """train.save_failure=warn: the failed save of step 1 is logged and the run finishes, saving step 2."""
     root, res = gathered
     assert res["warn"] == ("ok", "")
-    assert sorted(p.name for p in (root / "warn" / "checkpoints").iterdir()) == ["step_00000004"]
-    assert json.loads((root / "warn" / "summary.json").read_text())["steps"] == 4
+    assert sorted(p.name for p in (root / "warn" / "checkpoints").iterdir()) == ["step_00000002"]
+    assert json.loads((root / "warn" / "summary.json").read_text())["steps"] == 2
 
 
 def test_nonfinite_tensor_is_refused_at_save(gathered: tuple[Path, dict]) -> None:
