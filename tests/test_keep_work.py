@@ -195,7 +195,7 @@ def _outcome(fn) -> tuple[str, str]:
 
 
 def _cases_worker(rank: int, world: int, root: str) -> dict:
-    """Five cases on one 2-rank process group (EP 2), each a run of its own under ``root``."""
+    """Six cases on one 2-rank process group (EP 2), each a run of its own under ``root``."""
     import torch.distributed as dist
 
     from moe_dist import checkpoint, trainer
@@ -212,6 +212,9 @@ def _cases_worker(rank: int, world: int, root: str) -> dict:
     # 2. the same at step 1 with save_failure=warn: the run goes on and saves step 2
     checkpoint._atomic_write = _failing_write(1, 1, real_write)
     out["warn"] = _outcome(lambda: _trainer(cfg("warn", save_failure="warn")).train())
+    # 2b. the background writer (train.async_save) failing the same way at step 2
+    checkpoint._atomic_write = _failing_write(1, 2, real_write)
+    out["async"] = _outcome(lambda: _trainer(cfg("async", async_save=True)).train())
     checkpoint._atomic_write = real_write
     dist.barrier()
 
@@ -251,7 +254,7 @@ def _cases_worker(rank: int, world: int, root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory) -> tuple[Path, dict]:
-    """The five cases of ``_cases_worker`` on 2 ranks: (their root, rank 0's outcomes); every rank had
+    """The six cases of ``_cases_worker`` on 2 ranks: (their root, rank 0's outcomes); every rank had
     the same outcome, the same line, in every case."""
     root = tmp_path_factory.mktemp("gathered")
     for r in (0, 1):
@@ -272,6 +275,15 @@ def test_failed_save_stops_every_rank(gathered: tuple[Path, dict]) -> None:
     assert kind == "SaveError" and issubclass(SaveError, CheckpointError)
     assert "rank 1" in line and "No space left on device" in line and "\n" not in line, line
     assert sorted(p.name for p in (root / "stop" / "checkpoints").iterdir()) == ["step_00000001"]
+
+
+def test_async_save_failure_is_the_same_line(gathered: tuple[Path, dict]) -> None:
+    """train.async_save: rank 1's background writer fails at step 2; every rank raises the same line as the
+    synchronous path, and the .tmp directory is removed (before, it was left behind)."""
+    root, res = gathered
+    kind, line = res["async"]
+    assert kind == "SaveError" and "rank 1" in line and "No space left on device" in line, line
+    assert sorted(p.name for p in (root / "async" / "checkpoints").iterdir()) == ["step_00000001"]
 
 
 def test_save_failure_warn_goes_on(gathered: tuple[Path, dict]) -> None:
