@@ -11,8 +11,13 @@ Layout of ``checkpoints/`` (format 2, the global view of ``moe_dist.global_state
                                     MoE layer's placement
     step_00000100/rank{r}.pt        every rank: RNG states (``engine: deepspeed``: its ZeRO partition too)
     step_00000100/manifest.json     sha256 and size of every file, world, ep, step, the range of expert
-                                    ids [lo, hi) that covers each experts file's ids, the placements
-    latest                          name of the newest complete checkpoint
+                                    ids [lo, hi) that covers each experts file's ids, the placements, the
+                                    resolved config (``moe_dist.export_hf`` builds the model from it)
+    step_00000090.corrupt           a checkpoint that did not verify when rotation met it: set aside,
+                                    never deleted, never resumed
+
+Only directories named ``step_<8 digits>`` are checkpoints; a resume takes the newest one that verifies on
+every rank (there is no ``latest`` pointer: a pointer could name a checkpoint that no longer verifies).
 
 A rank resuming under another (world, EP) reads dense.pt, the experts files that hold the ids it now owns,
 and one rank file for its RNG. Format 1 (no ``format`` in the manifest: optimizer state in the rank files,
@@ -22,10 +27,13 @@ Every file is plain data: tensors, numbers, strings, None and containers, plus (
 ``engine: deepspeed``) the few DeepSpeed types its ZeRO optimizer state holds. Files are read with torch's
 weights-only unpickler, so loading a checkpoint never runs code from it; anything else is refused.
 
-Every file is written to a temporary name and renamed. The step directory is assembled as
-``step_X.tmp`` and renamed only after every rank's files exist (a barrier) and the manifest is written;
-``latest`` moves after that. A reader verifies sizes and checksums, names the bad file, and falls back to
-an older good checkpoint.
+Every file is written to a temporary name, fsynced and renamed, and its directory fsynced. The step
+directory is assembled as ``step_X.tmp`` and renamed (then ``checkpoints/`` fsynced) only after every
+rank's files exist and the manifest is written. A failure on any rank (an OSError, a non-finite tensor)
+is gathered: every rank raises the same ``SaveError``, the ``.tmp`` directory is removed, and the previous
+checkpoint stays the newest. Rotation keeps the newest ``keep_last`` checkpoints that verify (and the one
+the launch resumed from). A reader verifies sizes and checksums, names the bad file, and falls back to an
+older good checkpoint.
 """
 
 from __future__ import annotations
@@ -76,13 +84,34 @@ def refused_name(message: str) -> str:
     return f"something the safe loader does not accept ({detail})"
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (a rename into it) durable (POSIX; a no-op where a
+    directory cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably: a temporary name, fsync, rename, fsync of the directory (why: a
+    rename is durable only once its directory is, so a power cut cannot leave a committed name empty)."""
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``_atomic_write`` for text files of the run directory (summary.json, config.yaml)."""
+    _atomic_write(path, text.encode())
 
 
 def _sha256(path: Path) -> str:
@@ -99,22 +128,104 @@ def save_obj(path: Path, obj: Any) -> None:
     _atomic_write(path, buf.getvalue())
 
 
+STEP_DIR = re.compile(r"step_\d{8}")
+"""The only directory names that are checkpoints."""
+# names of our own in checkpoints/ that are not checkpoints: half-written saves, set-aside corrupt ones,
+# and the pointer file earlier versions wrote (no longer read nor written)
+_OWN = re.compile(r"step_\d{8}\.(tmp|corrupt(\.\d+)?)|latest")
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def begin_save(root: Path, step: int, rank: int, barrier: Callable[[], None]) -> Path:
-    """Every rank: the temporary directory of the checkpoint of ``step``, created by rank 0."""
-    tmp = root / (step_dir_name(step) + ".tmp")
+def stray_entries(root: Path) -> list[str]:
+    """Entries of ``root`` that are neither checkpoints nor names of our own (``step_6.bak``, notes, ...):
+    ignored, and named once in a warning by the launch preflight."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not (p.is_dir() and STEP_DIR.fullmatch(p.name)) and not _OWN.fullmatch(p.name)
+    )
+
+
+class SaveError(CheckpointError):
+    """A checkpoint could not be written on some rank; nothing of it was committed."""
+
+
+Gather = Callable[[Any], list]
+"""``gather(x)`` returns every rank's x, by rank (a collective: every rank calls it)."""
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def nonfinite_tensor(files: dict[str, Any]) -> str | None:
+    """The first floating tensor in ``files`` holding NaN or Inf, named by its key path, or None."""
+
+    def walk(obj: Any, path: list[str]) -> str | None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                return ".".join(path)
+            return None
+        if isinstance(obj, dict):
+            items = obj.items()
+        elif isinstance(obj, list | tuple):
+            items = enumerate(obj)
+        else:
+            return None
+        for k, v in items:
+            found = walk(v, [*path, str(k)])
+            if found is not None:
+                return found
+        return None
+
+    for name, obj in files.items():
+        found = walk(obj, [])
+        if found is not None:
+            # why the parameter name first: ``model.blocks.1.ffn.experts.e3.w1`` reads as the model's tensor
+            return f"{found} (in {name})"
+    return None
+
+
+def _agree(gather: Gather, error: str | None, step: int, tmp: Path, rank: int) -> None:
+    """Every rank: if any rank has an error, rank 0 removes the temporary directory and every rank raises
+    the same SaveError naming the first failing rank (why: a rank that failed alone would leave its peers
+    waiting in the next collective)."""
+    results = gather(error)
+    failed = [(r, err) for r, err in enumerate(results) if err is not None]
+    if not failed:
+        return
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()  # why: the temp directory must exist before any rank writes into it
+    r, err = failed[0]
+    more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+    raise SaveError(f"checkpoint of step {step} not saved: rank {r}: {err}{more}; nothing of it was kept")
+
+
+def begin_save(root: Path, step: int, rank: int, gather: Gather) -> Path:
+    """Every rank: the temporary directory of the checkpoint of ``step``, created by rank 0."""
+    tmp = root / (step_dir_name(step) + ".tmp")
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = _describe(e)
+    _agree(gather, error, step, tmp, rank)  # why: the temp directory must exist before any rank writes
     return tmp
 
 
 def write_files(tmp: Path, files: dict[str, Any]) -> dict[str, dict]:
-    """Write this rank's files into ``tmp``; their manifest entries (sha256 of the bytes written, size)."""
+    """Write this rank's files into ``tmp``; their manifest entries (sha256 of the bytes written, size).
+    A file holding a non-finite tensor is refused before anything is written."""
+    bad = nonfinite_tensor(files)
+    if bad is not None:
+        raise ValueError(f"tensor {bad} holds NaN or Inf; a checkpoint never stores non-finite values")
     entries = {}
     for name, obj in files.items():
         buf = io.BytesIO()
@@ -125,33 +236,97 @@ def write_files(tmp: Path, files: dict[str, Any]) -> dict[str, dict]:
     return entries
 
 
+_verified: set[tuple[str, int]] = set()
+"""(checkpoint path, manifest mtime) that this process wrote or verified in full: rotation does not read
+them again."""
+
+
+def _verifies(ckpt: Path) -> bool:
+    try:
+        key = (str(ckpt), (ckpt / "manifest.json").stat().st_mtime_ns)
+    except OSError:
+        return False
+    if key in _verified:
+        return True
+    try:
+        verify(ckpt)
+    except CheckpointError as e:
+        log.warning("%s", e)
+        return False
+    _verified.add(key)
+    return True
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a checkpoint that does not verify to ``step_X.corrupt`` (never deleted: a user may want to
+    look at it); it is no longer a checkpoint."""
+    dst = ckpt.with_name(ckpt.name + ".corrupt")
+    n = 0
+    while dst.exists():
+        n += 1
+        dst = ckpt.with_name(f"{ckpt.name}.corrupt.{n}")
+    os.replace(ckpt, dst)
+    _fsync_dir(ckpt.parent)
+    log.warning("checkpoint %s does not verify: set aside as %s (not deleted, never resumed)", ckpt, dst.name)
+    return dst
+
+
+def _rotate(root: Path, keep_last: int, protect: Sequence[str] = ()) -> None:
+    """Keep the newest ``keep_last`` checkpoints that verify and those named in ``protect`` (the one this
+    launch resumed from); set aside the newer ones that do not verify; delete the older rest."""
+    kept = 0
+    for ckpt in reversed(checkpoint_dirs(root)):
+        if kept < keep_last:
+            if _verifies(ckpt):
+                kept += 1
+            else:
+                set_aside(ckpt)
+        elif ckpt.name not in protect:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
 def commit_save(
     root: Path,
     step: int,
     rank: int,
-    barrier: Callable[[], None],
+    gather: Gather,
     meta: dict,
     keep_last: int,
     entries: dict[str, dict] | None = None,
+    protect: Sequence[str] = (),
 ) -> Path:
     """Once every rank's files are in the temp directory: rank 0 writes the manifest (from ``entries``, or
-    by reading the files), renames the directory into place and moves ``latest``. Every rank calls it."""
+    by reading the files), renames the directory into place (both made durable) and rotates. Every rank
+    calls it; a failure on rank 0 is raised on every rank as SaveError."""
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
+    error = None
     if rank == 0:
-        if entries is None:
-            entries = {
-                p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-                for p in sorted(tmp.iterdir())
-                if not p.name.endswith(".part")
-            }
-        manifest = dict(meta, step=step, files=dict(sorted(entries.items())))
-        _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write(root / "latest", final.name.encode())
-        _rotate(root, keep_last)
-    barrier()  # why: nobody may read ``latest`` (or exit) before it points at a complete checkpoint
+        try:
+            if entries is None:
+                entries = {
+                    p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                    for p in sorted(tmp.iterdir())
+                    if not p.name.endswith(".part")
+                }
+            manifest = dict(meta, step=step, files=dict(sorted(entries.items())))
+            _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+            if final.exists():  # a step saved again (a replay): a good older copy is replaced, a bad one
+                if _verifies(final):  # set aside
+                    shutil.rmtree(final)
+                else:
+                    set_aside(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)  # why: the rename is the commit; durable before any older one is deleted
+            _verified.add((str(final), (final / "manifest.json").stat().st_mtime_ns))
+        except OSError as e:
+            error = _describe(e)
+    _agree(gather, error, step, tmp, rank)  # why: nobody may exit before the checkpoint is complete
+    if rank == 0:
+        try:
+            _rotate(root, keep_last, protect)
+        except OSError as e:  # the new checkpoint is committed; an old one left behind costs only disk
+            log.warning("checkpoint rotation under %s failed: %s", root, _describe(e))
     return final
 
 
@@ -160,16 +335,22 @@ def save_checkpoint(
     step: int,
     files: dict[str, Any],
     rank: int,
-    barrier: Callable[[], None],
+    gather: Gather,
     meta: dict,
     keep_last: int,
+    protect: Sequence[str] = (),
 ) -> Path:
-    """Every rank calls this with the files it owns; rank 0 finalises. Returns the final directory."""
-    tmp = begin_save(root, step, rank, barrier)
-    for name, obj in files.items():
-        save_obj(tmp / name, obj)
-    barrier()  # why: the manifest may only be written once every rank's shard is complete
-    return commit_save(root, step, rank, barrier, meta, keep_last)
+    """Every rank calls this with the files it owns; rank 0 finalises. Returns the final directory. Any
+    rank's failure (an OSError, a non-finite tensor) raises the same SaveError on every rank, with the
+    temporary directory removed and the previous checkpoint still the newest."""
+    tmp = begin_save(root, step, rank, gather)
+    error = None
+    try:
+        write_files(tmp, files)
+    except (OSError, ValueError) as e:
+        error = _describe(e)
+    _agree(gather, error, step, tmp, rank)  # why: the manifest waits for every rank's complete files
+    return commit_save(root, step, rank, gather, meta, keep_last, None, protect)
 
 
 def _snapshot(obj: Any) -> Any:
@@ -187,8 +368,8 @@ class AsyncSave:
     """One checkpoint whose files this rank writes in a background thread (``train.async_save``).
 
     The caller's stall is the host copy of its state; serialising, hashing and writing happen in the
-    thread. ``finish`` (every rank, together) waits for the thread, gathers every rank's manifest entries
-    and commits as ``save_checkpoint`` does: manifest, rename, ``latest`` last. Until then the checkpoint
+    thread. ``finish`` (every rank, together) waits for the thread, gathers every rank's errors and
+    manifest entries and commits as ``save_checkpoint`` does: manifest, rename. Until then the checkpoint
     is a ``.tmp`` directory that no resume reads.
     """
 
@@ -198,13 +379,14 @@ class AsyncSave:
         step: int,
         files: dict[str, Any],
         rank: int,
-        barrier: Callable[[], None],
+        gather: Gather,
         meta: dict,
         keep_last: int,
+        protect: Sequence[str] = (),
     ) -> None:
-        self.root, self.step, self.rank, self.barrier = root, step, rank, barrier
-        self.meta, self.keep_last = meta, keep_last
-        self.tmp = begin_save(root, step, rank, barrier)
+        self.root, self.step, self.rank = root, step, rank
+        self.meta, self.keep_last, self.protect = meta, keep_last, protect
+        self.tmp = begin_save(root, step, rank, gather)
         self._files: dict[str, Any] | None = _snapshot(files)
         self.entries: dict[str, dict] = {}
         self.error: str | None = None
@@ -216,38 +398,30 @@ class AsyncSave:
             assert self._files is not None
             self.entries = write_files(self.tmp, self._files)
         except Exception as e:  # reported on every rank by finish()
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = _describe(e)
         finally:
             self._files = None  # why: free the host copy as soon as it is on disk
 
     def done(self) -> bool:
         return not self._thread.is_alive()
 
-    def finish(self, gather: Callable[[Any], list]) -> Path:
-        """Every rank: wait for the writes, then commit. ``gather(x)`` returns every rank's x, by rank."""
+    def finish(self, gather: Gather) -> Path:
+        """Every rank: wait for the writes, then commit."""
         self._thread.join()
-        results = gather((self.error, self.entries))
-        for r, (error, _) in enumerate(results):
-            if error is not None:
-                raise CheckpointError(
-                    f"checkpoint of step {self.step}: rank {r} could not write its files: {error}"
-                )
-        entries = {name: e for _, ent in results for name, e in ent.items()}
-        return commit_save(self.root, self.step, self.rank, self.barrier, self.meta, self.keep_last, entries)
+        _agree(gather, self.error, self.step, self.tmp, self.rank)
+        results = gather(self.entries)
+        entries = {name: e for ent in results for name, e in ent.items()}
+        return commit_save(
+            self.root, self.step, self.rank, gather, self.meta, self.keep_last, entries, self.protect
+        )
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete step directories under ``root``, oldest first (``.tmp`` ones are half-written saves)."""
+    """Checkpoint directories under ``root`` (names ``step_<8 digits>``), oldest first; everything else
+    (``.tmp`` half-written saves, ``.corrupt`` set-aside ones, a user's ``step_6.bak``) is not one."""
     if not root.is_dir():
         return []
-    return sorted(
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
-    )
-
-
-def _rotate(root: Path, keep_last: int) -> None:
-    for old in checkpoint_dirs(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
 
 
 def verify(ckpt: Path, names: list[str] | None = None) -> dict:
@@ -288,7 +462,8 @@ def layout_refusal(manifest: dict, world: int, ep: int, engine: str) -> str | No
     if manifest.get("format", 1) < FORMAT:
         return (
             f"{was}, and it predates per-expert checkpoints, so it resumes only at its own layout: relaunch "
-            f"with {w} ranks and parallel.ep={e}, or start a new run (train.resume=false or another name=...)"
+            f"with {w} ranks and parallel.ep={e}, or start a new run (another name=..., or "
+            "train.resume=false train.overwrite=true, which moves this run aside)"
         )
     if engine == "deepspeed":
         return (

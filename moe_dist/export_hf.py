@@ -2,6 +2,8 @@
 
     python -m moe_dist.export_hf runs/<name> OUT_DIR [--step N]
 
+The model is built from the resolved config stored in the checkpoint's manifest (the run directory's
+``config.yaml`` may have been edited since; it is read only for checkpoints that predate stored configs).
 No process group: the checkpoint's files are read directly (``dense.pt`` and every ``experts_ep{e}.pt``,
 verified against the manifest), the experts concatenated in EP-rank order (rank e holds the contiguous
 slice [e*N/ep, (e+1)*N/ep)), and each MoE layer written back in its transformers block's layout.
@@ -19,7 +21,7 @@ from torch import nn
 
 from moe_dist.checkpoint import CheckpointError, checkpoint_dirs, load_obj, verify
 from moe_dist.errors import ConfigError
-from moe_dist.run_config import load_config
+from moe_dist.run_config import RunConfig, config_from_dict, load_config
 
 log = logging.getLogger("moe_dist.export_hf")
 
@@ -56,13 +58,23 @@ def load_run_model(run_dir: str | Path, step: int | None = None) -> nn.Module:
     from moe_dist.hf import HFCausalLM, build_hf_model, parallelize_hf_model
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    ckpt = _checkpoint(run_dir, step)
+    cfg = checkpoint_config(ckpt, run_dir)
     if cfg.model.kind != "hf":
         raise ConfigError(f"run {run_dir} has model.kind={cfg.model.kind!r}; only kind=hf runs export")
     hf = build_hf_model(cfg.model.hf_config, cfg.train.seed, cfg.model.seq_len)
     model = HFCausalLM(parallelize_hf_model(hf, None, **cfg.model.hf_moe))
-    model.load_state_dict(checkpoint_state(_checkpoint(run_dir, step), model), strict=True)
+    model.load_state_dict(checkpoint_state(ckpt, model), strict=True)
     return model
+
+
+def checkpoint_config(ckpt: Path, run_dir: Path) -> RunConfig:
+    """The config the checkpoint was written under (its manifest's), else the run's config.yaml."""
+    saved = verify(ckpt, []).get("config")
+    if saved is None:
+        log.warning("checkpoint %s stores no config (an older version wrote it): using config.yaml", ckpt)
+        return load_config(run_dir / "config.yaml")
+    return config_from_dict(saved)
 
 
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:

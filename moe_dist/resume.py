@@ -3,7 +3,10 @@
 Every rank reads the same manifest and takes the same decision, so a refused resume ends every rank with
 the same one-line error instead of one rank leaving its peers in a collective:
 
-- no checkpoint, or ``train.resume=false``: a fresh start;
+- ``train.resume=false`` in a run directory that already holds a run: refused (``ConfigError`` naming a
+  new ``name=...`` or ``train.overwrite=true``, which moves the old run aside, never deletes it), so that
+  two runs never share checkpoints or metrics files;
+- no checkpoint, or ``train.resume=false`` in a new or moved-aside directory: a fresh start;
 - a finished run (its newest checkpoint is at ``train.steps`` or later and ``summary.json`` exists): the
   launch says so and exits 0 without touching anything;
 - a checkpoint written under another world size or EP size: resharded (format 2, engine torch), else
@@ -16,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from moe_dist.checkpoint import checkpoint_dirs, layout_refusal
+from moe_dist.checkpoint import checkpoint_dirs, layout_refusal, stray_entries
 from moe_dist.errors import ConfigError
 from moe_dist.run_config import RunConfig
 
@@ -30,6 +34,62 @@ log = logging.getLogger("moe_dist.train")
 REFUSED = ("model.", "engine", "deepspeed.zero_stage")
 # Keys that only say where the run lives (the run directory is found through them).
 IGNORED = ("name", "out_dir")
+# The nonce file's name prefix (moe_dist/trainer.py checks that every rank sees the run directory).
+SHARED_CHECK = ".shared-check-"
+
+
+def used_entries(run_dir: Path) -> list[str]:
+    """What ``run_dir`` holds (a nonce file of the shared-directory check aside): empty for a new run."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(SHARED_CHECK))
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``<name>.old-<UTC time>`` beside it (a counter if taken); nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dst = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while dst.exists():
+        dst = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+        n += 1
+    run_dir.rename(dst)
+    return dst
+
+
+def claim_out_dir(out: Path, overwrite: bool, rank: int = 0) -> str | None:
+    """The study tools' ``--out``: why a used one is refused (one line), or None. With ``overwrite`` a used
+    one is moved aside by rank 0 (``<out>.old-<time>``, nothing deleted) and None returned."""
+    used = used_entries(out)
+    if not used:
+        return None
+    if not overwrite:
+        shown = ", ".join(used[:5]) + (", ..." if len(used) > 5 else "")
+        return (
+            f"--out {out} already holds results ({shown}); use another --out, or add --overwrite to move "
+            f"them aside (to {out.name}.old-<time>, nothing deleted)"
+        )
+    if rank == 0:
+        log.warning("--overwrite: moved %s aside to %s", out, move_aside(out))
+    return None
+
+
+def fresh_start(cfg: RunConfig, rank: int) -> None:
+    """``train.resume=false``: refuse a used run directory unless ``train.overwrite=true``, which moves it
+    aside (rank 0 only, before any process group: the other ranks write nothing before it exists)."""
+    used = used_entries(cfg.run_dir)
+    if not used:
+        return
+    if not cfg.train.overwrite:
+        shown = ", ".join(used[:5]) + (", ..." if len(used) > 5 else "")
+        raise ConfigError(
+            f"run directory {cfg.run_dir} already holds a run ({shown}) and train.resume=false would start "
+            f"another one in it; use another name=... for the new run, or add train.overwrite=true to move "
+            f"the old run aside (to {cfg.run_dir.name}.old-<time>, nothing deleted)"
+        )
+    if rank == 0:
+        dst = move_aside(cfg.run_dir)
+        log.warning("train.overwrite=true: moved the old run %s aside to %s", cfg.run_dir, dst)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -71,14 +131,22 @@ def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
     Returns the finished run's summary when there is nothing left to train, else None.
     """
     if not cfg.train.resume:
+        fresh_start(cfg, rank)
         return None
+    stray = stray_entries(cfg.run_dir / "checkpoints")
+    if stray and rank == 0:
+        log.warning(
+            "ignoring %s in %s: only directories named step_<8 digits> are checkpoints",
+            ", ".join(stray),
+            cfg.run_dir / "checkpoints",
+        )
     found = newest_manifest(cfg.run_dir / "checkpoints")
     if found is None:
         return None
     ckpt, manifest = found
     what_to_do = (
-        "relaunch with the checkpoint's settings, or start a new run (another name=..., or "
-        "train.resume=false to start over in this directory)"
+        "relaunch with the checkpoint's settings, or start a new run: another name=..., or "
+        "train.resume=false train.overwrite=true (moves this run aside, deletes nothing)"
     )
     refusal = layout_refusal(manifest, world, cfg.parallel.ep, cfg.engine)
     if refusal is not None:

@@ -260,8 +260,15 @@ class TrainConfig:
     """On resume, the val loss of the loaded model is compared with the one stored at save time (1e-5
     relative): "error" stops the run when they differ, "warn" logs and goes on."""
     async_save: bool = False
-    """Write checkpoint files in a background thread; the checkpoint is committed (manifest, ``latest``)
-    once every rank's files are written, checked at each step end, the next save and the run's end."""
+    """Write checkpoint files in a background thread; the checkpoint is committed (manifest, rename) once
+    every rank's files are written, checked at each step end, the next save and the run's end."""
+    save_failure: str = "stop"
+    """A checkpoint that cannot be written on some rank (disk full, permissions, a non-finite tensor):
+    "stop" ends the run (one line per rank naming the failing rank, exit 2), "warn" logs that line and
+    trains on. Either way nothing of it is kept and the previous checkpoint stays the newest."""
+    overwrite: bool = False
+    """With ``resume: false``, start over in a run directory that already holds a run by moving the old
+    run aside (to ``<name>.old-<time>`` beside it; nothing is deleted). Without it such a start is refused."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -277,8 +284,15 @@ class TrainConfig:
             check_type("train", name, getattr(self, name), (int,))
             _positive("train", self, name)
         check_type("train", "seed", self.seed, (int,))
-        for name in ("resume", "bf16", "retain_host_memory", "async_save"):
+        for name in ("resume", "bf16", "retain_host_memory", "async_save", "overwrite"):
             check_type("train", name, getattr(self, name), (bool,))
+        if self.save_failure not in ("stop", "warn"):
+            raise ConfigError(f"train.save_failure must be stop or warn, got {self.save_failure!r}")
+        if self.overwrite and self.resume:
+            raise ConfigError(
+                "train.overwrite=true starts the run over (moving the old one aside): it needs "
+                "train.resume=false; drop train.overwrite to resume instead"
+            )
         if self.resume_check not in ("error", "warn"):
             raise ConfigError(f"train.resume_check must be error or warn, got {self.resume_check!r}")
         if self.on_nonfinite not in ("raise", "skip"):
@@ -505,5 +519,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(data)
 
 
+def config_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def dump_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(config_yaml(cfg))

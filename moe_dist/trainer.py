@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ from moe_dist.checkpoint import (
     FORMAT,
     AsyncSave,
     CheckpointError,
+    SaveError,
     UnsafeCheckpointError,
+    atomic_write_text,
     files_to_read,
     layout_refusal,
     load_obj,
@@ -46,7 +49,8 @@ from moe_dist.model import MoETransformer, active_params
 from moe_dist.parallel import ParallelLayout
 from moe_dist.placement import Placement
 from moe_dist.rebalance_loop import RebalanceLoop
-from moe_dist.run_config import RunConfig, dump_config
+from moe_dist.resume import SHARED_CHECK
+from moe_dist.run_config import RunConfig, config_yaml
 from profiling.straggler import StragglerProfiler
 
 log = logging.getLogger("moe_dist.train")
@@ -90,9 +94,7 @@ class CollapseMonitor:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)  # fsync before and after the rename (moe_dist/checkpoint.py)
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -288,13 +290,17 @@ class Trainer:
         self._finish_async_save()  # why: one checkpoint in flight at a time, committed in step order
         files, meta = self._checkpoint_files()
         self.saved_at = self.step
-        args = (self.ckpt_root, self.step, files, self.rank, self.barrier, meta, self.cfg.train.keep_last)
-        if self.cfg.train.async_save:
-            self._pending_save = AsyncSave(*args)
-        else:
-            path = save_checkpoint(*args)
-            if self.rank == 0:
-                log.info("checkpoint %s", path)
+        protect = [self.resumed_from] if getattr(self, "resumed_from", None) else []
+        args = (self.ckpt_root, self.step, files, self.rank, self._gather, meta, self.cfg.train.keep_last)
+        try:
+            if self.cfg.train.async_save:
+                self._pending_save = AsyncSave(*args, protect=protect)
+            else:
+                path = save_checkpoint(*args, protect=protect)
+                if self.rank == 0:
+                    log.info("checkpoint %s", path)
+        except SaveError as e:
+            self._save_failed(e)
         stall = time.perf_counter() - t0
         record = {"checkpoint_stall_s": stall, "async_save": self.cfg.train.async_save}
         self.metrics.log(self.step, record, {"checkpoint/stall_s": stall})
@@ -310,9 +316,20 @@ class Trainer:
         """Every rank: wait for the checkpoint in flight (if any) and commit it."""
         pending, self._pending_save = getattr(self, "_pending_save", None), None
         if pending is not None:
-            path = pending.finish(self._gather)
+            try:
+                path = pending.finish(self._gather)
+            except SaveError as e:
+                self._save_failed(e)
+                return
             if self.rank == 0:
                 log.info("checkpoint %s (written in the background)", path)
+
+    def _save_failed(self, e: SaveError) -> None:
+        """Every rank holds the same SaveError (gathered): ``train.save_failure=stop`` raises it (one line per
+        rank, exit 2), ``warn`` logs it on every rank and training goes on from the previous checkpoint."""
+        if self.cfg.train.save_failure == "stop":
+            raise e
+        log.warning("%s; going on (train.save_failure=warn)", e)
 
     def _poll_async_save(self) -> None:
         """At a step end: commit the checkpoint in flight once every rank's files are written."""
@@ -387,7 +404,26 @@ class Trainer:
         return own
 
     def _load_global(self, files: dict[str, Any], manifest: dict) -> dict[str, Any]:
-        """A format-2 checkpoint at any layout: this rank's experts are picked out by expert id."""
+        """A format-2 checkpoint at any layout: this rank's experts are picked out by expert id. A load
+        error on any rank is raised on every rank, the same line (why: the others would otherwise wait in
+        the next collective until the timeout)."""
+        state, error = None, None
+        try:
+            state = self._load_global_here(files, manifest)
+        except CheckpointError as e:
+            error = str(e)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            step = manifest.get("step")
+            error = f"checkpoint of step {step} does not fit this model: {type(e).__name__}: {e}"
+        failed = [(r, err) for r, err in enumerate(self._gather(error)) if err is not None]
+        if failed:
+            r, err = failed[0]
+            raise CheckpointError(f"rank {r} could not load the checkpoint: {err}")
+        assert state is not None
+        return state
+
+    def _load_global_here(self, files: dict[str, Any], manifest: dict) -> dict[str, Any]:
+        """``_load_global`` on this rank alone."""
         dense = files["dense.pt"]
         experts: dict[str, Any] = {}
         experts_opt: dict[str, Any] = {}
@@ -432,6 +468,7 @@ class Trainer:
         return {**dense, "rng": own["rng"]}
 
     def maybe_resume(self) -> None:
+        self.resumed_from: str | None = None  # never deleted by this launch's rotation
         if not self.cfg.train.resume:
             return
         good, errors = verified_checkpoints(self.ckpt_root, self._names_for)
@@ -450,9 +487,11 @@ class Trainer:
                 newest = max(bad)
                 raise CheckpointError(
                     f"{bad[newest]}; no checkpoint under {self.ckpt_root} verifies on every rank. Restore "
-                    f"the file, or start over with train.resume=false (the checkpoints stay until "
-                    f"overwritten) or a new run with another name=..."
+                    f"the file, or start a new run: another name=..., or train.resume=false "
+                    f"train.overwrite=true (moves this run aside, deletes nothing)"
                 )
+            # a run that never reached a checkpoint starts again from step 0: its rows are replayed
+            self.metrics.resume_at(0, {})
             return
         skipped = sorted(s for s in bad if s > max(common))
         if skipped and self.rank == 0:
@@ -460,6 +499,7 @@ class Trainer:
                 "%s; resuming from the older step %d instead", "; ".join(bad[s] for s in skipped), max(common)
             )
         ckpt, manifest = good[max(common)]
+        self.resumed_from = ckpt.name
         files = self._read_on_every_rank(ckpt, self._names_for(manifest))
         if manifest.get("format", 1) < FORMAT:
             state = self._load_format1(files)
@@ -527,6 +567,42 @@ class Trainer:
         if self.rank == 0:
             log.warning("%s; going on (train.resume_check=warn)", msg)
 
+    def _check_shared_run_dir(self) -> None:
+        """Every rank must see the run directory rank 0 writes (checkpoints are assembled in one directory
+        by all ranks): rank 0 writes a nonce file there, every rank reads it back, and if any rank cannot,
+        every rank raises the same ConfigError. The file is removed again (and the directories, if this made
+        them), so a launch refused later still leaves the run directory as it found it."""
+        if self.world == 1:
+            return
+        token, created, error = secrets.token_hex(8), [], None
+        if self.rank == 0:
+            try:
+                created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / f"{SHARED_CHECK}{token}").write_text(token)
+            except OSError as e:
+                error = f"rank 0 cannot write into {self.run_dir}: {type(e).__name__}: {e}"
+        token, error = self._gather((token, error))[0]  # rank 0's nonce; the gather is the barrier
+        path = self.run_dir / f"{SHARED_CHECK}{token}"
+        try:
+            seen = path.read_text() == token
+        except OSError:
+            seen = False
+        seen_R = self._gather(seen)
+        if self.rank == 0:
+            path.unlink(missing_ok=True)
+            for d in created:  # innermost first: what this made, if still empty
+                if not any(d.iterdir()):
+                    d.rmdir()
+        if error is not None:
+            raise ConfigError(error)
+        missing = [r for r, ok in enumerate(seen_R) if not ok]
+        if missing:
+            raise ConfigError(
+                f"rank(s) {missing} cannot read the file rank 0 wrote into the run directory {self.run_dir}: "
+                "out_dir must be on a filesystem shared by all nodes (the same path on every node)"
+            )
+
     # --- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
         with logging_redirect_tqdm():  # why: log lines go above rank 0's bar instead of onto it
@@ -534,6 +610,7 @@ class Trainer:
 
     def _train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
+        self._check_shared_run_dir()
         self.maybe_resume()
         if self.step >= t.steps and (self.run_dir / "summary.json").is_file():
             # the launch preflight normally stops here first; a finished run keeps its results
@@ -542,7 +619,7 @@ class Trainer:
         # the run is known to start: from here on the run directory may change
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
+            _atomic_write_text(self.run_dir / "config.yaml", config_yaml(cfg))
         self.profiler.start()
         bar = tqdm(
             total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc=cfg.name

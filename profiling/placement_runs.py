@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from moe_dist.net import free_port
+from moe_dist.resume import claim_out_dir
 
 log = logging.getLogger("moe_dist.placement_runs")
 
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=10, help="parallel.rebalance_every of the balanced runs")
+    ap.add_argument("--overwrite", action="store_true", help="move a used --out aside (nothing deleted)")
     args = ap.parse_args(argv)
+    refusal = claim_out_dir(args.out, args.overwrite)  # why: a rerun would resume the old runs' checkpoints
+    if refusal:
+        ap.error(refusal)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for rnd in range(args.rounds):

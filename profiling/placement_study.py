@@ -62,6 +62,7 @@ from torch import nn
 from moe_dist.migrate import Job, migrate_many
 from moe_dist.placement import Placement
 from moe_dist.rebalance import balanced_placement
+from moe_dist.resume import claim_out_dir
 from moe_dist.sync import sync_gradients
 from profiling.analysis import StragglerAnalyzer
 from profiling.placement_table import markdown
@@ -421,7 +422,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=SweepSpec.warmup)
     ap.add_argument("--migrate-reps", type=int, default=3)
+    ap.add_argument("--overwrite", action="store_true", help="move a used --out aside (nothing deleted)")
     args = ap.parse_args(argv)
+    # every rank checks before any process group; only rank 0 moves a used --out aside
+    refusal = claim_out_dir(Path(args.out), args.overwrite, int(os.environ.get("RANK", 0)))
+    if refusal:
+        ap.error(refusal)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = SweepSpec(
         tokens=args.tokens,

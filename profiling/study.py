@@ -1,7 +1,9 @@
 """Balance vs quality study: the default model on the stdlib corpus under each balancing method, with the
 same seed, data and step budget, launched one after another with torchrun.
 
-    python -m profiling.study --out runs/study --steps 150 --nproc 2 [--only alpha0 auto]
+    python -m profiling.study --out runs/study --steps 150 --nproc 2 [--only alpha0 auto] [--overwrite]
+
+A used ``--out`` is refused unless ``--overwrite`` (it is moved aside, nothing deleted) or ``--reuse``.
 
 Per run it reports final val loss and bits per byte; MaxVio per step (pooled over ranks), per batch (one
 rank's micro-batch) and global (counts summed over the second half of the run), per layer and averaged;
@@ -24,6 +26,7 @@ from statistics import fmean as mean
 
 import torch
 
+from moe_dist.resume import claim_out_dir
 from moe_dist.spawn import free_port
 from moe_dist.trainer import load_stats
 from profiling.report import load_run, plot_heatmaps, read_jsonl
@@ -55,6 +58,8 @@ def run_one(name: str, overrides: list[str], args, seed: int) -> Path:
     if args.reuse and (out / run / "summary.json").exists():
         log.info("reusing %s (--reuse)", out / run)
         return out / run
+    # a run left unfinished under --reuse is trained again; its remains are moved aside, not mixed in
+    again = ["train.overwrite=true"] if (out / run).exists() else []
     cmd = [
         "torchrun",
         "--nproc-per-node",
@@ -72,6 +77,7 @@ def run_one(name: str, overrides: list[str], args, seed: int) -> Path:
         "model.moe.z_loss_coef=0",
         "train.ckpt_every=0",
         "train.resume=false",
+        *again,
         f"train.eval_every={args.steps}",
         *overrides,
     ]
@@ -216,10 +222,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="train.seed = 0 .. seeds-1 for every method")
     p.add_argument("--reuse", action="store_true", help="keep runs that already have a summary.json")
+    p.add_argument("--overwrite", action="store_true", help="move a used --out aside (nothing deleted)")
     p.add_argument("--only", nargs="*", default=None, help=f"a subset of {list(METHODS)}")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
+    if not args.reuse:  # why: a rerun into a used --out would mix two studies' runs and tables
+        refusal = claim_out_dir(out, args.overwrite)
+        if refusal:
+            p.error(refusal)
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
     for name, overrides in METHODS.items():

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from moe_dist import MoEConfig, MoELayer
+from moe_dist.resume import claim_out_dir
 from profiling.analysis import StragglerAnalyzer
 from profiling.timer import Injection, StragglerTimer
 
@@ -185,7 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loads", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--overwrite", action="store_true", help="move a used --out aside (nothing deleted)")
     args = parser.parse_args(argv)
+    # every rank checks before any process group; only rank 0 moves a used --out aside
+    refusal = claim_out_dir(Path(args.out), args.overwrite, int(os.environ.get("RANK", 0)))
+    if refusal:
+        parser.error(refusal)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -58,13 +58,11 @@ def snapshot(run: Path) -> dict[str, tuple[int, int, str]]:
 
 
 def cut_back(run: Path, step: int) -> None:
-    """Drop every checkpoint after ``step`` and point ``latest`` at ``step`` (as if the job had stopped
-    after writing it)."""
+    """Drop every checkpoint after ``step`` (as if the job had stopped after writing it)."""
     ckpts = run / "checkpoints"
     for d in ckpts.iterdir():
         if d.is_dir() and int(d.name.split("_")[1]) > step:
             shutil.rmtree(d)
-    (ckpts / "latest").write_text(f"step_{step:08d}")
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ def test_unusable_checkpoint_is_one_clear_line(finished_ep2: Path, tmp_path: Pat
     lines = _worker_lines(p.stderr, "CheckpointError")
     assert len(lines) == 2, p.stderr[-4000:]
     for line in lines:
-        assert "step_00000004/rank1.pt is truncated" in line and "train.resume=false" in line, line
+        assert "step_00000004/rank1.pt is truncated" in line and "train.overwrite=true" in line, line
     assert not re.search(r'File ".*moe_dist/', p.stderr), p.stderr[-4000:]  # no worker traceback
 
 

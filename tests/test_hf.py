@@ -206,7 +206,8 @@ HF_TINY = {
 def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
     """torchrun, 2 ranks, EP=2, model.kind=hf: steps 4-6 after a resume from step 3 equal the uninterrupted
     run's; the deepspeed launcher with engine=deepspeed (ZeRO-2) gives the same losses; the exported directory
-    loads with from_pretrained and gives our model's logits. The export is ``python -m moe_dist.export_hf``'s
+    loads with from_pretrained and gives our model's logits, and an edited config.yaml does not change what
+    it loads (the checkpoint's stored config is used). The export is ``python -m moe_dist.export_hf``'s
     ``main`` called with the command's arguments in this process (a subprocess would only add an interpreter
     start and the imports of torch and transformers)."""
     import yaml
@@ -259,3 +260,10 @@ def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
         want = exported(input_ids=x, use_cache=False).logits
         got = ours(x).logits_BSV
     assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+    # the export builds the model from the config stored with the checkpoint, not the run's config.yaml,
+    # which a user may edit after the run (here: another hidden size and depth)
+    edited = yaml.safe_load((runs / "full" / "config.yaml").read_text())
+    edited["model"]["hf_config"].update(hidden_size=64, num_hidden_layers=1)
+    (runs / "full" / "config.yaml").write_text(yaml.safe_dump(edited))
+    with torch.no_grad():
+        assert torch.equal(load_run_model(runs / "full").eval()(x).logits_BSV, got)

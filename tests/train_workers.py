@@ -150,7 +150,6 @@ def fp64_runs_worker(rank: int, world: int, runs: list[tuple[dict, tuple | None]
             for ckpt in (cfg.run_dir / "checkpoints").glob("step_*"):
                 if int(ckpt.name.split("_")[1]) > step:
                     shutil.rmtree(ckpt)
-            (cfg.run_dir / "checkpoints" / "latest").write_text(f"step_{step:08d}")
             (cfg.run_dir / "summary.json").unlink()
         dist.barrier()
         layout = ParallelLayout.build(cfg.parallel.ep)
