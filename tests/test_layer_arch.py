@@ -80,6 +80,21 @@ def single_cases() -> list[Case]:
             T,
             bias_scale=0.3,
         ),
+        _case(
+            "groups-bias-unbiased-local",
+            dict(
+                BASE,
+                top_k=3,
+                score_func="sigmoid",
+                n_group=4,
+                topk_group=2,
+                bias_update_rate=1e-3,
+                aux_loss_counts="unbiased",
+                balance_scope="local",
+            ),
+            T,
+            bias_scale=0.3,
+        ),
         _case("seq-softmax", dict(BASE, top_k=2, seq_aux_loss_coef=1e-2), T, seq_len=8),
         _case(
             "seq-sigmoid", dict(BASE, top_k=2, score_func="sigmoid", seq_aux_loss_coef=1e-2), T, seq_len=12
@@ -130,6 +145,14 @@ def ep_cases(world: int) -> list[Case]:
         ),
         _case("seq-sigmoid", dict(BASE, top_k=2, score_func="sigmoid", seq_aux_loss_coef=1e-2), T, seq_len=8),
         _case("deepseek-v3", DEEPSEEK, T, seq_len=8, bias_scale=0.2),
+        # the Switch loss on the unbiased counts: a second [N] block in the same all-reduce
+        _case(
+            "deepseek-v3-switch-unbiased",
+            dict(DEEPSEEK, aux_loss_coef=0.3, aux_loss_counts="unbiased", cv_load_coef=1e-2),
+            T,
+            seq_len=8,
+            bias_scale=0.2,
+        ),
     ]
 
 
@@ -209,6 +232,17 @@ def test_cases_are_not_vacuous() -> None:
     close(one["seq"], one["switch"], "one-sequence seq term vs switch term")
     many = ref(by["seq-softmax"])["terms"]
     assert abs(float(many["seq"]) - float(many["switch"])) > 1e-4, "per-sequence f differs from pooled f"
+    # under a bias and a group limit the unbiased top-K is another set than the routing choice, so the
+    # sequence-wise loss (eq. 18) and the Switch loss with aux_loss_counts="unbiased" count other experts
+    for name in ("deepseek-v3", "groups-bias-unbiased-local"):
+        r = ref(by[name])
+        assert not torch.equal(
+            r["counts"], ref(_without(by[name], "n_group", "topk_group", bias_scale=0.0))["counts"]
+        )
+    routed = _without(by["groups-bias-unbiased-local"], "aux_loss_counts")
+    assert (
+        abs(float(ref(routed)["local_aux"][0] - ref(by["groups-bias-unbiased-local"])["local_aux"][0])) > 1e-5
+    )
 
 
 def test_group_limit_bounds_groups_per_token() -> None:
