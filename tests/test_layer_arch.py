@@ -357,6 +357,7 @@ def test_shared_experts_are_dense_params() -> None:
         (dict(n_group=4, topk_group=1, top_k=3), "top_k=3 exceeds the 2 experts"),
         (dict(n_group=4, topk_group=2, noisy_gating=True), "cannot be combined"),
         (dict(seq_aux_loss_coef=-1.0), "seq_aux_loss_coef"),
+        (dict(aux_loss_counts="biased"), "aux_loss_counts must be one of .*got 'biased'"),
         (dict(n_group=2.0, topk_group=1), "n_group must be int"),
     ],
 )
