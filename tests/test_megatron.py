@@ -75,6 +75,7 @@ CASES = {
         bias_update_rate=0.0,
     ),
 }
+CASES["softmax-local"] = dict(CASES["softmax"], balance_scope="local")
 
 
 def cases(world: int) -> list[Case]:
@@ -304,12 +305,15 @@ def check_rank_results(world: int, per_rank: list[list[dict]], all_reduce: _SumO
                 local_bias_counts[r] += routed_maps[r].sum(0)  # TopKRouter._apply_expert_bias
             what = f"EP {world}, {case.name}, micro-batch {m}"
 
-            if case.name == "local":
-                # Megatron's aux_loss = our local scope; P over raw s: the documented relation
-                got = megatron_switch(cfg, routers, all_reduce, [a[0] for a in aux], raw, "aux_loss")
+            if cfg["balance_scope"] == "local":
+                # Megatron's aux_loss = our local scope: with its own scores for softmax (s = s'), fed the raw
+                # s for sigmoid (the documented relation)
+                scores = [a[1] for a in aux] if cfg["score_func"] == "softmax" else raw
+                got = megatron_switch(cfg, routers, all_reduce, [a[0] for a in aux], scores, "aux_loss")
                 for r in range(world):
-                    close(terms[r]["switch"], got[r], f"{what}, rank {r}: switch vs aux_loss")
-                    close(terms[r]["seq"], megatron_seq_loss(logits[r], cfg), f"{what}, rank {r}: seq")
+                    close(terms[r]["switch"], got[r], f"{what}, rank {r}: switch vs aux_loss", rtol=tol)
+                    seq = megatron_seq_loss(logits[r], cfg)
+                    close(terms[r]["seq"], seq, f"{what}, rank {r}: seq", rtol=tol)
                     close(terms[r]["z"], moe_utils.z_loss_func(logits[r], cfg["z_loss_coef"]), f"{what}: z")
                 continue
             if case.name == "softmax":
