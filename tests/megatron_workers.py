@@ -11,11 +11,24 @@ from tests.oracle import Case, make_tensors
 from tests.workers import build_layer
 
 
-def megatron_case_worker(rank: int, world: int, cases: list[Case], micro: int) -> list[dict]:
-    """One optimizer step of ``micro`` equal micro-batches per case ([B, S, D] when the case has a seq_len):
-    forward + backward of <h, cot> + aux each, then ``update_expert_bias``. Returns, per micro-batch, the
-    router logits this rank computed and the layer's loss terms, and the bias before and after the step."""
-    group = dist.group.WORLD if world > 1 else None
+def megatron_case_worker(rank: int, world: int, cases_by_ep: dict[int, list[Case]], micro: int) -> dict:
+    """For each EP size ep (a divisor of ``world``), the ranks split into world/ep groups of ep ranks, each
+    running its cases on its own (one spawn covers several EP sizes). Per case, one optimizer step of
+    ``micro`` equal micro-batches ([B, S, D] when the case has a seq_len): forward + backward of
+    <h, cot> + aux each, then ``update_expert_bias``. Returns {ep: [per case: per micro-batch the router
+    logits this rank computed and the layer's loss terms, and the bias before and after the step]}."""
+    out = {}
+    for ep, cases in cases_by_ep.items():
+        if ep == world:
+            group = dist.group.WORLD if world > 1 else None
+        else:  # every rank creates every subgroup, in the same order (new_group is collective)
+            groups = [dist.new_group(list(range(i, i + ep))) for i in range(0, world, ep)]
+            group = groups[rank // ep] if ep > 1 else None
+        out[ep] = _run_cases(rank % ep, ep, group, cases, micro)
+    return out
+
+
+def _run_cases(rank: int, world: int, group, cases: list[Case], micro: int) -> list[dict]:
     results = []
     for case in cases:
         t = make_tensors(case)
