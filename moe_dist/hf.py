@@ -164,7 +164,7 @@ def hf_block_config(block: nn.Module, config: Any = None, **overrides: Any) -> M
             n_group=int(gate.num_group),
             topk_group=int(gate.topk_group),
             aux_loss_coef=0.0,
-            # a Switch loss turned on by an override counts as the paper's eq. 18 and Megatron-Core do
+            # a Switch loss turned on by an override counts as Megatron-Core does (as eq. 18 counts for seq)
             aux_loss_counts="unbiased",
             bias_update_rate=DEEPSEEK_V3_BIAS_RATE,
             seq_aux_loss_coef=DEEPSEEK_V3_SEQ_AUX,

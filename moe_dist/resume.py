@@ -30,6 +30,9 @@ log = logging.getLogger("moe_dist.train")
 REFUSED = ("model.", "engine", "deepspeed.zero_stage")
 # Keys that only say where the run lives (the run directory is found through them).
 IGNORED = ("name", "out_dir")
+# Keys added after checkpoints began to store their config, with the value that means what a checkpoint
+# without the key was trained under: absent from a saved config, they read as this value.
+ADDED_KEYS = {"model.moe.aux_loss_counts": "routed"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -46,6 +49,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """(refused, allowed): one ``key: old -> new`` line per differing key."""
     a, b = flatten(saved), flatten(now)
+    a.update({k: v for k, v in ADDED_KEYS.items() if k not in a and k in b})
     refused, allowed = [], []
     for key in sorted(set(a) | set(b)):
         if key in IGNORED or a.get(key) == b.get(key):

@@ -6,15 +6,18 @@ process, then on 2 and 4 gloo ranks."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe_dist import ConfigError, MoEConfig, MoELayer
 from moe_dist.model import MoETransformer, active_params
-from moe_dist.run_config import ModelConfig
+from moe_dist.resume import config_changes
+from moe_dist.run_config import ModelConfig, load_config
 from moe_dist.sync import dense_params, expert_params
 from tests.arch_workers import arch_case_worker
 from tests.distributed import run_ranks
@@ -364,3 +367,15 @@ def test_shared_experts_are_dense_params() -> None:
 def test_bad_config(kwargs: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         MoEConfig(**{**dict(num_experts=8, d_model=16, d_ff=32, top_k=2), **kwargs})
+
+
+def test_resume_reads_a_config_saved_before_aux_loss_counts() -> None:
+    """A checkpoint's stored config from before the field existed trained with routed counts: resuming it
+    under the default is no change, under "unbiased" a refused model change."""
+    demo = Path(__file__).resolve().parents[1] / "configs" / "cpu_demo.yaml"
+    now = load_config(demo).to_dict()
+    saved = copy.deepcopy(now)
+    del saved["model"]["moe"]["aux_loss_counts"]
+    assert config_changes(saved, now) == ([], [])
+    other = load_config(demo, ["model.moe.aux_loss_counts=unbiased"]).to_dict()
+    assert config_changes(saved, other) == (["model.moe.aux_loss_counts: 'routed' -> 'unbiased'"], [])
