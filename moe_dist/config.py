@@ -9,6 +9,7 @@ from moe_dist.errors import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid", "exp")
 BALANCE_SCOPES = ("global", "local", "global_batch")
+AUX_LOSS_COUNTS = ("routed", "unbiased")
 ACTIVATIONS = ("gelu", "silu", "relu", "swiglu", "geglu")
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
 """Gated activations and the nonlinearity on their gate half: FFN(u) = (act(u W_gate) * u W_up) W_down."""
@@ -55,6 +56,14 @@ class MoEConfig:
     balance_scope: str = "global"
     """Tokens pooled for f_i and P_i: "global" (balance group, this micro-batch), "local" (this rank), or
     "global_batch" (balance group, every micro-batch of the optimizer step so far: running f)."""
+    aux_loss_counts: str = "routed"
+    """Which top-K the Switch loss's f_i counts when a selection bias (bias_update_rate > 0) or a group limit
+    steers routing; without either the two are the same. "routed": the routing choice, bias and group limit
+    included, i.e. the load the dispatcher sees. "unbiased": top-K of the unbiased scores s over all experts
+    (Megatron-Core's ``compute_routing_scores_for_aux_loss``). Default "routed", because the loss exists to
+    balance the load the experts actually get and the seed's f_i counts the routing choice; pick "unbiased"
+    to reproduce a Megatron run (the HF adapter does for DeepSeek-V3). CV^2(f), the bias update and the
+    logged f always use the routed counts; the sequence-wise loss always counts unbiased (eq. 18)."""
     bias_update_rate: float = 0.0
     """gamma of auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean n - n_i) per step."""
     capacity_factor: float | None = None
@@ -83,8 +92,9 @@ class MoEConfig:
     taken inside them only. Set together with n_group."""
     seq_aux_loss_coef: float = 0.0
     """alpha of DeepSeek-V3's sequence-wise balance loss (eq. 17-20): alpha * mean over sequences of
-    sum_i f_i P_i with f, P per sequence and P over scores normalised to sum 1 per token. The input's
-    second-to-last dim is the sequence ([B, S, D]; a [T, D] input is one sequence)."""
+    sum_i f_i P_i with f, P per sequence, f counting the top-K of the unbiased scores s (eq. 18: no selection
+    bias, no group limit) and P over scores normalised to sum 1 per token. The input's second-to-last dim
+    is the sequence ([B, S, D]; a [T, D] input is one sequence)."""
     noisy_gating: bool = False
     """Shazeer et al. 2017 noisy top-K in training: logits + eps * softplus(u . w_noise); enables the
     smooth load estimator so that the CV^2(load) penalty trains the router."""
@@ -104,6 +114,7 @@ class MoEConfig:
         for name, choices in (
             ("score_func", SCORE_FUNCS),
             ("balance_scope", BALANCE_SCOPES),
+            ("aux_loss_counts", AUX_LOSS_COUNTS),
             ("activation", ACTIVATIONS),
         ):
             value = getattr(self, name)

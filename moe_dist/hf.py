@@ -114,7 +114,10 @@ def hf_block_config(block: nn.Module, config: Any = None, **overrides: Any) -> M
     Balancing defaults: Mixtral-style blocks get aux_loss_coef = K * router_aux_loss_coef (HF's
     load_balancing_loss_func is K x our Switch loss, see README), turned on whatever
     ``output_router_logits`` says; DeepSeek-V3 blocks get the paper's bias update (gamma 1e-3) and
-    sequence-wise loss (1e-4) and no Switch loss. ``overrides`` replace any non-structural field.
+    sequence-wise loss (1e-4) and no Switch loss; should an override turn one on, it counts f over the
+    unbiased top-K (aux_loss_counts="unbiased", Megatron-Core's DeepSeek-V3 recipe; the other families
+    have no bias or group limit, where both count modes agree). ``overrides`` replace any non-structural
+    field.
     """
     kind = block_kind(block)
     bad = sorted(set(overrides) & set(STRUCTURAL))
@@ -161,6 +164,8 @@ def hf_block_config(block: nn.Module, config: Any = None, **overrides: Any) -> M
             n_group=int(gate.num_group),
             topk_group=int(gate.topk_group),
             aux_loss_coef=0.0,
+            # a Switch loss turned on by an override counts as Megatron-Core does (as eq. 18 counts for seq)
+            aux_loss_counts="unbiased",
             bias_update_rate=DEEPSEEK_V3_BIAS_RATE,
             seq_aux_loss_coef=DEEPSEEK_V3_SEQ_AUX,
         )

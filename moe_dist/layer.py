@@ -133,6 +133,11 @@ class MoELayer(nn.Module):
             "window_counts", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False
         )
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        # the Switch loss's own counts over the same window (aux_loss_counts="unbiased" under a bias or
+        # group limit); read as empty whenever window_tokens is 0, so every reset of the window resets it
+        self.register_buffer(
+            "window_aux_counts", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False
+        )
         # alpha of the Switch loss as state: a balance controller may change it, and checkpoints keep it
         self.register_buffer("aux_coef", torch.tensor(cfg.initial_alpha, dtype=torch.float64))
         if cfg.cv_load_coef > 0 and not cfg.noisy_gating:
@@ -221,6 +226,8 @@ class MoELayer(nn.Module):
             )
             # kept pairs per logical expert: each maps to exactly one slot of this rank's route table
             kept_counts_N = plan.counts_G[self.route_slot_N] if self.count_row is not None else None
+            # why torch.where (no host sync): whoever zeroes window_tokens has emptied this window too
+            window_aux_N = torch.where(self.window_tokens > 0, self.window_aux_counts, 0.0)
             bal: BalanceResult = balance_terms(
                 self.cfg,
                 route,
@@ -233,11 +240,13 @@ class MoELayer(nn.Module):
                 seq_len,
                 self.count_row,
                 kept_counts_N,
+                window_aux_N,
             )
         # why the graph-task check: activation recompute re-runs forward inside backward; counting it
         # again would double the step's counts (torchtitan PR #1593)
         if self.training and torch._C._current_graph_task_id() == -1:
             self.window_counts += bal.counts_N
+            self.window_aux_counts.copy_(window_aux_N + bal.aux_counts_N)
             self.window_tokens += bal.stats.num_tokens.to(torch.float64)
             self.sent_counts_N += plan.counts_G[self.route_slot_N].to(torch.float64)
         return route, plan, bal

@@ -92,6 +92,11 @@ def fresh_start(cfg: RunConfig, rank: int) -> None:
         log.warning("train.overwrite=true: moved the old run %s aside to %s", cfg.run_dir, dst)
 
 
+# Keys added after checkpoints began to store their config, with the value that means what a checkpoint
+# without the key was trained under: absent from a saved config, they read as this value.
+ADDED_KEYS = {"model.moe.aux_loss_counts": "routed"}
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -106,6 +111,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """(refused, allowed): one ``key: old -> new`` line per differing key."""
     a, b = flatten(saved), flatten(now)
+    a.update({k: v for k, v in ADDED_KEYS.items() if k not in a and k in b})
     refused, allowed = [], []
     for key in sorted(set(a) | set(b)):
         if key in IGNORED or a.get(key) == b.get(key):

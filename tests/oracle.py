@@ -6,10 +6,12 @@ FFN(u) = act(u W1) W2, or gated (swiglu/geglu): (act(u W1[:, :F]) * u W1[:, F:])
 group-limited: groups of N/n_group contiguous experts; group score = sum of its 2 best s + b; TopK_t is
   taken among the experts of the topk_group best groups only
 f_i = N/(K T) * #{t : i in TopK_t};  P_i = 1/T sum_t s_{i,t}
-L_balance = alpha sum_i f_i P_i;  CV^2(z) = (mean z^2 - mean(z)^2)/mean(z)^2
+L_balance = alpha sum_i f~_i P_i, f~ = f, or with aux_loss_counts "unbiased" f over Topk(s_t) (the top-K of
+  the unbiased scores over all experts: no bias, no group limit)
+CV^2(z) = (mean z^2 - mean(z)^2)/mean(z)^2
 z-loss = mean_t logsumexp(logits_t)^2
 seq loss (DeepSeek-V3 eq. 17-20) = alpha_seq * mean over sequences of sum_i f_i P_i, with f and P taken
-  over the sequence's S tokens and P over s'_{i,t} = s_{i,t} / sum_j s_{j,t}
+  over the sequence's S tokens, f over Topk(s_t) (eq. 18) and P over s'_{i,t} = s_{i,t} / sum_j s_{j,t}
 """
 
 from __future__ import annotations
@@ -134,11 +136,16 @@ def _block(c: dict, u, router, w1, w2, bias, shared=None):
         scale = torch.sigmoid(u @ wg).unsqueeze(1) if c.get("shared_expert_gate") else 1.0
         h = h + scale * ffn(c, u, ws1, ws2)
     lse2 = torch.logsumexp(logits, dim=1) ** 2
-    return h, s, chosen, kept, lse2
+    unbiased = torch.zeros(u.shape[0], N, dtype=torch.bool)  # Topk(s_t): no bias, all experts
+    for t in range(u.shape[0]):
+        for i in sorted(range(N), key=lambda i: -float(s[t, i].detach()))[:K]:
+            unbiased[t, i] = True
+    return h, s, chosen, kept, lse2, unbiased
 
 
 def seq_balance(c: dict, s_seq, chosen_seq):
-    """sum_i f_i P_i over one sequence: f_i = N/(K S) #{t : i in TopK_t}, P_i = mean_t s_it / sum_j s_jt."""
+    """sum_i f_i P_i over one sequence: f_i = N/(K S) #{t : i in chosen_t}, P_i = mean_t s_it / sum_j s_jt
+    (``chosen`` = Topk(s_t), DeepSeek-V3 eq. 18)."""
     N, K = c["num_experts"], c["top_k"]
     S = s_seq.shape[0]
     f = N / (K * S) * chosen_seq.sum(0).to(s_seq.dtype)
@@ -146,13 +153,14 @@ def seq_balance(c: dict, s_seq, chosen_seq):
     return (f * P).sum()
 
 
-def _aux(c: dict, s, chosen, lse2, seqs):
-    """``seqs``: (s, chosen) of every sequence pooled in this loss."""
+def _aux(c: dict, s, chosen, lse2, seqs, unbiased):
+    """``seqs``: (s, Topk(s)) of every sequence pooled in this loss; ``unbiased``: Topk(s) of every token."""
     N, K = c["num_experts"], c["top_k"]
     T = s.shape[0]
     f = N / (K * T) * chosen.sum(0).to(s.dtype)
     P = s.sum(0) / T
-    terms = {"switch": c.get("aux_loss_coef", 0.0) * (f * P).sum()}
+    f_switch = N / (K * T) * unbiased.sum(0).to(s.dtype) if c.get("aux_loss_counts") == "unbiased" else f
+    terms = {"switch": c.get("aux_loss_coef", 0.0) * (f_switch * P).sum()}
     if c.get("cv_importance_coef", 0) > 0:
         terms["cv_importance"] = c["cv_importance_coef"] * cv2(P)
     if c.get("cv_load_coef", 0) > 0:
@@ -191,12 +199,16 @@ def oracle(case: Case, t: dict) -> dict:
     s_all = torch.cat([b[1] for b in blocks])
     chosen_all = torch.cat([b[2] for b in blocks])
     lse_all = torch.cat([b[4] for b in blocks])
-    seqs = [sequences(case, b[1], b[2]) for b in blocks]
-    f, P, terms = _aux(c, s_all, chosen_all, lse_all, [q for rank_seqs in seqs for q in rank_seqs])
+    unbiased_all = torch.cat([b[5] for b in blocks])
+    seqs = [sequences(case, b[1], b[5]) for b in blocks]
+    pooled = [q for rank_seqs in seqs for q in rank_seqs]
+    f, P, terms = _aux(c, s_all, chosen_all, lse_all, pooled, unbiased_all)
     aux = sum(terms.values())
     task = sum((h * cot).sum() for h, cot in zip(hs, t["cot"], strict=True))
     if c.get("balance_scope", "global") == "local":
-        local_aux = [sum(_aux(c, b[1], b[2], b[4], q)[2].values()) for b, q in zip(blocks, seqs, strict=True)]
+        local_aux = [
+            sum(_aux(c, b[1], b[2], b[4], q, b[5])[2].values()) for b, q in zip(blocks, seqs, strict=True)
+        ]
         S = task + sum(local_aux)
     else:
         local_aux = None

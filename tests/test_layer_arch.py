@@ -6,15 +6,18 @@ process, then on 2 and 4 gloo ranks."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe_dist import ConfigError, MoEConfig, MoELayer
 from moe_dist.model import MoETransformer, active_params
-from moe_dist.run_config import ModelConfig
+from moe_dist.resume import config_changes
+from moe_dist.run_config import ModelConfig, load_config
 from moe_dist.sync import dense_params, expert_params
 from tests.arch_workers import arch_case_worker
 from tests.distributed import run_ranks
@@ -80,6 +83,21 @@ def single_cases() -> list[Case]:
             T,
             bias_scale=0.3,
         ),
+        _case(
+            "groups-bias-unbiased-local",
+            dict(
+                BASE,
+                top_k=3,
+                score_func="sigmoid",
+                n_group=4,
+                topk_group=2,
+                bias_update_rate=1e-3,
+                aux_loss_counts="unbiased",
+                balance_scope="local",
+            ),
+            T,
+            bias_scale=0.3,
+        ),
         _case("seq-softmax", dict(BASE, top_k=2, seq_aux_loss_coef=1e-2), T, seq_len=8),
         _case(
             "seq-sigmoid", dict(BASE, top_k=2, score_func="sigmoid", seq_aux_loss_coef=1e-2), T, seq_len=12
@@ -130,6 +148,14 @@ def ep_cases(world: int) -> list[Case]:
         ),
         _case("seq-sigmoid", dict(BASE, top_k=2, score_func="sigmoid", seq_aux_loss_coef=1e-2), T, seq_len=8),
         _case("deepseek-v3", DEEPSEEK, T, seq_len=8, bias_scale=0.2),
+        # the Switch loss on the unbiased counts: a second [N] block in the same all-reduce
+        _case(
+            "deepseek-v3-switch-unbiased",
+            dict(DEEPSEEK, aux_loss_coef=0.3, aux_loss_counts="unbiased", cv_load_coef=1e-2),
+            T,
+            seq_len=8,
+            bias_scale=0.2,
+        ),
     ]
 
 
@@ -209,6 +235,17 @@ def test_cases_are_not_vacuous() -> None:
     close(one["seq"], one["switch"], "one-sequence seq term vs switch term")
     many = ref(by["seq-softmax"])["terms"]
     assert abs(float(many["seq"]) - float(many["switch"])) > 1e-4, "per-sequence f differs from pooled f"
+    # under a bias and a group limit the unbiased top-K is another set than the routing choice, so the
+    # sequence-wise loss (eq. 18) and the Switch loss with aux_loss_counts="unbiased" count other experts
+    for name in ("deepseek-v3", "groups-bias-unbiased-local"):
+        r = ref(by[name])
+        assert not torch.equal(
+            r["counts"], ref(_without(by[name], "n_group", "topk_group", bias_scale=0.0))["counts"]
+        )
+    routed = _without(by["groups-bias-unbiased-local"], "aux_loss_counts")
+    assert (
+        abs(float(ref(routed)["local_aux"][0] - ref(by["groups-bias-unbiased-local"])["local_aux"][0])) > 1e-5
+    )
 
 
 def test_group_limit_bounds_groups_per_token() -> None:
@@ -323,9 +360,22 @@ def test_shared_experts_are_dense_params() -> None:
         (dict(n_group=4, topk_group=1, top_k=3), "top_k=3 exceeds the 2 experts"),
         (dict(n_group=4, topk_group=2, noisy_gating=True), "cannot be combined"),
         (dict(seq_aux_loss_coef=-1.0), "seq_aux_loss_coef"),
+        (dict(aux_loss_counts="biased"), "aux_loss_counts must be one of .*got 'biased'"),
         (dict(n_group=2.0, topk_group=1), "n_group must be int"),
     ],
 )
 def test_bad_config(kwargs: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         MoEConfig(**{**dict(num_experts=8, d_model=16, d_ff=32, top_k=2), **kwargs})
+
+
+def test_resume_reads_a_config_saved_before_aux_loss_counts() -> None:
+    """A checkpoint's stored config from before the field existed trained with routed counts: resuming it
+    under the default is no change, under "unbiased" a refused model change."""
+    demo = Path(__file__).resolve().parents[1] / "configs" / "cpu_demo.yaml"
+    now = load_config(demo).to_dict()
+    saved = copy.deepcopy(now)
+    del saved["model"]["moe"]["aux_loss_counts"]
+    assert config_changes(saved, now) == ([], [])
+    other = load_config(demo, ["model.moe.aux_loss_counts=unbiased"]).to_dict()
+    assert config_changes(saved, other) == (["model.moe.aux_loss_counts: 'routed' -> 'unbiased'"], [])
