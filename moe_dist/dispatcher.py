@@ -104,7 +104,8 @@ class _GatherPairs(torch.autograd.Function):
         if plan.any_dropped:
             grad_PD = torch.cat([grad_PD, grad_PD.new_zeros(1, grad_PD.shape[1])])
         T, K = plan.pair_slot_TK.shape
-        g = grad_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, -1).sum(1)
+        # why an explicit D (not -1): a rank with zero tokens has T = 0, where -1 is ambiguous
+        g = grad_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, grad_PD.shape[1]).sum(1)
         return g, None, None
 
 
@@ -117,7 +118,7 @@ class _ScatterPairs(torch.autograd.Function):
         if plan.any_dropped:
             y_PD = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[1])])
         T, K = plan.pair_slot_TK.shape
-        return y_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, -1)
+        return y_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, y_PD.shape[1])
 
     @staticmethod
     def backward(ctx, grad_TKD: Tensor):
