@@ -66,7 +66,8 @@ def cv_squared(z_N: Tensor) -> Tensor:
     nu = (z_N * z_N).mean()
     mu2 = mu * mu
     # why the clamp under the where: 0/0 would put NaN into the backward too, even on the unused branch
-    return torch.where(mu2 > 0, (nu - mu2) / mu2.clamp(min=torch.finfo(mu2.dtype).tiny), torch.zeros_like(mu2))
+    cv2 = (nu - mu2) / mu2.clamp(min=torch.finfo(mu2.dtype).tiny)
+    return torch.where(mu2 > 0, cv2, torch.zeros_like(mu2))
 
 
 def seq_balance_sum(cfg: MoEConfig, route: RouterOutput, seq_len: int) -> Tensor:

@@ -62,7 +62,9 @@ def cases(world: int) -> list[Case]:
             "no-residual-relu", dict(BASE, top_k=2, residual=False, activation="relu"), TOKENS[world], seed=16
         ),
         # a rank with zero tokens contributes nothing: C = ceil(cf K 0 / N) = 0, no sequence, no rows
-        Case("empty-rank-cap", dict(ALL_TERMS, capacity_factor=1.0), EMPTY_RANK[world], seed=17, bias_scale=0.3),
+        Case(
+            "empty-rank-cap", dict(ALL_TERMS, capacity_factor=1.0), EMPTY_RANK[world], seed=17, bias_scale=0.3
+        ),
         Case("empty-rank-dropless", ALL_TERMS, EMPTY_RANK[world], seed=18, bias_scale=0.3),
     ]
     return out
