@@ -504,6 +504,19 @@ class Trainer:
             self.metrics.log(self.step, record, {})
             return
         now = self.evaluate(saved["val_sequences"])["val_loss"]
+        if not math.isfinite(saved["val_loss"]):
+            # nothing to compare with: the model was already broken when it was saved, not by the load
+            record.update(resume_check="unchecked", saved_val_loss=saved["val_loss"], resumed_val_loss=now)
+            self.metrics.log(self.step, record, {})
+            msg = (
+                f"resume self-check: the val loss stored in {ckpt} is {saved['val_loss']} (non-finite): the "
+                "model was already broken when it was saved, so the load cannot be checked against it"
+            )
+            if self.cfg.train.resume_check == "error":
+                raise ResumeCheckError(msg + " (train.resume_check=warn goes on regardless)")
+            if self.rank == 0:
+                log.warning("%s; going on (train.resume_check=warn)", msg)
+            return
         rel = abs(now - saved["val_loss"]) / max(abs(saved["val_loss"]), 1e-12)
         ok = rel <= RESUME_CHECK_RTOL
         record.update(
@@ -641,6 +654,13 @@ class Trainer:
                 local = layer_out.stats.tokens_per_expert_local
                 local_maxvio[i] += load_stats(local)["maxvio"] / t.grad_accum
         grad_norm = self.engine.step()
+        bad_norm = self.engine.grad_norm_known and not math.isfinite(grad_norm)
+        if cfg.engine == "deepspeed":
+            # why a flag all-reduce: DeepSpeed's norm comes from its own reductions; the torch engine's norm
+            # is the same number on every rank already (TorchEngine.step), so it needs none
+            bad_norm = self.mean_over_ranks([float(bad_norm)])[0] > 0
+        if bad_norm:  # the torch engine updated nothing (weights, AdamW state, scheduler); nor do we below
+            return self._skip_step(t0, f"step {self.step}: the gradient norm is {grad_norm}")
         lr = self.engine.lr
         counts = update_expert_biases(self.model)  # the step's global counts per layer
         alphas = self.controller.update(counts) if self.controller is not None else None
@@ -698,8 +718,14 @@ class Trainer:
 
     def _skip_step(self, t0: float, why: str) -> dict:
         """train.on_nonfinite: raise (default) or drop this step's gradients and move on."""
-        if self.cfg.train.on_nonfinite == "raise" or self.cfg.engine == "deepspeed":
+        if self.cfg.train.on_nonfinite == "raise":
             raise NonFiniteError(why)
+        if self.cfg.engine == "deepspeed":
+            # why: DeepSpeed steps its optimizer inside backward, before any check of ours could skip it
+            raise NonFiniteError(
+                f"{why} (engine=deepspeed cannot skip a step: train.on_nonfinite=skip is "
+                "honoured by engine=torch only)"
+            )
         log.warning("%s; skipping the step (train.on_nonfinite=skip)", why)
         self.model.zero_grad(set_to_none=True)
         for layer in moe_layers(self.model):
