@@ -380,8 +380,11 @@ class RunConfig:
             raise ConfigError(f"engine must be torch or deepspeed, got {self.engine!r}")
         check_type("run", "name", self.name, (str,))
         check_type("run", "out_dir", self.out_dir, (str,))
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name must be a non-empty directory name, got {self.name!r}")
+        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
+            # why: the run directory is out_dir/name; "..", "/x" or "a/b" would write outside out_dir
+            raise ConfigError(
+                f"name must be a plain directory name (not empty, '.' or '..', and no '/'), got {self.name!r}"
+            )
         if self.engine == "deepspeed" and self.parallel.redundant_experts:
             raise ConfigError(DEEPSPEED_REFUSES_REPLICAS)
         if self.engine == "deepspeed" and self.parallel.placement == "balanced":
@@ -445,6 +448,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return tp(**kwargs)
         except TypeError as e:  # e.g. a field given a value of a type the dataclass cannot take
             raise ConfigError(f"{where or 'config'}: {e}") from None
+    if tp is int and isinstance(value, float):
+        # why here: YAML 1.2 reads 2e4 and 2.5 as floats; an integer field refuses both in one place, for
+        # files and overrides alike, before a float count reaches code that runs after the process group
+        raise ConfigError(f"{where} must be an integer, got {value!r} (float)")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -320,6 +320,30 @@ ENUM_FIELDS = {
     "parallel.backend": ["auto", "gloo", "nccl"],
     "train.on_nonfinite": ["raise", "skip"],
 }
+
+
+def _int_fields(tp=None, where: str = "") -> list[str]:
+    """Every field of the config tree annotated int (or int | None), found by walking the dataclasses."""
+    import dataclasses
+    import typing
+
+    from moe_dist.run_config import RunConfig
+
+    out = []
+    for f in dataclasses.fields(tp or RunConfig):
+        hint = typing.get_type_hints(tp or RunConfig)[f.name]
+        path = f"{where}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            out += _int_fields(hint, path + ".")
+        elif hint is int or (
+            typing.get_origin(hint) is not None and typing.get_args(hint) == (int, type(None))
+        ):
+            out.append(path)
+    return out
+
+
+ALL_INT_FIELDS = _int_fields()
+BAD_NAMES = ["", ".", "..", "/abs", "a/b", "../up", "/"]
 BOOL_FIELDS = ["model.moe.normalize_topk", "train.resume", "profile.enabled", "model.moe.noisy_gating"]
 
 not_number = st.one_of(st.text(max_size=5), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
@@ -348,6 +372,9 @@ bad_config = st.one_of(
     ),  # unknown keys
     st.tuples(st.just("model.moe.top_k"), st.integers(9, 64)),  # top_k > num_experts (8)
     st.tuples(st.just("model.n_heads"), st.sampled_from([3, 5, 7, 48])),  # does not divide d_model 128
+    # any integer field, zero-allowed ones too (data.max_bytes), refuses a float: 2.5, and 2e4 as well
+    st.tuples(st.sampled_from(ALL_INT_FIELDS), st.floats(allow_nan=True, allow_infinity=True)),
+    st.tuples(st.just("name"), st.sampled_from(BAD_NAMES)),  # the run directory must stay inside out_dir
 )
 
 
@@ -380,6 +407,13 @@ def test_fuzzed_bad_configs_give_config_error(bad: tuple) -> None:
     data = _set({"model": {"moe": {"num_experts": 8}}}, key, value)
     with pytest.raises(ConfigError):
         config_from_dict(data)
+
+
+def test_int_fields_were_found() -> None:
+    """The walk finds the integer fields of every section, so the float strategy covers them all."""
+    assert {"data.max_bytes", "train.grad_accum", "model.moe.shared_d_ff", "parallel.ep"} <= set(
+        ALL_INT_FIELDS
+    )
 
 
 def test_fuzzer_ran_at_least_200_examples() -> None:
