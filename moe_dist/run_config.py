@@ -232,6 +232,11 @@ class TrainConfig:
     """Sequences per micro-batch per rank."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    global_batch: int = 0
+    """Sequences per optimizer step over all ranks (micro_batch x grad_accum x world): a fact of the run, kept
+    across a resume at another world or EP size. 0 = micro_batch x grad_accum x world at the first start;
+    the checkpoint stores it, and a resume at another layout derives grad_accum (or micro_batch) from it, or
+    refuses in one line (``keep_global_batch``). Set it to change the global batch on purpose."""
     seed: int = 0
     log_every: int = 10
     eval_every: int = 50
@@ -277,6 +282,8 @@ class TrainConfig:
             check_type("train", name, getattr(self, name), (int,))
             _positive("train", self, name)
         check_type("train", "seed", self.seed, (int,))
+        check_type("train", "global_batch", self.global_batch, (int,))
+        _positive("train", self, "global_batch", allow_zero=True)
         for name in ("resume", "bf16", "retain_host_memory", "async_save"):
             check_type("train", name, getattr(self, name), (bool,))
         if self.resume_check not in ("error", "warn"):
@@ -426,6 +433,41 @@ RENAMED = {
         "whatever the world size): drop the key, or set train.val_sequences"
     ),
 }
+
+
+def keep_global_batch(cfg: RunConfig, world: int, stored: int | None = None, where: str = "") -> str | None:
+    """Make ``micro_batch x grad_accum x world`` the run's global batch, in place; returns a line saying what
+    was derived (None when nothing changed). The target is ``train.global_batch`` if set, else ``stored``
+    (the checkpoint's), else the product itself (a first start). It keeps micro_batch and derives
+    grad_accum where that divides (the per-rank memory stays), else keeps grad_accum and derives
+    micro_batch, else takes grad_accum 1; raises ConfigError (one line) when ``world`` does not divide it.
+    """
+    t = cfg.train
+    B, A = t.micro_batch, t.grad_accum
+    now = B * A * world
+    target = t.global_batch or stored or now
+    if now == target:
+        t.global_batch = target
+        return None
+    source = (
+        "train.global_batch" if t.global_batch else f"the global batch stored in {where or 'the checkpoint'}"
+    )
+    if target % world:
+        raise ConfigError(
+            f"{source} is {target} sequences per step, which world size {world} cannot keep (it does not "
+            f"divide it); this config gives micro_batch {B} x grad_accum {A} x world {world} = {now}: "
+            f"relaunch on a world size that divides {target}, or set train.global_batch={now} to change it"
+        )
+    per_rank = target // world
+    for micro, accum in ((B, per_rank // B), (per_rank // A, A), (per_rank, 1)):
+        if micro >= 1 and accum >= 1 and micro * accum == per_rank:
+            t.micro_batch, t.grad_accum, t.global_batch = micro, accum, target
+            return (
+                f"{source} is {target} sequences per step; at world {world} this launch uses "
+                f"train.micro_batch={micro} x train.grad_accum={accum} (the config gave {B} x {A} x {world} "
+                f"= {now})"
+            )
+    raise AssertionError("unreachable: (target / world, 1) always fits")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -46,7 +46,8 @@ from moe_dist.model import MoETransformer, active_params
 from moe_dist.parallel import ParallelLayout
 from moe_dist.placement import Placement
 from moe_dist.rebalance_loop import RebalanceLoop
-from moe_dist.run_config import RunConfig, dump_config
+from moe_dist.resume import stored_global_batch
+from moe_dist.run_config import RunConfig, dump_config, keep_global_batch
 from profiling.straggler import StragglerProfiler
 
 log = logging.getLogger("moe_dist.train")
@@ -118,6 +119,8 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         # why nothing is written here: a launch may still be refused at resume, and a refused launch must
         # leave the run directory as it found it (config.yaml and the logs are written in train())
+        # a no-op after the entry point's preflight; a Trainer built directly resolves train.global_batch here
+        keep_global_batch(cfg, self.world)
         torch.manual_seed(cfg.train.seed)  # same on every rank: identical dense init, same expert draws
         random.seed(cfg.train.seed)
         self.corpus = Corpus.build(cfg.data, cfg.model.seq_len, self.rank, self.world, cfg.train.seed)
@@ -276,6 +279,7 @@ class Trainer:
                 for e, ids in enumerate(owned_expert_ids(self.model))
             },
             "placements": layer_placements(self.model),
+            "global_batch": self.cfg.train.global_batch,  # sequences per step: a resume keeps it
             "config_digest": self.cfg.digest(),
             "config": self.cfg.to_dict(),  # a resume names the keys that changed (moe_dist/resume.py)
         }
@@ -460,6 +464,16 @@ class Trainer:
                 "%s; resuming from the older step %d instead", "; ".join(bad[s] for s in skipped), max(common)
             )
         ckpt, manifest = good[max(common)]
+        stored = stored_global_batch(manifest)
+        if stored is not None and stored != self.cfg.train.global_batch and self.rank == 0:
+            # the entry point's preflight keeps it (or was told to change it); a Trainer built directly
+            # is told here, so that the change is never silent
+            log.warning(
+                "%s was trained with a global batch of %d sequences per step; this run uses %d",
+                ckpt,
+                stored,
+                self.cfg.train.global_batch,
+            )
         files = self._read_on_every_rank(ckpt, self._names_for(manifest))
         if manifest.get("format", 1) < FORMAT:
             state = self._load_format1(files)
@@ -561,6 +575,14 @@ class Trainer:
             total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc=cfg.name
         )
         tokens_per_step = t.micro_batch * cfg.model.seq_len * t.grad_accum * self.world
+        if self.rank == 0:
+            log.info(
+                "global batch: %d sequences per step = micro_batch %d x grad_accum %d x world %d",
+                t.global_batch,
+                t.micro_batch,
+                t.grad_accum,
+                self.world,
+            )
         history: list[dict] = []
         last_eval: dict = {}
         if self.step == 0:  # the untrained model's val loss: the baseline the run improves on
