@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_dist.comm import all_to_all, named_collective, permute_rows
+from moe_dist.comm import GroupRef, all_to_all, named_collective, permute_rows
 from moe_dist.placement import Placement
 from moe_dist.timing import TimingHook, backward_mark, stage_range
 
@@ -171,13 +171,22 @@ class AllToAllDispatcher(LocalDispatcher):
         placement: Placement | None = None,
     ) -> None:
         super().__init__(num_experts, layer, hook)
-        self.group = group
+        self.group = group  # held weakly (GroupRef): see the property
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.count_rows = count_rows
         self.set_placement(
             placement if placement is not None else Placement.contiguous(num_experts, self.world)
         )
+
+    @property
+    def group(self):
+        """The EP group; held by weak reference, so that a destroyed process group is really freed."""
+        return self._group_ref.get()
+
+    @group.setter
+    def group(self, group) -> None:
+        self._group_ref = GroupRef(group)
 
     def set_placement(self, placement: Placement) -> None:
         """Dispatch by ``placement`` from the next call on (``MoELayer.set_placement`` validates it)."""

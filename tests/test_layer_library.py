@@ -24,7 +24,13 @@ import torch
 
 from moe_dist import MoEConfig, MoELayer
 from tests.distributed import run_ranks
-from tests.library_workers import EXAMPLE, example_worker, replicated_experts_worker, teardown_worker
+from tests.library_workers import (
+    EXAMPLE,
+    example_worker,
+    held_past_destroy_worker,
+    replicated_experts_worker,
+    teardown_worker,
+)
 from tests.oracle import Case, make_tensors, oracle
 
 log = logging.getLogger(__name__)
@@ -125,6 +131,16 @@ def test_replicated_experts_need_the_replica_group() -> None:
 def test_exit_hook_registers_once_and_destroys_the_groups() -> None:
     (got,) = run_ranks(teardown_worker, 1, CFG)
     assert got == {"no_group": 0, "with_group": 1, "kept": True, "destroyed": True}
+
+
+def test_the_layer_holds_no_gloo_group_past_a_destroy() -> None:
+    """Destroyed while the layer, its ParallelLayout and a kept output are held, the process groups go at
+    once: gloo's worker threads end in ``dist.destroy_process_group()`` (the OS thread count is the same as
+    after dropping those objects), not later in the interpreter's finalization, where they can abort it.
+    Deterministic; the 20 launches below are the end-to-end check."""
+    for got in run_ranks(held_past_destroy_worker, 2, CFG):
+        assert got["during"] > got["dropped"], got  # the groups had threads to lose
+        assert got["held"] == got["dropped"], got
 
 
 # The user's report: a script that builds the layer over a 2-rank EP group and ends on a collective,
