@@ -143,6 +143,24 @@ def test_the_layer_holds_no_gloo_group_past_a_destroy() -> None:
         assert got["held"] == got["dropped"], got
 
 
+def test_readme_pattern_with_an_explicit_destroy_exits_zero_20_times() -> None:
+    """20 launches of 2 ranks of the README's layer pattern over dist.new_group groups, ending with an
+    explicit ``dist.destroy_process_group()`` while the layer, its layout and an output are held: every
+    rank exits 0 (none aborts at exit with SIGABRT). Ranks are forked from one process that imported
+    torch once (tests/exit_launches.py), 5 launches at a time, so the 40 ranks fit in seconds."""
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "exit_launches.py"), "20", "5", "destroy"],
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    found = re.search(r"exit statuses: \[([-\d, ]*)\]", p.stdout)
+    assert p.returncode == 0 and found, (p.stdout[-2000:], p.stderr[-3000:])
+    statuses = [int(s) for s in found.group(1).split(",")]
+    assert len(statuses) == 40 and statuses == [0] * 40, (statuses, p.stderr[-3000:])
+
+
 # The user's report: a script that builds the layer over a 2-rank EP group and ends on a collective,
 # without destroy_process_group. Without the exit hook it aborted in 3-6 of 10 torchrun launches there,
 # 6 of 20 here.
