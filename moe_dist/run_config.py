@@ -260,7 +260,8 @@ class TrainConfig:
     """CPU runs: keep freed memory (the entry point re-executes itself under mimalloc) so large per-step
     tensors reuse their pages instead of page-faulting afresh every step (see moe_dist/hostmem.py)."""
     on_nonfinite: str = "raise"
-    """NaN/Inf in router logits or the loss: "raise" (an error naming step and layer) or "skip" the step."""
+    """NaN/Inf in router logits, the loss or the global grad norm: "raise" (an error naming step and layer)
+    or "skip" the step (no update at all; engine=torch only, DeepSpeed always raises)."""
     resume_check: str = "error"
     """On resume, the val loss of the loaded model is compared with the one stored at save time (1e-5
     relative): "error" stops the run when they differ, "warn" logs and goes on."""
