@@ -391,7 +391,8 @@ class RunConfig:
         if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
             # why: the run directory is out_dir/name; "..", "/x" or "a/b" would write outside out_dir
             raise ConfigError(
-                f"name must be a plain directory name (not empty, '.' or '..', and no '/'), got {self.name!r}"
+                "name must be a plain directory name (not empty, '.' or '..'; no '/' or '\\'), got "
+                f"{self.name!r}"
             )
         if self.engine == "deepspeed" and self.parallel.redundant_experts:
             raise ConfigError(DEEPSPEED_REFUSES_REPLICAS)
