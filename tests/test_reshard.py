@@ -126,17 +126,17 @@ def test_resume_at_another_layout(saved_runs: dict, tmp_path: Path, saved: tuple
 def test_a_resume_at_a_smaller_world_keeps_the_global_batch(tmp_path: Path) -> None:
     """A world-2 run (micro_batch 4: 8 sequences per step) whose step-2 checkpoint is resumed at world 1
     with the same config: the preflight keeps the stored 8 by deriving grad_accum 2, says so, writes it to
-    config.yaml, and steps 2-4 equal the uninterrupted run's. Local balance scope, so that each rank's
+    config.yaml, and steps 2-3 equal the uninterrupted run's. Local balance scope, so that each rank's
     micro-batch pools what each micro-batch pooled before (with global scope a micro-batch would pool half
     the sequences: the same global batch, but a slightly different balance loss). A world that cannot keep
     it (3 does not divide 8) is refused in one line naming both numbers and the override, before any
     process group, with nothing written."""
-    steps, saved_at = 5, 2
+    steps, saved_at = 4, 2
     cfg = tiny(
         out_dir=str(tmp_path),
         name="a",
         model={"moe": {"balance_scope": "local"}},
-        train={"steps": steps, "ckpt_every": saved_at, "keep_last": 5, "micro_batch": 4, "eval_every": 5},
+        train={"steps": steps, "ckpt_every": saved_at, "keep_last": 5, "micro_batch": 4, "eval_every": 4},
     )
     run_ranks(preflighted_run, 2, cfg, timeout=400)
     src = tmp_path / "a"
