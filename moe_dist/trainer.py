@@ -120,7 +120,9 @@ class Trainer:
         # why nothing is written here: a launch may still be refused at resume, and a refused launch must
         # leave the run directory as it found it (config.yaml and the logs are written in train())
         # a no-op after the entry point's preflight; a Trainer built directly resolves train.global_batch here
-        keep_global_batch(cfg, self.world)
+        derived = keep_global_batch(cfg, self.world)
+        if derived and self.rank == 0:
+            log.warning("%s", derived)
         torch.manual_seed(cfg.train.seed)  # same on every rank: identical dense init, same expert draws
         random.seed(cfg.train.seed)
         self.corpus = Corpus.build(cfg.data, cfg.model.seq_len, self.rank, self.world, cfg.train.seed)
