@@ -68,10 +68,14 @@ def count_experts(idx_TK: Tensor, n: int) -> Tensor:
 
 
 def cv_squared(z_N: Tensor) -> Tensor:
-    """Seed's CV^2 with the population variance; 0 iff all entries are equal."""
+    """Seed's CV^2 with the population variance; 0 iff all entries are equal (all zero included: a balance
+    group with no tokens at all)."""
     mu = z_N.mean()
     nu = (z_N * z_N).mean()
-    return (nu - mu * mu) / (mu * mu)
+    mu2 = mu * mu
+    # why the clamp under the where: 0/0 would put NaN into the backward too, even on the unused branch
+    cv2 = (nu - mu2) / mu2.clamp(min=torch.finfo(mu2.dtype).tiny)
+    return torch.where(mu2 > 0, cv2, torch.zeros_like(mu2))
 
 
 def selection_steered(cfg: MoEConfig) -> bool:

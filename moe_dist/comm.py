@@ -5,8 +5,10 @@ Shape legend: T tokens, D model dim, R ranks in a group, P (token, expert) pairs
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,12 +29,43 @@ def named_collective(where: str) -> Iterator[None]:
         raise CollectiveError(f"{where} failed: {e}") from e
 
 
+class GroupRef:
+    """A process group held by weak reference (None stays None); ``get()`` returns it.
+
+    why weak: ``dist.destroy_process_group()`` frees a gloo group, joining its worker threads, only when the
+    group's last reference goes. A layer (or a layout, or an autograd node of a kept output) that held it
+    strongly kept gloo's threads alive past an explicit destroy, into interpreter finalization, where a
+    worker thread taking the GIL aborts the process (see ``moe_dist.teardown``). torch's own registry holds
+    every live group, so a weak reference resolves for as long as the group exists.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, group: Any) -> None:
+        try:
+            self._ref = weakref.ref(group) if group is not None else None
+        except TypeError:  # an object that takes no weak reference (not a torch group): held as it is
+            self._ref = lambda: group
+
+    def get(self) -> Any:
+        if self._ref is None:
+            return None
+        group = self._ref()
+        if group is None:
+            raise CollectiveError(
+                "a process group this object was built over has been destroyed (by "
+                "dist.destroy_process_group()); build it again over groups of the new process group"
+            )
+        return group
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits; its backward is the reverse all-to-all."""
 
     @staticmethod
     def forward(ctx, x_PD: Tensor, out_splits: list[int], in_splits: list[int], group, where: str) -> Tensor:
-        ctx.group, ctx.out_splits, ctx.in_splits, ctx.where = group, out_splits, in_splits, where
+        # why GroupRef: an output kept past a destroy keeps its graph, and this node, alive
+        ctx.group, ctx.out_splits, ctx.in_splits, ctx.where = GroupRef(group), out_splits, in_splits, where
         # why contiguous: NCCL and gloo both need dense buffers for the uneven split layout
         x_PD = x_PD.contiguous()
         y_PD = x_PD.new_empty((sum(out_splits),) + tuple(x_PD.shape[1:]))
@@ -45,7 +78,7 @@ class _AllToAll(torch.autograd.Function):
         grad_PD = grad_PD.contiguous()
         g_PD = grad_PD.new_empty((sum(ctx.in_splits),) + tuple(grad_PD.shape[1:]))
         with named_collective(f"{ctx.where} (backward)"):
-            dist.all_to_all_single(g_PD, grad_PD, ctx.in_splits, ctx.out_splits, group=ctx.group)
+            dist.all_to_all_single(g_PD, grad_PD, ctx.in_splits, ctx.out_splits, group=ctx.group.get())
         return g_PD, None, None, None, None
 
 

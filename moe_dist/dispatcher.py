@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_dist.comm import all_to_all, named_collective, permute_rows
+from moe_dist.comm import GroupRef, all_to_all, named_collective, permute_rows
 from moe_dist.placement import Placement
 from moe_dist.timing import TimingHook, backward_mark, stage_range
 
@@ -104,7 +104,8 @@ class _GatherPairs(torch.autograd.Function):
         if plan.any_dropped:
             grad_PD = torch.cat([grad_PD, grad_PD.new_zeros(1, grad_PD.shape[1])])
         T, K = plan.pair_slot_TK.shape
-        g = grad_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, -1).sum(1)
+        # why an explicit D (not -1): a rank with zero tokens has T = 0, where -1 is ambiguous
+        g = grad_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, grad_PD.shape[1]).sum(1)
         return g, None, None
 
 
@@ -117,7 +118,7 @@ class _ScatterPairs(torch.autograd.Function):
         if plan.any_dropped:
             y_PD = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[1])])
         T, K = plan.pair_slot_TK.shape
-        return y_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, -1)
+        return y_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, y_PD.shape[1])
 
     @staticmethod
     def backward(ctx, grad_TKD: Tensor):
@@ -170,13 +171,22 @@ class AllToAllDispatcher(LocalDispatcher):
         placement: Placement | None = None,
     ) -> None:
         super().__init__(num_experts, layer, hook)
-        self.group = group
+        self.group = group  # held weakly (GroupRef): see the property
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.count_rows = count_rows
         self.set_placement(
             placement if placement is not None else Placement.contiguous(num_experts, self.world)
         )
+
+    @property
+    def group(self):
+        """The EP group; held by weak reference, so that a destroyed process group is really freed."""
+        return self._group_ref.get()
+
+    @group.setter
+    def group(self, group) -> None:
+        self._group_ref = GroupRef(group)
 
     def set_placement(self, placement: Placement) -> None:
         """Dispatch by ``placement`` from the next call on (``MoELayer.set_placement`` validates it)."""

@@ -148,6 +148,8 @@ class DeepSpeedEngine:
         )
         self.model = model
         self._last_norm = 0.0
+        self.grad_norm_known = False
+        """Whether the last ``step`` read a grad norm from DeepSpeed (only then is a NaN one non-finite)."""
         # why only now: initialize() broadcast the parameters, so every peer has mapped our buffer already
         atexit.register(release_shm_buffer, dist.get_rank())
 
@@ -162,6 +164,8 @@ class DeepSpeedEngine:
 
     def step(self) -> float:
         norm = self.engine.get_global_grad_norm()
+        # why: DeepSpeed reports no norm for some optimizers; NaN then means "unknown", not "non-finite"
+        self.grad_norm_known = norm is not None
         return float(norm) if norm is not None else float("nan")
 
     @property

@@ -52,6 +52,9 @@ def autocast_ctx(cfg: RunConfig, device: torch.device):
 
 
 class TorchEngine:
+    grad_norm_known = True
+    """``step`` always measures the global grad norm (DeepSpeed's engine may not report one)."""
+
     def __init__(
         self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
     ) -> None:
@@ -75,9 +78,19 @@ class TorchEngine:
         (loss / self.cfg.train.grad_accum).backward()
 
     def step(self) -> float:
-        """Sync grads, clip, update. Returns the global grad norm before clipping."""
+        """Sync grads, clip, update. Returns the global grad norm before clipping.
+
+        A non-finite norm updates nothing (weights, AdamW moments and step count, scheduler): the grads are
+        dropped and the norm returned for the trainer's ``train.on_nonfinite`` decision. Every rank takes
+        the same branch: the norm is the same number everywhere (dense grads were all-reduced over the
+        world, expert grads over their EP-data-parallel group, and their squares over the EP group, so a
+        NaN/Inf on any rank reaches every rank's norm with no extra collective).
+        """
         self.sync_grads()
         norm = self._global_norm()
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
         clip = self.cfg.optim.grad_clip
         if clip > 0 and norm > clip:
             for p in self.dense + self.experts:

@@ -381,8 +381,9 @@ def hf_config_from(spec: str | dict, seq_len: int | None = None):
         fields.setdefault("vocab_size", 256)
         try:
             config = AutoConfig.for_model(model_type, **fields)
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"model.hf_config: {e}") from None
+        except Exception as e:  # noqa: BLE001 - transformers validates fields with several exception types
+            # why one line: huggingface_hub's field validation error spans lines (field, then cause)
+            raise ConfigError(f"model.hf_config: {' '.join(str(e).split())}") from None
     else:
         if not (Path(spec) / "config.json").is_file():
             raise ConfigError(f"model.hf_config={spec!r} is not a directory with a config.json")

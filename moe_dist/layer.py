@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_dist.balance import BalanceResult, MoEStats, balance_terms
+from moe_dist.comm import GroupRef
 from moe_dist.config import MoEConfig
 from moe_dist.dispatcher import AllToAllDispatcher, LocalDispatcher, plan_routes
 from moe_dist.errors import ConfigError
@@ -147,6 +148,26 @@ class MoELayer(nn.Module):
                 "gradient, so it is reported but trains nothing",
                 stacklevel=2,
             )
+
+    # why weak references (GroupRef): the layer must hold nothing of gloo's past dist.destroy_process_group(),
+    # or the destroyed groups' threads live on into interpreter finalization and can abort the exit
+    @property
+    def ep_group(self):
+        """The EP group (None: all experts local)."""
+        return self._ep_group_ref.get()
+
+    @ep_group.setter
+    def ep_group(self, group) -> None:
+        self._ep_group_ref = GroupRef(group)
+
+    @property
+    def balance_group(self):
+        """The group whose tokens f_i and P_i pool (None: this rank only)."""
+        return self._balance_group_ref.get()
+
+    @balance_group.setter
+    def balance_group(self, group) -> None:
+        self._balance_group_ref = GroupRef(group)
 
     def set_placement(self, placement: Placement) -> None:
         """Switch to ``placement``: the slot table, owned slots, route table and the dispatcher's splits. The

@@ -11,7 +11,21 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from moe_dist.comm import GroupRef
 from moe_dist.errors import ConfigError
+
+
+def _weak_group(name: str) -> property:
+    """A layout attribute that stores its process group as a ``GroupRef`` in ``_groups``."""
+
+    def get(self: ParallelLayout):
+        ref = self._groups.get(name)
+        return ref.get() if ref is not None else None
+
+    def put(self: ParallelLayout, group) -> None:
+        self._groups[name] = GroupRef(group)
+
+    return property(get, put)
 
 
 @dataclass
@@ -19,13 +33,17 @@ class ParallelLayout:
     world: int
     rank: int
     ep: int
-    ep_group: object = field(default=None, repr=False)
+    _groups: dict[str, GroupRef] = field(default_factory=dict, repr=False)
+    """The groups below, held by weak reference (``moe_dist.comm.GroupRef``: a destroyed process group must
+    really go, with its gloo threads; torch's registry holds every live group)."""
+
+    ep_group = _weak_group("ep_group")
     """why: the ranks the experts are split across; tokens travel between them by all-to-all."""
-    edp_group: object = field(default=None, repr=False)
+    edp_group = _weak_group("edp_group")
     """why: ranks holding the same experts (one per EP group); expert grads are summed over it."""
-    world_group: object = field(default=None, repr=False)
+    world_group = _weak_group("world_group")
     """why: dense params are replicated everywhere, so their grads are averaged over the world."""
-    balance_group: object = field(default=None, repr=False)
+    balance_group = _weak_group("balance_group")
     """why: every rank sees different tokens, so f_i and P_i pool the whole world."""
 
     def __post_init__(self) -> None:

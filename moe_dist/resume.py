@@ -25,7 +25,7 @@ from typing import Any
 
 from moe_dist.checkpoint import checkpoint_dirs, layout_refusal, stray_entries
 from moe_dist.errors import ConfigError
-from moe_dist.run_config import RunConfig
+from moe_dist.run_config import RunConfig, keep_global_batch
 
 log = logging.getLogger("moe_dist.train")
 
@@ -131,6 +131,20 @@ def newest_manifest(root: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def stored_global_batch(manifest: dict) -> int | None:
+    """Sequences per optimizer step of the run that wrote ``manifest`` (older checkpoints: the product of
+    their config's micro_batch and grad_accum and their world size); None if it cannot be told."""
+    if manifest.get("global_batch"):
+        return int(manifest["global_batch"])
+    train = (manifest.get("config") or {}).get("train") or {}
+    if train.get("global_batch"):
+        return int(train["global_batch"])
+    try:
+        return int(train["micro_batch"]) * int(train.get("grad_accum", 1)) * int(manifest["world"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
     """Decide from the run directory's files whether this launch may start; raise ConfigError if not.
 
@@ -138,6 +152,9 @@ def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
     """
     if not cfg.train.resume:
         fresh_start(cfg, rank)
+        derived = keep_global_batch(cfg, world)
+        if derived and rank == 0:
+            log.warning("%s", derived)
         return None
     stray = stray_entries(cfg.run_dir / "checkpoints")
     if stray and rank == 0:
@@ -147,6 +164,12 @@ def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
             cfg.run_dir / "checkpoints",
         )
     found = newest_manifest(cfg.run_dir / "checkpoints")
+    # the global batch first: the config compared below is the one this launch trains with
+    derived = keep_global_batch(
+        cfg, world, stored_global_batch(found[1]) if found else None, str(found[0]) if found else ""
+    )
+    if derived and rank == 0:
+        log.warning("%s", derived)
     if found is None:
         return None
     ckpt, manifest = found

@@ -232,6 +232,11 @@ class TrainConfig:
     """Sequences per micro-batch per rank."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    global_batch: int = 0
+    """Sequences per optimizer step over all ranks (micro_batch x grad_accum x world): a fact of the run, kept
+    across a resume at another world or EP size. 0 = micro_batch x grad_accum x world at the first start;
+    the checkpoint stores it, and a resume at another layout derives grad_accum (or micro_batch) from it, or
+    refuses in one line (``keep_global_batch``). Set it to change the global batch on purpose."""
     seed: int = 0
     log_every: int = 10
     eval_every: int = 50
@@ -255,7 +260,8 @@ class TrainConfig:
     """CPU runs: keep freed memory (the entry point re-executes itself under mimalloc) so large per-step
     tensors reuse their pages instead of page-faulting afresh every step (see moe_dist/hostmem.py)."""
     on_nonfinite: str = "raise"
-    """NaN/Inf in router logits or the loss: "raise" (an error naming step and layer) or "skip" the step."""
+    """NaN/Inf in router logits, the loss or the global grad norm: "raise" (an error naming step and layer)
+    or "skip" the step (no update at all; engine=torch only, DeepSpeed always raises)."""
     resume_check: str = "error"
     """On resume, the val loss of the loaded model is compared with the one stored at save time (1e-5
     relative): "error" stops the run when they differ, "warn" logs and goes on."""
@@ -284,6 +290,8 @@ class TrainConfig:
             check_type("train", name, getattr(self, name), (int,))
             _positive("train", self, name)
         check_type("train", "seed", self.seed, (int,))
+        check_type("train", "global_batch", self.global_batch, (int,))
+        _positive("train", self, "global_batch", allow_zero=True)
         for name in ("resume", "bf16", "retain_host_memory", "async_save", "overwrite"):
             check_type("train", name, getattr(self, name), (bool,))
         if self.save_failure not in ("stop", "warn"):
@@ -394,8 +402,12 @@ class RunConfig:
             raise ConfigError(f"engine must be torch or deepspeed, got {self.engine!r}")
         check_type("run", "name", self.name, (str,))
         check_type("run", "out_dir", self.out_dir, (str,))
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name must be a non-empty directory name, got {self.name!r}")
+        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
+            # why: the run directory is out_dir/name; "..", "/x" or "a/b" would write outside out_dir
+            raise ConfigError(
+                "name must be a plain directory name (not empty, '.' or '..'; no '/' or '\\'), got "
+                f"{self.name!r}"
+            )
         if self.engine == "deepspeed" and self.parallel.redundant_experts:
             raise ConfigError(DEEPSPEED_REFUSES_REPLICAS)
         if self.engine == "deepspeed" and self.parallel.placement == "balanced":
@@ -439,6 +451,41 @@ RENAMED = {
 }
 
 
+def keep_global_batch(cfg: RunConfig, world: int, stored: int | None = None, where: str = "") -> str | None:
+    """Make ``micro_batch x grad_accum x world`` the run's global batch, in place; returns a line saying what
+    was derived (None when nothing changed). The target is ``train.global_batch`` if set, else ``stored``
+    (the checkpoint's), else the product itself (a first start). It keeps micro_batch and derives
+    grad_accum where that divides (the per-rank memory stays), else keeps grad_accum and derives
+    micro_batch, else takes grad_accum 1; raises ConfigError (one line) when ``world`` does not divide it.
+    """
+    t = cfg.train
+    B, A = t.micro_batch, t.grad_accum
+    now = B * A * world
+    target = t.global_batch or stored or now
+    if now == target:
+        t.global_batch = target
+        return None
+    source = (
+        "train.global_batch" if t.global_batch else f"the global batch stored in {where or 'the checkpoint'}"
+    )
+    if target % world:
+        raise ConfigError(
+            f"{source} is {target} sequences per step, which world size {world} cannot keep (it does not "
+            f"divide it); this config gives micro_batch {B} x grad_accum {A} x world {world} = {now}: "
+            f"relaunch on a world size that divides {target}, or set train.global_batch={now} to change it"
+        )
+    per_rank = target // world
+    for micro, accum in ((B, per_rank // B), (per_rank // A, A), (per_rank, 1)):
+        if micro >= 1 and accum >= 1 and micro * accum == per_rank:
+            t.micro_batch, t.grad_accum, t.global_batch = micro, accum, target
+            return (
+                f"{source} is {target} sequences per step; at world {world} this launch uses "
+                f"train.micro_batch={micro} x train.grad_accum={accum} (the config gave {B} x {A} x {world} "
+                f"= {now})"
+            )
+    raise AssertionError("unreachable: (target / world, 1) always fits")
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     """Build ``tp`` (a dataclass or a simple annotation) from YAML data, with clear errors."""
     if dataclasses.is_dataclass(tp):
@@ -459,6 +506,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return tp(**kwargs)
         except TypeError as e:  # e.g. a field given a value of a type the dataclass cannot take
             raise ConfigError(f"{where or 'config'}: {e}") from None
+    if tp is int and isinstance(value, float):
+        # why here: YAML 1.2 reads 2e4 and 2.5 as floats; an integer field refuses both in one place, for
+        # files and overrides alike, before a float count reaches code that runs after the process group
+        raise ConfigError(f"{where} must be an integer, got {value!r} (float)")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -49,8 +49,8 @@ from moe_dist.model import MoETransformer, active_params
 from moe_dist.parallel import ParallelLayout
 from moe_dist.placement import Placement
 from moe_dist.rebalance_loop import RebalanceLoop
-from moe_dist.resume import SHARED_CHECK
-from moe_dist.run_config import RunConfig, config_yaml
+from moe_dist.resume import SHARED_CHECK, stored_global_batch
+from moe_dist.run_config import RunConfig, config_yaml, keep_global_batch
 from profiling.straggler import StragglerProfiler
 
 log = logging.getLogger("moe_dist.train")
@@ -120,6 +120,10 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         # why nothing is written here: a launch may still be refused at resume, and a refused launch must
         # leave the run directory as it found it (config.yaml and the logs are written in train())
+        # a no-op after the entry point's preflight; a Trainer built directly resolves train.global_batch here
+        derived = keep_global_batch(cfg, self.world)
+        if derived and self.rank == 0:
+            log.warning("%s", derived)
         torch.manual_seed(cfg.train.seed)  # same on every rank: identical dense init, same expert draws
         random.seed(cfg.train.seed)
         self.corpus = Corpus.build(cfg.data, cfg.model.seq_len, self.rank, self.world, cfg.train.seed)
@@ -278,6 +282,7 @@ class Trainer:
                 for e, ids in enumerate(owned_expert_ids(self.model))
             },
             "placements": layer_placements(self.model),
+            "global_batch": self.cfg.train.global_batch,  # sequences per step: a resume keeps it
             "config_digest": self.cfg.digest(),
             "config": self.cfg.to_dict(),  # a resume names the keys that changed (moe_dist/resume.py)
         }
@@ -500,6 +505,16 @@ class Trainer:
             )
         ckpt, manifest = good[max(common)]
         self.resumed_from = ckpt.name
+        stored = stored_global_batch(manifest)
+        if stored is not None and stored != self.cfg.train.global_batch and self.rank == 0:
+            # the entry point's preflight keeps it (or was told to change it); a Trainer built directly
+            # is told here, so that the change is never silent
+            log.warning(
+                "%s was trained with a global batch of %d sequences per step; this run uses %d",
+                ckpt,
+                stored,
+                self.cfg.train.global_batch,
+            )
         files = self._read_on_every_rank(ckpt, self._names_for(manifest))
         if manifest.get("format", 1) < FORMAT:
             state = self._load_format1(files)
@@ -544,6 +559,19 @@ class Trainer:
             self.metrics.log(self.step, record, {})
             return
         now = self.evaluate(saved["val_sequences"])["val_loss"]
+        if not math.isfinite(saved["val_loss"]):
+            # nothing to compare with: the model was already broken when it was saved, not by the load
+            record.update(resume_check="unchecked", saved_val_loss=saved["val_loss"], resumed_val_loss=now)
+            self.metrics.log(self.step, record, {})
+            msg = (
+                f"resume self-check: the val loss stored in {ckpt} is {saved['val_loss']} (non-finite): the "
+                "model was already broken when it was saved, so the load cannot be checked against it"
+            )
+            if self.cfg.train.resume_check == "error":
+                raise ResumeCheckError(msg + " (train.resume_check=warn goes on regardless)")
+            if self.rank == 0:
+                log.warning("%s; going on (train.resume_check=warn)", msg)
+            return
         rel = abs(now - saved["val_loss"]) / max(abs(saved["val_loss"]), 1e-12)
         ok = rel <= RESUME_CHECK_RTOL
         record.update(
@@ -625,6 +653,14 @@ class Trainer:
             total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc=cfg.name
         )
         tokens_per_step = t.micro_batch * cfg.model.seq_len * t.grad_accum * self.world
+        if self.rank == 0:
+            log.info(
+                "global batch: %d sequences per step = micro_batch %d x grad_accum %d x world %d",
+                t.global_batch,
+                t.micro_batch,
+                t.grad_accum,
+                self.world,
+            )
         history: list[dict] = []
         last_eval: dict = {}
         if self.step == 0:  # the untrained model's val loss: the baseline the run improves on
@@ -718,6 +754,13 @@ class Trainer:
                 local = layer_out.stats.tokens_per_expert_local
                 local_maxvio[i] += load_stats(local)["maxvio"] / t.grad_accum
         grad_norm = self.engine.step()
+        bad_norm = self.engine.grad_norm_known and not math.isfinite(grad_norm)
+        if cfg.engine == "deepspeed":
+            # why a flag all-reduce: DeepSpeed's norm comes from its own reductions; the torch engine's norm
+            # is the same number on every rank already (TorchEngine.step), so it needs none
+            bad_norm = self.mean_over_ranks([float(bad_norm)])[0] > 0
+        if bad_norm:  # the torch engine updated nothing (weights, AdamW state, scheduler); nor do we below
+            return self._skip_step(t0, f"step {self.step}: the gradient norm is {grad_norm}")
         lr = self.engine.lr
         counts = update_expert_biases(self.model)  # the step's global counts per layer
         alphas = self.controller.update(counts) if self.controller is not None else None
@@ -775,8 +818,14 @@ class Trainer:
 
     def _skip_step(self, t0: float, why: str) -> dict:
         """train.on_nonfinite: raise (default) or drop this step's gradients and move on."""
-        if self.cfg.train.on_nonfinite == "raise" or self.cfg.engine == "deepspeed":
+        if self.cfg.train.on_nonfinite == "raise":
             raise NonFiniteError(why)
+        if self.cfg.engine == "deepspeed":
+            # why: DeepSpeed steps its optimizer inside backward, before any check of ours could skip it
+            raise NonFiniteError(
+                f"{why} (engine=deepspeed cannot skip a step: train.on_nonfinite=skip is "
+                "honoured by engine=torch only)"
+            )
         log.warning("%s; skipping the step (train.on_nonfinite=skip)", why)
         self.model.zero_grad(set_to_none=True)
         for layer in moe_layers(self.model):

@@ -26,7 +26,8 @@ def arch_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
                 if shared.gate is not None:
                     shared.gate.copy_(t["wg"])
         x = t["xs"][rank].clone().requires_grad_()
-        x_in = x.view(-1, case.seq_len, x.shape[-1]) if case.seq_len else x
+        # an explicit B (not -1): a rank may have 0 rows
+        x_in = x.view(x.shape[0] // case.seq_len, case.seq_len, x.shape[-1]) if case.seq_len else x
         out = layer(x_in)
         assert out.hidden.shape == x_in.shape
         loss = (out.hidden.reshape_as(x) * t["cot"][rank]).sum() + out.aux_loss

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -130,3 +131,30 @@ def teardown_worker(rank: int, world: int, cfg: dict) -> dict:
     teardown._destroy_at_exit()
     destroyed = not dist.is_initialized()
     return {"no_group": no_group, "with_group": with_group, "kept": kept, "destroyed": destroyed}
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def held_past_destroy_worker(rank: int, world: int, cfg: dict) -> dict:
+    """The README's pattern over ParallelLayout's dist.new_group groups, destroyed while the layer, its
+    layout and a kept output (with its graph) are still held: the OS threads left then, and after those are
+    dropped too. Equal counts: the layer held none of gloo's threads (groups) past the destroy."""
+    import gc
+
+    from moe_dist import ParallelLayout
+
+    layout = ParallelLayout.build(ep=2)
+    layer = MoELayer(MoEConfig(**cfg), ep_group=layout.ep_group, balance_group=layout.balance_group)
+    x = torch.randn(16, cfg["d_model"])
+    out = layer(x)
+    (out.hidden.sum() + out.aux_loss).backward()
+    out = layer(x)  # kept, with its graph (the all-to-all nodes)
+    during = _os_threads()
+    dist.destroy_process_group()
+    gc.collect()
+    held = _os_threads()
+    del layer, layout, out
+    gc.collect()
+    return {"during": during, "held": held, "dropped": _os_threads()}

@@ -76,6 +76,8 @@ def G(logits, name):
 
 def cv2(z):
     mu = z.mean()
+    if float(mu.detach()) == 0.0:  # no tokens anywhere: every entry is 0, so they are all equal
+        return torch.zeros((), dtype=z.dtype)
     return ((z**2).mean() - mu**2) / mu**2
 
 
@@ -157,24 +159,26 @@ def _aux(c: dict, s, chosen, lse2, seqs, unbiased):
     """``seqs``: (s, Topk(s)) of every sequence pooled in this loss; ``unbiased``: Topk(s) of every token."""
     N, K = c["num_experts"], c["top_k"]
     T = s.shape[0]
-    f = N / (K * T) * chosen.sum(0).to(s.dtype)
-    P = s.sum(0) / T
-    f_switch = N / (K * T) * unbiased.sum(0).to(s.dtype) if c.get("aux_loss_counts") == "unbiased" else f
+    Tc = max(T, 1)  # no tokens at all (one empty rank at world 1): every sum is empty, every term 0
+    f = N / (K * Tc) * chosen.sum(0).to(s.dtype)
+    P = s.sum(0) / Tc
+    f_switch = N / (K * Tc) * unbiased.sum(0).to(s.dtype) if c.get("aux_loss_counts") == "unbiased" else f
     terms = {"switch": c.get("aux_loss_coef", 0.0) * (f_switch * P).sum()}
     if c.get("cv_importance_coef", 0) > 0:
         terms["cv_importance"] = c["cv_importance_coef"] * cv2(P)
     if c.get("cv_load_coef", 0) > 0:
         terms["cv_load"] = c["cv_load_coef"] * cv2(f)
     if c.get("z_loss_coef", 0) > 0:
-        terms["z"] = c["z_loss_coef"] * lse2.mean()
+        terms["z"] = c["z_loss_coef"] * lse2.sum() / Tc
     if c.get("seq_aux_loss_coef", 0) > 0:
-        terms["seq"] = c["seq_aux_loss_coef"] * sum(seq_balance(c, a, b) for a, b in seqs) / len(seqs)
+        seq_sum = sum((seq_balance(c, a, b) for a, b in seqs), torch.zeros((), dtype=s.dtype))
+        terms["seq"] = c["seq_aux_loss_coef"] * seq_sum / max(len(seqs), 1)
     return f, P, terms
 
 
 def sequences(case: Case, s, chosen) -> list:
     """One rank's rows split into its sequences (consecutive blocks of seq_len; None: one sequence)."""
-    S = case.seq_len or s.shape[0]
+    S = case.seq_len or max(s.shape[0], 1)  # a rank with no tokens has no sequence
     return [(s[i : i + S], chosen[i : i + S]) for i in range(0, s.shape[0], S)]
 
 

@@ -74,3 +74,17 @@ def probed_run(
         trainer.maybe_resume = resume_and_probe
     out["summary"] = trainer.train()
     return out
+
+
+def preflighted_run(rank: int, world: int, cfg_dict: dict) -> dict:
+    """As the entry point: the preflight (which keeps the stored global batch), then the trainer; returns
+    the summary and the micro_batch and grad_accum the run trained with."""
+    from moe_dist.resume import preflight
+    from moe_dist.trainer import Trainer
+
+    cfg = config_from_dict(cfg_dict)
+    preflight(cfg, world, rank)
+    trainer = Trainer(cfg, ParallelLayout.build(cfg.parallel.ep), torch.device("cpu"))
+    summary = trainer.train()
+    t = cfg.train
+    return {"summary": summary, "batch": (t.micro_batch, t.grad_accum, t.global_batch)}

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from moe_dist.errors import ConfigError
-from moe_dist.run_config import load_config
+from moe_dist.run_config import config_from_dict, load_config
 from tests.shared_runs import snapshot
 from tests.train_workers import tiny, torchrun_cmd
 
@@ -264,3 +264,30 @@ def test_a_replaced_key_says_what_replaced_it(tmp_path: Path) -> None:
     for args in ((path, []), (None, ["train.eval_batches=4"])):
         with pytest.raises(ConfigError, match="replaced by train.val_sequences"):
             load_config(*args)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("hidden_size", "wide"), ("num_experts", 2.5), ("num_attention_heads", None)],
+)
+def test_an_inline_hf_config_field_of_the_wrong_type_is_a_config_error(field: str, value: object) -> None:
+    """transformers validates its config fields with its own exception types; the user gets one ConfigError
+    line naming the field, from the check that runs before any process group (``check_world``)."""
+    pytest.importorskip("transformers")
+    hf = {
+        "model_type": "qwen3_moe",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        field: value,
+    }
+    cfg = config_from_dict(tiny(model={"kind": "hf", "hf_config": hf}))
+    with pytest.raises(ConfigError, match=f"model.hf_config: .*{field}") as err:
+        cfg.check_world(1)
+    assert "\n" not in str(err.value)

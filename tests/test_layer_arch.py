@@ -110,6 +110,8 @@ def single_cases() -> list[Case]:
         ),
         _case("seq-one-sequence", dict(BASE, top_k=2, aux_loss_coef=0.3, seq_aux_loss_coef=0.3), T),
         _case("deepseek-v3", DEEPSEEK, T, seq_len=6, bias_scale=0.2),
+        # no tokens at all: an empty output, zero gradients, every term 0 (no NaN from 0/0)
+        _case("deepseek-v3-no-tokens", dict(DEEPSEEK, capacity_factor=1.0), [0], seq_len=6, bias_scale=0.2),
     ]
 
 
@@ -156,6 +158,8 @@ def ep_cases(world: int) -> list[Case]:
             seq_len=8,
             bias_scale=0.2,
         ),
+        # one rank with zero tokens (no sequence, no rows to send) under every term and shared experts
+        _case("deepseek-v3-empty-rank", DEEPSEEK, [0] + T[1:], seq_len=8, bias_scale=0.2),
     ]
 
 

@@ -24,7 +24,13 @@ import torch
 
 from moe_dist import MoEConfig, MoELayer
 from tests.distributed import run_ranks
-from tests.library_workers import EXAMPLE, example_worker, replicated_experts_worker, teardown_worker
+from tests.library_workers import (
+    EXAMPLE,
+    example_worker,
+    held_past_destroy_worker,
+    replicated_experts_worker,
+    teardown_worker,
+)
 from tests.oracle import Case, make_tensors, oracle
 
 log = logging.getLogger(__name__)
@@ -125,6 +131,34 @@ def test_replicated_experts_need_the_replica_group() -> None:
 def test_exit_hook_registers_once_and_destroys_the_groups() -> None:
     (got,) = run_ranks(teardown_worker, 1, CFG)
     assert got == {"no_group": 0, "with_group": 1, "kept": True, "destroyed": True}
+
+
+def test_the_layer_holds_no_gloo_group_past_a_destroy() -> None:
+    """Destroyed while the layer, its ParallelLayout and a kept output are held, the process groups go at
+    once: gloo's worker threads end in ``dist.destroy_process_group()`` (the OS thread count is the same as
+    after dropping those objects), not later in the interpreter's finalization, where they can abort it.
+    Deterministic; the 20 launches below are the end-to-end check."""
+    for got in run_ranks(held_past_destroy_worker, 2, CFG):
+        assert got["during"] > got["dropped"], got  # the groups had threads to lose
+        assert got["held"] == got["dropped"], got
+
+
+def test_readme_pattern_with_an_explicit_destroy_exits_zero_20_times() -> None:
+    """20 launches of 2 ranks of the README's layer pattern over dist.new_group groups, ending with an
+    explicit ``dist.destroy_process_group()`` while the layer, its layout and an output are held: every
+    rank exits 0 (none aborts at exit with SIGABRT). Ranks are forked from one process that imported
+    torch once (tests/exit_launches.py), 5 launches at a time, so the 40 ranks fit in seconds."""
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "exit_launches.py"), "20", "5", "destroy"],
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    found = re.search(r"exit statuses: \[([-\d, ]*)\]", p.stdout)
+    assert p.returncode == 0 and found, (p.stdout[-2000:], p.stderr[-3000:])
+    statuses = [int(s) for s in found.group(1).split(",")]
+    assert len(statuses) == 40 and statuses == [0] * 40, (statuses, p.stderr[-3000:])
 
 
 # The user's report: a script that builds the layer over a 2-rank EP group and ends on a collective,

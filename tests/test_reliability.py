@@ -167,6 +167,122 @@ def test_nan_logits_raise_or_skip(tmp_path: Path) -> None:
     assert res[0]["skipped_steps"] == 3 and res[0]["steps"] == 3
 
 
+def _state(trainer) -> list:
+    """Everything a step may change: weights and buffers (the expert bias too), AdamW state, scheduler."""
+    import copy
+
+    return [
+        {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        copy.deepcopy(trainer.engine.optimizer.state_dict()),
+        dict(trainer.engine.scheduler.state_dict()),
+    ]
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+def _nan_grad_worker(rank: int, world: int, cfg: dict) -> dict:
+    """``optim.lr=1e6 optim.grad_clip=0`` blows the grad norm up to NaN after a step or two. First under
+    ``raise`` (caught: every rank must raise, naming the step), then under ``skip``: each step skipped for
+    its grad norm must leave every weight, buffer, AdamW moment and the scheduler exactly as they were."""
+    import torch
+
+    from moe_dist.errors import NonFiniteError
+    from moe_dist.parallel import ParallelLayout
+    from moe_dist.trainer import Trainer
+
+    layout = ParallelLayout.build(cfg["parallel"]["ep"])
+    out: dict = {"raised": None}
+    try:
+        Trainer(config_from_dict(dict(cfg, name="raise")), layout, torch.device("cpu")).train()
+    except NonFiniteError as e:
+        out["raised"] = str(e)
+    trainer = Trainer(
+        config_from_dict(dict(cfg, name="skip", train={**cfg["train"], "on_nonfinite": "skip"})),
+        layout,
+        torch.device("cpu"),
+    )
+    step_fn = trainer.train_step
+    out["norm_skips"], out["unchanged"] = 0, []
+
+    def watched() -> dict:
+        before = _state(trainer)
+        record = step_fn()
+        if "gradient norm" in record.get("reason", ""):
+            out["norm_skips"] += 1
+            out["unchanged"].append(_same(before, _state(trainer)))
+        return record
+
+    trainer.train_step = watched
+    out["summary"] = trainer.train()
+    out["finite_weights"] = all(
+        bool(torch.isfinite(v).all()) for v in trainer.model.state_dict().values() if v.is_floating_point()
+    )
+    return out
+
+
+def test_nonfinite_grad_norm_raises_or_skips_without_any_update(tmp_path: Path) -> None:
+    """A NaN grad norm (found by the norm's own all-reduce, on every rank alike): ``raise`` stops every
+    rank with NonFiniteError naming the step; ``skip`` updates nothing (weights, expert bias, AdamW
+    moments and step count, scheduler), counts the step in skipped_steps and saves finite weights."""
+    cfg = tiny(
+        out_dir=str(tmp_path),
+        parallel={"ep": 2},
+        model={"moe": {"bias_update_rate": 1e-3}},
+        train={"steps": 4, "eval_every": 4},
+        optim={"lr": 1e6, "grad_clip": 0.0},
+    )
+    res = run_ranks(_nan_grad_worker, 2, cfg)
+    for r in res:
+        assert r["raised"] is not None and "the gradient norm is nan" in r["raised"], r["raised"]
+    assert res[0]["raised"] == res[1]["raised"] and "step " in res[0]["raised"]
+    for r in res:
+        assert r["norm_skips"] >= 1 and all(r["unchanged"]), r
+        assert r["summary"]["skipped_steps"] >= r["norm_skips"] and r["finite_weights"]
+
+
+@pytest.mark.parametrize("mode", ["error", "warn"])
+def test_resume_check_names_a_nonfinite_stored_val_loss(
+    mode: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint whose stored val loss is NaN: the self-check says so, not "not restored as written"."""
+    from types import SimpleNamespace
+
+    from moe_dist.trainer import ResumeCheckError, Trainer
+
+    records: list = []
+    fake = SimpleNamespace(
+        cfg=SimpleNamespace(train=SimpleNamespace(resume_check=mode)),
+        evaluate=lambda n: {"val_loss": 5.5},
+        metrics=SimpleNamespace(log=lambda step, rec, scalars: records.append(rec)),
+        step=6,
+        rank=0,
+        world=1,
+        layout=SimpleNamespace(ep=1),
+    )
+    saved = {"val_loss": float("nan"), "val_sequences": 4}
+    manifest = {"world": 1, "ep": 1}
+    if mode == "error":
+        with pytest.raises(ResumeCheckError) as err:
+            Trainer._resume_check(fake, tmp_path / "step_00000006", manifest, saved)
+        msg = str(err.value)
+    else:
+        with caplog.at_level("WARNING"):
+            Trainer._resume_check(fake, tmp_path / "step_00000006", manifest, saved)
+        msg = caplog.text
+    assert "stored in" in msg and "nan (non-finite)" in msg and "not restored as written" not in msg
+    assert records[-1]["resume_check"] == "unchecked"
+
+
 # --- config fuzzing -------------------------------------------------------------------------------
 INT_FIELDS = [
     "model.d_model",
@@ -204,6 +320,30 @@ ENUM_FIELDS = {
     "parallel.backend": ["auto", "gloo", "nccl"],
     "train.on_nonfinite": ["raise", "skip"],
 }
+
+
+def _int_fields(tp=None, where: str = "") -> list[str]:
+    """Every field of the config tree annotated int (or int | None), found by walking the dataclasses."""
+    import dataclasses
+    import typing
+
+    from moe_dist.run_config import RunConfig
+
+    out = []
+    for f in dataclasses.fields(tp or RunConfig):
+        hint = typing.get_type_hints(tp or RunConfig)[f.name]
+        path = f"{where}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            out += _int_fields(hint, path + ".")
+        elif hint is int or (
+            typing.get_origin(hint) is not None and typing.get_args(hint) == (int, type(None))
+        ):
+            out.append(path)
+    return out
+
+
+ALL_INT_FIELDS = _int_fields()
+BAD_NAMES = ["", ".", "..", "/abs", "a/b", "../up", "/"]
 BOOL_FIELDS = ["model.moe.normalize_topk", "train.resume", "profile.enabled", "model.moe.noisy_gating"]
 
 not_number = st.one_of(st.text(max_size=5), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
@@ -232,6 +372,9 @@ bad_config = st.one_of(
     ),  # unknown keys
     st.tuples(st.just("model.moe.top_k"), st.integers(9, 64)),  # top_k > num_experts (8)
     st.tuples(st.just("model.n_heads"), st.sampled_from([3, 5, 7, 48])),  # does not divide d_model 128
+    # any integer field, zero-allowed ones too (data.max_bytes), refuses a float: 2.5, and 2e4 as well
+    st.tuples(st.sampled_from(ALL_INT_FIELDS), st.floats(allow_nan=True, allow_infinity=True)),
+    st.tuples(st.just("name"), st.sampled_from(BAD_NAMES)),  # the run directory must stay inside out_dir
 )
 
 
@@ -264,6 +407,13 @@ def test_fuzzed_bad_configs_give_config_error(bad: tuple) -> None:
     data = _set({"model": {"moe": {"num_experts": 8}}}, key, value)
     with pytest.raises(ConfigError):
         config_from_dict(data)
+
+
+def test_int_fields_were_found() -> None:
+    """The walk finds the integer fields of every section, so the float strategy covers them all."""
+    assert {"data.max_bytes", "train.grad_accum", "model.moe.shared_d_ff", "parallel.ep"} <= set(
+        ALL_INT_FIELDS
+    )
 
 
 def test_fuzzer_ran_at_least_200_examples() -> None:

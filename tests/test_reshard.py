@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moe_dist.data import Corpus
-from moe_dist.run_config import DataConfig
+from moe_dist.errors import ConfigError
+from moe_dist.resume import preflight
+from moe_dist.run_config import DataConfig, config_from_dict
 from tests.distributed import run_ranks
-from tests.reshard_workers import probed_run
+from tests.reshard_workers import preflighted_run, probed_run
 from tests.shared_runs import SHARED_STEPS, SharedRun, write_ds_config
 from tests.train_workers import deepspeed_cmd, tiny, train_worker
 
@@ -116,6 +119,42 @@ def test_resume_at_another_layout(saved_runs: dict, tmp_path: Path, saved: tuple
     want_l, got_l = _losses(src), _losses(tmp_path / "b")
     assert sorted(got_l) == list(range(STEPS))
     for step in range(SAVED_AT, STEPS):
+        assert got_l[step] == pytest.approx(want_l[step], rel=1e-6), (step, got_l[step], want_l[step])
+
+
+def test_a_resume_at_a_smaller_world_keeps_the_global_batch(tmp_path: Path) -> None:
+    """A world-2 run (micro_batch 4: 8 sequences per step) whose step-2 checkpoint is resumed at world 1
+    with the same config: the preflight keeps the stored 8 by deriving grad_accum 2, says so, writes it to
+    config.yaml, and steps 2-3 equal the uninterrupted run's. Local balance scope, so that each rank's
+    micro-batch pools what each micro-batch pooled before (with global scope a micro-batch would pool half
+    the sequences: the same global batch, but a slightly different balance loss). A world that cannot keep
+    it (3 does not divide 8) is refused in one line naming both numbers and the override, before any
+    process group, with nothing written."""
+    steps, saved_at = 4, 2
+    cfg = tiny(
+        out_dir=str(tmp_path),
+        name="a",
+        model={"moe": {"balance_scope": "local"}},
+        train={"steps": steps, "ckpt_every": saved_at, "keep_last": 5, "micro_batch": 4, "eval_every": 4},
+    )
+    run_ranks(preflighted_run, 2, cfg, timeout=400)
+    src = tmp_path / "a"
+    _copy_until(src, tmp_path / "b", saved_at)
+    cfg = dict(cfg, name="b")
+    before = sorted(p.name for p in (tmp_path / "b").rglob("*"))
+    with pytest.raises(ConfigError) as err:
+        preflight(config_from_dict(cfg), 3, 0)
+    msg = str(err.value)
+    assert "\n" not in msg and "is 8 sequences per step" in msg and "= 12" in msg, msg
+    assert "train.global_batch=12" in msg, msg
+    assert sorted(p.name for p in (tmp_path / "b").rglob("*")) == before
+    (res,) = run_ranks(preflighted_run, 1, cfg, timeout=400)
+    assert res["batch"] == (4, 2, GLOBAL_BATCH)
+    written = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["train"]
+    assert (written["micro_batch"], written["grad_accum"], written["global_batch"]) == (4, 2, GLOBAL_BATCH)
+    want_l, got_l = _losses(src), _losses(tmp_path / "b")
+    assert sorted(got_l) == list(range(steps))
+    for step in range(saved_at, steps):
         assert got_l[step] == pytest.approx(want_l[step], rel=1e-6), (step, got_l[step], want_l[step])
 
 

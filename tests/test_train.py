@@ -170,14 +170,17 @@ def test_format1_checkpoint_at_another_layout_is_a_clear_error(
         (["optim.beta2=1.5"], "optim.beta2"),
         (["data.kind=text", "data.paths=[/nonexistent/*.txt]"], "matches no file"),
         (["train.steps=ten"], "train.steps must be int"),
+        (["data.max_bytes=20000.5"], "data.max_bytes must be an integer, got 20000.5"),
+        (["name=.."], "name must be a plain directory name"),
     ],
 )
 def test_config_errors_are_clear(overrides: list[str], needle: str, tmp_path: Path) -> None:
     """Through the real entry point with WORLD_SIZE=2 and no launcher: every error comes before any
-    process group exists (the command exits 2 at once instead of waiting for peers)."""
+    process group exists (the command exits 2 at once instead of waiting for peers), and nothing is written
+    (runs/.. would be tmp_path itself)."""
     env = dict(os.environ, WORLD_SIZE="2", RANK="0", OMP_NUM_THREADS="1")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(tiny(out_dir=str(tmp_path))))
+    cfg.write_text(yaml.safe_dump(tiny(out_dir=str(tmp_path / "runs"))))
     p = subprocess.run(
         [sys.executable, "-m", "moe_dist.train", str(cfg), *overrides],
         env=env,
@@ -188,6 +191,7 @@ def test_config_errors_are_clear(overrides: list[str], needle: str, tmp_path: Pa
     )
     assert p.returncode == 2, p.stderr[-2000:]
     assert needle in p.stderr
+    assert [q.name for q in tmp_path.iterdir()] == ["c.yaml"]
 
 
 def test_ep_must_divide_experts() -> None:
