@@ -12,19 +12,19 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ConfigError": "moe_dist.errors",
     "NonFiniteError": "moe_dist.errors",
-    "MoEConfig": "moe_dist.config",
-    "MoEStats": "moe_dist.balance",
-    "cv_squared": "moe_dist.balance",
-    "MoELayer": "moe_dist.layer",
-    "MoEOutput": "moe_dist.layer",
-    "moe_layers": "moe_dist.layer",
-    "update_expert_biases": "moe_dist.layer",
-    "ParallelLayout": "moe_dist.parallel",
-    "Placement": "moe_dist.placement",
-    "broadcast_parameters": "moe_dist.sync",
-    "dense_params": "moe_dist.sync",
-    "expert_params": "moe_dist.sync",
-    "sync_gradients": "moe_dist.sync",
+    "MoEConfig": "moe_dist.moe.config",
+    "MoEStats": "moe_dist.moe.balance",
+    "cv_squared": "moe_dist.moe.balance",
+    "MoELayer": "moe_dist.moe.layer",
+    "MoEOutput": "moe_dist.moe.layer",
+    "moe_layers": "moe_dist.moe.layer",
+    "update_expert_biases": "moe_dist.moe.layer",
+    "ParallelLayout": "moe_dist.moe.parallel",
+    "Placement": "moe_dist.moe.placement",
+    "broadcast_parameters": "moe_dist.moe.sync",
+    "dense_params": "moe_dist.moe.sync",
+    "expert_params": "moe_dist.moe.sync",
+    "sync_gradients": "moe_dist.moe.sync",
 }
 
 __all__ = [
@@ -46,13 +46,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from moe_dist.balance import MoEStats, cv_squared
-    from moe_dist.config import MoEConfig
     from moe_dist.errors import ConfigError, NonFiniteError
-    from moe_dist.layer import MoELayer, MoEOutput, moe_layers, update_expert_biases
-    from moe_dist.parallel import ParallelLayout
-    from moe_dist.placement import Placement
-    from moe_dist.sync import broadcast_parameters, dense_params, expert_params, sync_gradients
+    from moe_dist.moe.balance import MoEStats, cv_squared
+    from moe_dist.moe.config import MoEConfig
+    from moe_dist.moe.layer import MoELayer, MoEOutput, moe_layers, update_expert_biases
+    from moe_dist.moe.parallel import ParallelLayout
+    from moe_dist.moe.placement import Placement
+    from moe_dist.moe.sync import broadcast_parameters, dense_params, expert_params, sync_gradients
 
 
 def __getattr__(name: str) -> Any:

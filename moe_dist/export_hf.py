@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_dist.checkpoint import CheckpointError, checkpoint_dirs, load_obj, verify
+from moe_dist.checkpoint.files import CheckpointError, checkpoint_dirs, load_obj, verify
 from moe_dist.errors import ConfigError
-from moe_dist.run_config import RunConfig, config_from_dict, load_config
+from moe_dist.training.config import RunConfig, config_from_dict, load_config
 
 log = logging.getLogger("moe_dist.export_hf")
 
@@ -38,7 +38,7 @@ def _checkpoint(run_dir: Path, step: int | None) -> Path:
 def checkpoint_state(ckpt: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state of ``model`` (every expert local) from a checkpoint: dense params and buffers, and
     every expert, whatever the EP size that wrote it."""
-    from moe_dist.global_state import join_model
+    from moe_dist.checkpoint.global_state import join_model
 
     manifest = verify(ckpt)
     if int(manifest.get("format", 1)) >= 2:  # per-expert keys (moe_dist/global_state.py)
@@ -55,7 +55,7 @@ def checkpoint_state(ckpt: Path, model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_run_model(run_dir: str | Path, step: int | None = None) -> nn.Module:
     """The run's model (``HFCausalLM``), every expert on one process, from its newest checkpoint."""
-    from moe_dist.hf import HFCausalLM, build_hf_model, parallelize_hf_model
+    from moe_dist.models.hf import HFCausalLM, build_hf_model, parallelize_hf_model
 
     run_dir = Path(run_dir)
     ckpt = _checkpoint(run_dir, step)
@@ -79,7 +79,7 @@ def checkpoint_config(ckpt: Path, run_dir: Path) -> RunConfig:
 
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Write the run's model as a transformers ``save_pretrained`` directory; returns ``out_dir``."""
-    from moe_dist.hf import unparallelize_hf_model
+    from moe_dist.models.hf import unparallelize_hf_model
 
     model = load_run_model(run_dir, step)
     hf = unparallelize_hf_model(model.hf)

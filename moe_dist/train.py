@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 # why only torch-free imports up here: under mimalloc the process re-executes itself once at start-up, and
 # importing torch before that (seconds per rank) would be paid twice
-from moe_dist.datafiles import text_files
+from moe_dist.data.files import text_files
 from moe_dist.errors import CheckpointError, ConfigError
-from moe_dist.hostmem import reexec_with_allocator
-from moe_dist.net import free_port
-from moe_dist.run_config import RunConfig, load_config
+from moe_dist.runtime.hostmem import reexec_with_allocator
+from moe_dist.runtime.net import free_port
+from moe_dist.training.config import RunConfig, load_config
 
 if TYPE_CHECKING:
     import torch
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     reexec_with_allocator(cfg.train.retain_host_memory, cfg.parallel.backend)  # before any process group
     import torch.distributed as dist
 
-    from moe_dist.parallel import ParallelLayout
-    from moe_dist.resume import preflight
+    from moe_dist.moe.parallel import ParallelLayout
+    from moe_dist.training.preflight import preflight
 
     finished = preflight(cfg, world, rank)  # refuses an incompatible checkpoint on every rank alike
     if finished is not None:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         check_same_config(cfg)
         layout = ParallelLayout.build(cfg.parallel.ep)
-        from moe_dist.trainer import Trainer
+        from moe_dist.training.trainer import Trainer
 
         return Trainer(cfg, layout, device).train()
     finally:

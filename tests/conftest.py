@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.shared_runs import AuditedRun, SharedRun, ds_resumed, ds_run, torch_run
+from tests.helpers.shared_runs import AuditedRun, SharedRun, ds_resumed, ds_run, torch_run
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,545 @@
+"""Sharded, atomic checkpoints with a checksummed manifest.
+
+Layout of ``checkpoints/`` (format 2, the global view of ``moe_dist.checkpoint.global_state``)::
+
+    step_00000100/dense.pt          rank 0: replicated params and buffers (incl. expert biases), their
+                                    AdamW state by name, param groups, scheduler, step, controller, the
+                                    val loss of the model it holds (the resume self-check)
+    step_00000100/experts_ep{e}.pt  the first replica of EP rank e: the weights and AdamW state of the
+                                    experts whose first replica (in EP-rank order) it holds, one key per
+                                    expert id (``blocks.3.ffn.experts.e17.w1``); dense.pt also stores each
+                                    MoE layer's placement
+    step_00000100/rank{r}.pt        every rank: RNG states (``engine: deepspeed``: its ZeRO partition too)
+    step_00000100/manifest.json     sha256 and size of every file, world, ep, step, the range of expert
+                                    ids [lo, hi) that covers each experts file's ids, the placements, the
+                                    resolved config (``moe_dist.export_hf`` builds the model from it)
+    step_00000090.corrupt           a checkpoint that did not verify when rotation met it: set aside,
+                                    never deleted, never resumed
+
+Only directories named ``step_<8 digits>`` are checkpoints; a resume takes the newest one that verifies on
+every rank (there is no ``latest`` pointer: a pointer could name a checkpoint that no longer verifies).
+
+A rank resuming under another (world, EP) reads dense.pt, the experts files that hold the ids it now owns,
+and one rank file for its RNG. Format 1 (no ``format`` in the manifest: optimizer state in the rank files,
+experts stacked per EP rank) still loads at the layout that wrote it; at another it is refused.
+
+Every file is plain data: tensors, numbers, strings, None and containers, plus (rank files of
+``engine: deepspeed``) the few DeepSpeed types its ZeRO optimizer state holds. Files are read with torch's
+weights-only unpickler, so loading a checkpoint never runs code from it; anything else is refused.
+
+Every file is written to a temporary name, fsynced and renamed, and its directory fsynced. The step
+directory is assembled as ``step_X.tmp`` and renamed (then ``checkpoints/`` fsynced) only after every
+rank's files exist and the manifest is written. A failure on any rank (an OSError, a non-finite tensor)
+is gathered: every rank raises the same ``SaveError``, the ``.tmp`` directory is removed, and the previous
+checkpoint stays the newest. Rotation keeps the newest ``keep_last`` checkpoints that verify (and the one
+the launch resumed from). A reader verifies sizes and checksums, names the bad file, and falls back to an
+older good checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_dist.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds something other than plain data (a global that could run code on load);
+    it was refused without running anything."""
+
+
+# how torch's weights-only unpickler names the global it refused (torch 2.6-2.13), most common form first
+_REFUSED_PATTERNS = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module"),
+    re.compile(r"call reduce for unrecognized function (.+?)(?: which belongs to .*)?$", re.M),
+    re.compile(r"allowlisted via `add_safe_globals`,? but got (.+)$", re.M),
+)
+
+
+def refused_name(message: str) -> str:
+    """What torch's UnpicklingError message says was refused: the global it names, else its own words."""
+    for pattern in _REFUSED_PATTERNS:
+        m = pattern.search(message)
+        if m:
+            return m.group(1).strip()
+    m = re.search(r"WeightsUnpickler error:\s*(\S.*)$", message, re.M)
+    detail = m.group(1).strip() if m else (message.strip().splitlines() or ["?"])[-1]
+    return f"something the safe loader does not accept ({detail})"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (a rename into it) durable (POSIX; a no-op where a
+    directory cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably: a temporary name, fsync, rename, fsync of the directory (why: a
+    rename is durable only once its directory is, so a power cut cannot leave a committed name empty)."""
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``_atomic_write`` for text files of the run directory (summary.json, config.yaml)."""
+    _atomic_write(path, text.encode())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_obj(path: Path, obj: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write(path, buf.getvalue())
+
+
+STEP_DIR = re.compile(r"step_\d{8}")
+"""The only directory names that are checkpoints."""
+# names of our own in checkpoints/ that are not checkpoints: half-written saves, set-aside corrupt ones,
+# and the pointer file earlier versions wrote (no longer read nor written)
+_OWN = re.compile(r"step_\d{8}\.(tmp|corrupt(\.\d+)?)|latest")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def stray_entries(root: Path) -> list[str]:
+    """Entries of ``root`` that are neither checkpoints nor names of our own (``step_6.bak``, notes, ...):
+    ignored, and named once in a warning by the launch preflight."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not (p.is_dir() and STEP_DIR.fullmatch(p.name)) and not _OWN.fullmatch(p.name)
+    )
+
+
+class SaveError(CheckpointError):
+    """A checkpoint could not be written on some rank; nothing of it was committed."""
+
+
+Gather = Callable[[Any], list]
+"""``gather(x)`` returns every rank's x, by rank (a collective: every rank calls it)."""
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def nonfinite_tensor(files: dict[str, Any]) -> str | None:
+    """The first floating tensor in ``files`` holding NaN or Inf, named by its key path, or None."""
+
+    def walk(obj: Any, path: list[str]) -> str | None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                return ".".join(path)
+            return None
+        if isinstance(obj, dict):
+            items = obj.items()
+        elif isinstance(obj, list | tuple):
+            items = enumerate(obj)
+        else:
+            return None
+        for k, v in items:
+            found = walk(v, [*path, str(k)])
+            if found is not None:
+                return found
+        return None
+
+    for name, obj in files.items():
+        found = walk(obj, [])
+        if found is not None:
+            # why the parameter name first: ``model.blocks.1.ffn.experts.e3.w1`` reads as the model's tensor
+            return f"{found} (in {name})"
+    return None
+
+
+def _agree(gather: Gather, error: str | None, step: int, tmp: Path, rank: int) -> None:
+    """Every rank: if any rank has an error, rank 0 removes the temporary directory and every rank raises
+    the same SaveError naming the first failing rank (why: a rank that failed alone would leave its peers
+    waiting in the next collective)."""
+    results = gather(error)
+    failed = [(r, err) for r, err in enumerate(results) if err is not None]
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    r, err = failed[0]
+    more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+    raise SaveError(f"checkpoint of step {step} not saved: rank {r}: {err}{more}; nothing of it was kept")
+
+
+def begin_save(root: Path, step: int, rank: int, gather: Gather) -> Path:
+    """Every rank: the temporary directory of the checkpoint of ``step``, created by rank 0."""
+    tmp = root / (step_dir_name(step) + ".tmp")
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = _describe(e)
+    _agree(gather, error, step, tmp, rank)  # why: the temp directory must exist before any rank writes
+    return tmp
+
+
+def write_files(tmp: Path, files: dict[str, Any]) -> dict[str, dict]:
+    """Write this rank's files into ``tmp``; their manifest entries (sha256 of the bytes written, size).
+    A file holding a non-finite tensor is refused before anything is written."""
+    bad = nonfinite_tensor(files)
+    if bad is not None:
+        raise ValueError(f"tensor {bad} holds NaN or Inf; a checkpoint never stores non-finite values")
+    entries = {}
+    for name, obj in files.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+        _atomic_write(tmp / name, data)
+        entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return entries
+
+
+_verified: set[tuple[str, int]] = set()
+"""(checkpoint path, manifest mtime) that this process wrote or verified in full: rotation does not read
+them again."""
+
+
+def _verifies(ckpt: Path) -> bool:
+    try:
+        key = (str(ckpt), (ckpt / "manifest.json").stat().st_mtime_ns)
+    except OSError:
+        return False
+    if key in _verified:
+        return True
+    try:
+        verify(ckpt)
+    except CheckpointError as e:
+        log.warning("%s", e)
+        return False
+    _verified.add(key)
+    return True
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a checkpoint that does not verify to ``step_X.corrupt`` (never deleted: a user may want to
+    look at it); it is no longer a checkpoint."""
+    dst = ckpt.with_name(ckpt.name + ".corrupt")
+    n = 0
+    while dst.exists():
+        n += 1
+        dst = ckpt.with_name(f"{ckpt.name}.corrupt.{n}")
+    os.replace(ckpt, dst)
+    _fsync_dir(ckpt.parent)
+    log.warning("checkpoint %s does not verify: set aside as %s (not deleted, never resumed)", ckpt, dst.name)
+    return dst
+
+
+def _rotate(root: Path, keep_last: int, protect: Sequence[str] = ()) -> None:
+    """Keep the newest ``keep_last`` checkpoints that verify and those named in ``protect`` (the one this
+    launch resumed from); set aside the newer ones that do not verify; delete the older rest."""
+    kept = 0
+    for ckpt in reversed(checkpoint_dirs(root)):
+        if kept < keep_last:
+            if _verifies(ckpt):
+                kept += 1
+            else:
+                set_aside(ckpt)
+        elif ckpt.name not in protect:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def commit_save(
+    root: Path,
+    step: int,
+    rank: int,
+    gather: Gather,
+    meta: dict,
+    keep_last: int,
+    entries: dict[str, dict] | None = None,
+    protect: Sequence[str] = (),
+) -> Path:
+    """Once every rank's files are in the temp directory: rank 0 writes the manifest (from ``entries``, or
+    by reading the files), renames the directory into place (both made durable) and rotates. Every rank
+    calls it; a failure on rank 0 is raised on every rank as SaveError."""
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    error = None
+    if rank == 0:
+        try:
+            if entries is None:
+                entries = {
+                    p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                    for p in sorted(tmp.iterdir())
+                    if not p.name.endswith(".part")
+                }
+            manifest = dict(meta, step=step, files=dict(sorted(entries.items())))
+            _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+            if final.exists():  # a step saved again (a replay): a good older copy is replaced, a bad one
+                if _verifies(final):  # set aside
+                    shutil.rmtree(final)
+                else:
+                    set_aside(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)  # why: the rename is the commit; durable before any older one is deleted
+            _verified.add((str(final), (final / "manifest.json").stat().st_mtime_ns))
+        except OSError as e:
+            error = _describe(e)
+    _agree(gather, error, step, tmp, rank)  # why: nobody may exit before the checkpoint is complete
+    if rank == 0:
+        try:
+            _rotate(root, keep_last, protect)
+        except OSError as e:  # the new checkpoint is committed; an old one left behind costs only disk
+            log.warning("checkpoint rotation under %s failed: %s", root, _describe(e))
+    return final
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    files: dict[str, Any],
+    rank: int,
+    gather: Gather,
+    meta: dict,
+    keep_last: int,
+    protect: Sequence[str] = (),
+) -> Path:
+    """Every rank calls this with the files it owns; rank 0 finalises. Returns the final directory. Any
+    rank's failure (an OSError, a non-finite tensor) raises the same SaveError on every rank, with the
+    temporary directory removed and the previous checkpoint still the newest."""
+    tmp = begin_save(root, step, rank, gather)
+    error = None
+    try:
+        write_files(tmp, files)
+    except (OSError, ValueError) as e:
+        error = _describe(e)
+    _agree(gather, error, step, tmp, rank)  # why: the manifest waits for every rank's complete files
+    return commit_save(root, step, rank, gather, meta, keep_last, None, protect)
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` that training can no longer change: tensors copied to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple) and type(obj) in (list, tuple):
+        return type(obj)(_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class AsyncSave:
+    """One checkpoint whose files this rank writes in a background thread (``train.async_save``).
+
+    The caller's stall is the host copy of its state; serialising, hashing and writing happen in the
+    thread. ``finish`` (every rank, together) waits for the thread, gathers every rank's errors and
+    manifest entries and commits as ``save_checkpoint`` does: manifest, rename. Until then the checkpoint
+    is a ``.tmp`` directory that no resume reads.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        step: int,
+        files: dict[str, Any],
+        rank: int,
+        gather: Gather,
+        meta: dict,
+        keep_last: int,
+        protect: Sequence[str] = (),
+    ) -> None:
+        self.root, self.step, self.rank = root, step, rank
+        self.meta, self.keep_last, self.protect = meta, keep_last, protect
+        self.tmp = begin_save(root, step, rank, gather)
+        self._files: dict[str, Any] | None = _snapshot(files)
+        self.entries: dict[str, dict] = {}
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._write, name=f"ckpt-{step}", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        try:
+            assert self._files is not None
+            self.entries = write_files(self.tmp, self._files)
+        except Exception as e:  # reported on every rank by finish()
+            self.error = _describe(e)
+        finally:
+            self._files = None  # why: free the host copy as soon as it is on disk
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def finish(self, gather: Gather) -> Path:
+        """Every rank: wait for the writes, then commit."""
+        self._thread.join()
+        _agree(gather, self.error, self.step, self.tmp, self.rank)
+        results = gather(self.entries)
+        entries = {name: e for ent in results for name, e in ent.items()}
+        return commit_save(
+            self.root, self.step, self.rank, gather, self.meta, self.keep_last, entries, self.protect
+        )
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Checkpoint directories under ``root`` (names ``step_<8 digits>``), oldest first; everything else
+    (``.tmp`` half-written saves, ``.corrupt`` set-aside ones, a user's ``step_6.bak``) is not one."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+
+
+def verify(ckpt: Path, names: list[str] | None = None) -> dict:
+    """Check the manifest and the named files (all if None); raise CheckpointError naming the bad file."""
+    mpath = ckpt / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: manifest {mpath} is missing or unreadable ({e})") from None
+    for name in names if names is not None else list(manifest["files"]):
+        entry = manifest["files"].get(name)
+        path = ckpt / name
+        if entry is None:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is not in the manifest")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt}: file {path} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"checkpoint file {path} is truncated or altered: {size} bytes, "
+                f"manifest says {entry['bytes']}"
+            )
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint file {path} is corrupt: sha256 does not match the manifest")
+    return manifest
+
+
+FORMAT = 2
+"""Written into every manifest; a manifest without it is format 1 (stacked experts, layout-bound)."""
+
+
+def layout_refusal(manifest: dict, world: int, ep: int, engine: str) -> str | None:
+    """Why the checkpoint of ``manifest`` cannot resume at (world, ep), or None if it can."""
+    w, e = manifest.get("world"), manifest.get("ep")
+    if (w, e) == (world, ep):
+        return None
+    was = f"was written with world={w}, ep={e}; this launch has world={world}, ep={ep}"
+    if manifest.get("format", 1) < FORMAT:
+        return (
+            f"{was}, and it predates per-expert checkpoints, so it resumes only at its own layout: relaunch "
+            f"with {w} ranks and parallel.ep={e}, or start a new run (another name=..., or "
+            "train.resume=false train.overwrite=true, which moves this run aside)"
+        )
+    if engine == "deepspeed":
+        return (
+            f"{was}. engine=deepspeed checkpoints hold ZeRO optimizer partitions of the layout that wrote "
+            f"them and are not resharded here: relaunch with {w} ranks and parallel.ep={e}. DeepSpeed's "
+            "own route to another layout, its universal-checkpoint conversion "
+            "(python -m deepspeed.checkpoint.ds_to_universal), needs a checkpoint written by "
+            "engine.save_checkpoint, which we do not write (its loader unpickles anything); engine=torch "
+            "checkpoints reshard"
+        )
+    return None
+
+
+def files_to_read(
+    manifest: dict, rank: int, world: int, ep: int, num_experts: int, needed: list[int] | None = None
+) -> list[str]:
+    """The files of a checkpoint that rank ``rank`` of a (world, ep) launch reads (and verifies).
+
+    ``needed``: the expert ids this rank's slots hold (None: the contiguous share of its EP rank). A file
+    is read when its covering range [lo, hi) holds one of them (a cover may read a file more, never less).
+    """
+    ep_rank = rank % ep
+    if manifest.get("format", 1) < FORMAT:
+        return [f"rank{rank}.pt", "dense.pt", f"experts_ep{ep_rank}.pt"]
+    if needed is None:
+        per = num_experts // ep
+        needed = list(range(ep_rank * per, (ep_rank + 1) * per))
+    experts = [n for n, (a, b) in sorted(manifest["experts"].items()) if any(a <= e < b for e in needed)]
+    # why rank % saved world: a rank beyond the old world takes an old rank's RNG (same layout: its own)
+    return ["dense.pt", *experts, f"rank{rank % int(manifest['world'])}.pt"]
+
+
+def verified_checkpoints(
+    root: Path, names_for: Callable[[dict], list[str]]
+) -> tuple[dict[int, tuple[Path, dict]], dict[int, str]]:
+    """Checkpoints under ``root`` whose manifest and the files ``names_for(manifest)`` verify for this rank,
+    by step (with their manifests), and the reason each other one failed, by step. The caller intersects
+    the steps over ranks and resumes from the newest common one, so a bad shard on any rank sends every
+    rank back to the same older checkpoint.
+
+    ``names_for`` raises ConfigError for a checkpoint this launch may not resume (the launch preflight
+    normally refuses it first): that is a clear error naming the newest such checkpoint, not a fallback.
+    """
+    good: dict[int, tuple[Path, dict]] = {}
+    errors: dict[int, str] = {}
+    for ckpt in reversed(checkpoint_dirs(root)):
+        step = int(ckpt.name.split("_")[1])
+        try:
+            manifest = verify(ckpt, [])
+            manifest = verify(ckpt, names_for(manifest))
+        except CheckpointError as e:
+            errors[step] = str(e)
+            continue
+        except ConfigError as e:
+            raise ConfigError(f"checkpoint {ckpt} {e}") from None
+        good[int(manifest["step"])] = (ckpt, manifest)
+    return good, errors
+
+
+def load_obj(path: Path, allowed: Sequence[Callable] = ()) -> Any:
+    """Read one checkpoint file without running code from it.
+
+    torch's weights-only unpickler accepts tensors, numbers, strings, None and containers, plus the types
+    in ``allowed`` for this call only. Anything else raises UnsafeCheckpointError, one line naming the file
+    and the refused type; a file that cannot be read at all raises CheckpointError.
+    """
+    try:
+        # why scoped: an allowlist added for good would also apply to every other torch.load in the process
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refused checkpoint file {path}: it holds {refused_name(str(e))}, but a checkpoint may hold "
+            "only tensors, numbers, strings and containers; nothing from it was run (was it written by "
+            "another program or tampered with?)"
+        ) from None
+    except Exception as e:  # a zip or storage error deep in torch: name the file instead
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {type(e).__name__}: {first}") from None

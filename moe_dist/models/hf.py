@@ -1,0 +1,454 @@
+"""Hugging Face transformers (5.x) sparse-MoE blocks made expert-parallel.
+
+    layer = from_hf_block(block, ep_group, balance_group)  # a MoELayer computing what ``block`` computes
+    model = parallelize_hf_model(model, layout)             # every sparse block of a causal LM swapped
+    sd = to_hf_state_dict(layer)                            # experts gathered back into the block's layout
+
+Supported blocks: ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``,
+``OlmoeSparseMoeBlock``, ``DeepseekV3MoE``. In transformers 5.x their experts are fused: ``gate_up_proj``
+[N, 2F, D] (gate rows first, then up) and ``down_proj`` [N, D, F], FFN(u) = down(act(gate u) * up u); ours are
+``w1`` [L, D, 2F] = [W_gate | W_up] and ``w2`` [L, F, D], i.e. the same matrices transposed.
+
+transformers is an optional extra (``pip install -e ".[hf]"``); it is imported only when a function here
+needs it. The rest of a parallelised model stays transformers' own code.
+
+Shape legend: N experts, L local slots (the layer's placement says which expert each holds), D model dim,
+F expert ffn dim, H shared ffn width, B batch, S sequence, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_dist.errors import ConfigError
+from moe_dist.moe.config import MoEConfig
+from moe_dist.moe.layer import MoELayer, MoEOutput, moe_layers
+from moe_dist.moe.placement import Placement
+from moe_dist.moe.timing import TimingHook
+
+log = logging.getLogger(__name__)
+
+BLOCK_KINDS = {
+    "MixtralSparseMoeBlock": "mixtral",
+    "Qwen2MoeSparseMoeBlock": "qwen2_moe",
+    "Qwen3MoeSparseMoeBlock": "qwen3_moe",
+    "OlmoeSparseMoeBlock": "olmoe",
+    "DeepseekV3MoE": "deepseek_v3",
+}
+"""transformers class name -> our name for its layout."""
+
+STRUCTURAL = (
+    "d_model",
+    "d_ff",
+    "num_experts",
+    "top_k",
+    "score_func",
+    "normalize_topk",
+    "activation",
+    "num_shared_experts",
+    "shared_d_ff",
+    "shared_expert_gate",
+    "routed_scaling_factor",
+    "residual",
+    "noisy_gating",
+)
+"""MoEConfig fields read from the block itself; an override of one would no longer compute the block."""
+
+DEEPSEEK_V3_BIAS_RATE = 1e-3
+"""gamma of the selection-bias update for DeepSeek-V3 blocks (the paper's value; HF's config has none)."""
+DEEPSEEK_V3_SEQ_AUX = 1e-4
+"""alpha of DeepSeek-V3 blocks' sequence-wise balance loss (the paper's value; HF's config has none)."""
+
+
+@dataclass(frozen=True)
+class HFBlockSpec:
+    """What ``to_hf_state_dict`` needs to write a layer back in its block's layout."""
+
+    kind: str
+    """One of BLOCK_KINDS' values."""
+    transposed: bool
+    """Experts stored [N, D, 2F] / [N, F, D] (transformers' ``is_transposed``), not [N, 2F, D] / [N, D, F]."""
+    block_cls: type
+    """The transformers class, to rebuild the block when exporting."""
+
+
+def block_kind(block: nn.Module) -> str:
+    name = type(block).__name__
+    if name not in BLOCK_KINDS:
+        raise ConfigError(f"{name} is not a supported sparse-MoE block (supported: {', '.join(BLOCK_KINDS)})")
+    return BLOCK_KINDS[name]
+
+
+def _activation_name(act: nn.Module | Any) -> str:
+    """'silu' or 'gelu' (exact), by evaluating the block's activation on a probe: class names vary."""
+    probe = torch.linspace(-4, 4, 33, dtype=torch.float64)
+    got = act(probe)
+    for name, fn in (("silu", F.silu), ("gelu", F.gelu)):
+        if torch.allclose(got, fn(probe), atol=1e-12, rtol=0):
+            return name
+    raise ConfigError(
+        f"expert activation {act!r} is neither silu nor exact gelu; no gated variant of ours fits"
+    )
+
+
+def _shared_mlp(block: nn.Module, kind: str) -> nn.Module | None:
+    return {
+        "qwen2_moe": getattr(block, "shared_expert", None),
+        "deepseek_v3": getattr(block, "shared_experts", None),
+    }.get(kind)
+
+
+def hf_block_config(block: nn.Module, config: Any = None, **overrides: Any) -> MoEConfig:
+    """Our MoEConfig for ``block``: its routing and FFN exactly, plus our balancing terms.
+
+    Balancing defaults: Mixtral-style blocks get aux_loss_coef = K * router_aux_loss_coef (HF's
+    load_balancing_loss_func is K x our Switch loss, see README), turned on whatever
+    ``output_router_logits`` says; DeepSeek-V3 blocks get the paper's bias update (gamma 1e-3) and
+    sequence-wise loss (1e-4) and no Switch loss; should an override turn one on, it counts f over the
+    unbiased top-K (aux_loss_counts="unbiased", Megatron-Core's DeepSeek-V3 recipe; the other families
+    have no bias or group limit, where both count modes agree). ``overrides`` replace any non-structural
+    field.
+    """
+    kind = block_kind(block)
+    bad = sorted(set(overrides) & set(STRUCTURAL))
+    if bad:
+        raise ConfigError(
+            f"{', '.join(bad)} are read from the {type(block).__name__} itself and cannot be overridden"
+        )
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MoEConfig)})
+    if unknown:
+        raise ConfigError(f"unknown MoE override(s) {', '.join(unknown)}")
+    experts, gate = block.experts, block.gate
+    config = config if config is not None else getattr(experts, "config", getattr(block, "config", None))
+    transposed = bool(getattr(experts, "is_transposed", False))
+    n, d = gate.weight.shape
+    d_ff = experts.down_proj.shape[1] if transposed else experts.down_proj.shape[2]
+    act = _activation_name(experts.act_fn)
+    top_k = int(gate.top_k)
+    fields: dict[str, Any] = dict(
+        d_model=d,
+        d_ff=d_ff,
+        num_experts=n,
+        top_k=top_k,
+        activation={"silu": "swiglu", "gelu": "geglu"}[act],
+        residual=False,
+        normalize_topk=True if kind == "mixtral" else bool(gate.norm_topk_prob),
+        score_func="sigmoid" if kind == "deepseek_v3" else "softmax",
+    )
+    shared = _shared_mlp(block, kind)
+    if shared is not None:
+        if _activation_name(shared.act_fn) != act:
+            raise ConfigError(
+                "the shared expert's activation differs from the routed experts'; not supported"
+            )
+        fields.update(
+            num_shared_experts=1,
+            shared_d_ff=shared.gate_proj.weight.shape[0],
+            shared_expert_gate=kind == "qwen2_moe",
+        )
+    if kind == "mixtral" and float(getattr(config, "router_jitter_noise", 0.0) or 0.0) > 0:
+        raise ConfigError("Mixtral's router_jitter_noise > 0 is not supported (set it to 0)")
+    if kind == "deepseek_v3":
+        fields.update(
+            routed_scaling_factor=float(gate.routed_scaling_factor),
+            n_group=int(gate.num_group),
+            topk_group=int(gate.topk_group),
+            aux_loss_coef=0.0,
+            # a Switch loss turned on by an override counts as Megatron-Core does (as eq. 18 counts for seq)
+            aux_loss_counts="unbiased",
+            bias_update_rate=DEEPSEEK_V3_BIAS_RATE,
+            seq_aux_loss_coef=DEEPSEEK_V3_SEQ_AUX,
+        )
+    else:
+        fields["aux_loss_coef"] = top_k * float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    fields.update(overrides)
+    cfg = MoEConfig(**fields)
+    if kind == "deepseek_v3" and cfg.bias_update_rate == 0 and bool(gate.e_score_correction_bias.any()):
+        # why: our router adds the selection bias only when it is being trained (bias_update_rate > 0)
+        raise ConfigError(
+            "this DeepSeek-V3 block has a nonzero e_score_correction_bias; bias_update_rate=0 would drop it"
+        )
+    return cfg
+
+
+def _ours(w: Tensor, transposed: bool) -> Tensor:
+    """HF's [N, out, in] (or [N, in, out] when transposed) -> our [N, in, out]."""
+    return w if transposed else w.transpose(1, 2)
+
+
+@torch.no_grad()
+def from_hf_block(
+    block: nn.Module,
+    ep_group=None,
+    balance_group=None,
+    layer_idx: int = 0,
+    config: Any = None,
+    timing_hook: TimingHook | None = None,
+    placement: Placement | None = None,
+    **overrides: Any,
+) -> MoELayer:
+    """A MoELayer (residual off) whose ``.hidden`` equals ``block(x)`` for x [B, S, D] or [T, D]; under EP
+    each rank copies only the experts of its slots (``placement``; None = contiguous). ``config`` is the
+    model's HF config (for ``router_aux_loss_coef``; default: the one the block's experts keep). See
+    ``hf_block_config`` for the balancing defaults.
+    """
+    kind = block_kind(block)
+    cfg = hf_block_config(block, config, **overrides)
+    layer = MoELayer(cfg, ep_group, balance_group, layer_idx, timing_hook, placement=placement)
+    ref = block.gate.weight
+    # params only: the layer's fp64 counting buffers must stay fp64 whatever the block's dtype
+    for p in layer.parameters():
+        p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+    layer.to(ref.device)
+    transposed = bool(getattr(block.experts, "is_transposed", False))
+    ids = layer.slot_experts  # slot s holds expert ids[s] (replicas copy the same expert)
+    layer.router.weight.copy_(block.gate.weight)
+    layer.experts.w1.copy_(_ours(block.experts.gate_up_proj[ids], transposed))
+    layer.experts.w2.copy_(_ours(block.experts.down_proj[ids], transposed))
+    if kind == "deepseek_v3":
+        layer.router.expert_bias.copy_(block.gate.e_score_correction_bias)
+    shared = _shared_mlp(block, kind)
+    if shared is not None and layer.shared_experts is not None:
+        se = layer.shared_experts
+        se.w1.copy_(torch.cat([shared.gate_proj.weight.t(), shared.up_proj.weight.t()], dim=1))
+        se.w2.copy_(shared.down_proj.weight.t())
+        if se.gate is not None:
+            se.gate.copy_(block.shared_expert_gate.weight[0])
+    layer.hf_spec = HFBlockSpec(kind, transposed, type(block))
+    return layer
+
+
+def _gather_experts(w_LXY: Tensor, group, placement: Placement) -> Tensor:
+    """[L, X, Y] on each EP rank -> [N, X, Y] in expert order (each expert from its first replica)."""
+    if group is None or dist.get_world_size(group) == 1:
+        parts = [w_LXY.detach()]
+    else:
+        parts = [torch.empty_like(w_LXY) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, w_LXY.detach().contiguous(), group=group)
+    S = placement.slots_per_rank
+    first_G = [r * S + s for r, s in (placement.owner(e) for e in range(placement.num_experts))]
+    return torch.cat(parts).index_select(0, torch.tensor(first_G, device=w_LXY.device))
+
+
+def to_hf_state_dict(layer: MoELayer, ep_group=None) -> dict[str, Tensor]:
+    """The layer's weights in its block's state-dict layout (keys relative to the block). Under EP this is
+    a collective over ``ep_group`` (default: the layer's own), and every rank gets every expert."""
+    spec: HFBlockSpec = layer.hf_spec
+    group = ep_group if ep_group is not None else getattr(layer.dispatcher, "group", None)
+    w1 = _gather_experts(layer.experts.w1, group, layer.placement)
+    w2 = _gather_experts(layer.experts.w2, group, layer.placement)
+    sd = {
+        "gate.weight": layer.router.weight.detach().clone(),
+        "experts.gate_up_proj": (w1 if spec.transposed else w1.transpose(1, 2)).contiguous(),
+        "experts.down_proj": (w2 if spec.transposed else w2.transpose(1, 2)).contiguous(),
+    }
+    if spec.kind == "deepseek_v3":
+        sd["gate.e_score_correction_bias"] = layer.router.expert_bias.detach().clone()
+    se = layer.shared_experts
+    if se is not None:
+        prefix = "shared_expert." if spec.kind == "qwen2_moe" else "shared_experts."
+        gate_DH, up_DH = se.w1.detach().chunk(2, dim=1)
+        sd[prefix + "gate_proj.weight"] = gate_DH.t().contiguous()
+        sd[prefix + "up_proj.weight"] = up_DH.t().contiguous()
+        sd[prefix + "down_proj.weight"] = se.w2.detach().t().contiguous()
+        if se.gate is not None:
+            sd["shared_expert_gate.weight"] = se.gate.detach().reshape(1, -1).clone()
+    return sd
+
+
+class HFMoEBlock(nn.Module):
+    """Stands where a transformers sparse-MoE block stood and returns what the block returned (the hidden
+    states, in 5.x), so the decoder layer's code runs unchanged. The last call's MoEOutput (aux loss, terms,
+    routing stats) is kept in ``last`` for the trainer to add and log."""
+
+    def __init__(self, moe: MoELayer) -> None:
+        super().__init__()
+        self.moe = moe
+        self.last: MoEOutput | None = None
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        out = self.moe(hidden_states)
+        self.last = out
+        return out.hidden
+
+    @property
+    def aux_loss(self) -> Tensor | None:
+        return None if self.last is None else self.last.aux_loss
+
+
+def sparse_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, block) of every supported sparse-MoE block, in module order."""
+    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in BLOCK_KINDS]
+
+
+def _layer_index(name: str, fallback: int) -> int:
+    m = re.search(r"layers\.(\d+)\.", name + ".")
+    return int(m.group(1)) if m else fallback
+
+
+def sparse_layer_ids(model: nn.Module) -> list[int]:
+    """Decoder-layer index of each sparse-MoE block (DeepSeek-V3's first_k_dense_replace layers are dense)."""
+    return [_layer_index(name, i) for i, (name, _) in enumerate(sparse_blocks(model))]
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def parallelize_hf_model(
+    model: nn.Module,
+    layout=None,
+    timing_hook: TimingHook | None = None,
+    placement: Placement | None = None,
+    **overrides: Any,
+):
+    """Swap every sparse-MoE block of a transformers model for an expert-parallel ``HFMoEBlock`` holding the
+    same weights (in place; returns ``model``). ``layout`` is a ``ParallelLayout`` (None: one process);
+    ``placement`` the expert placement of every block (None: contiguous).
+
+    transformers' own aux loss is switched off (``output_router_logits = False``): its routers are gone;
+    ours is in each block's ``aux_loss`` (sum them with ``hf_aux_loss``).
+    """
+    ep_group = layout.ep_group if layout is not None else None
+    balance_group = layout.balance_group if layout is not None else None
+    blocks = sparse_blocks(model)
+    if not blocks:
+        raise ConfigError(
+            f"{type(model).__name__} has no supported sparse-MoE block ({', '.join(BLOCK_KINDS)})"
+        )
+    config = getattr(model, "config", None)
+    for i, (name, block) in enumerate(blocks):
+        layer = from_hf_block(
+            block, ep_group, balance_group, _layer_index(name, i), config, timing_hook, placement, **overrides
+        )
+        _set_submodule(model, name, HFMoEBlock(layer))
+    if config is not None and getattr(config, "output_router_logits", False):
+        log.info("output_router_logits switched off: the MoE layers report their own aux loss")
+        config.output_router_logits = False
+    return model
+
+
+def hf_moe_blocks(model: nn.Module) -> list[HFMoEBlock]:
+    return [m for m in model.modules() if isinstance(m, HFMoEBlock)]
+
+
+def hf_aux_loss(model: nn.Module) -> Tensor | None:
+    """Sum of the last forward's balancing terms over the parallelised blocks."""
+    losses = [b.aux_loss for b in hf_moe_blocks(model) if b.aux_loss is not None]
+    return sum(losses[1:], losses[0]) if losses else None
+
+
+@torch.no_grad()
+def unparallelize_hf_model(model: nn.Module) -> nn.Module:
+    """The inverse of ``parallelize_hf_model``: each HFMoEBlock becomes its transformers block again, with
+    every expert (a collective over the EP group when there is one). In place; returns ``model``."""
+    config = getattr(model, "config", None)
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, HFMoEBlock):
+            continue
+        spec: HFBlockSpec = m.moe.hf_spec
+        block = spec.block_cls(config)
+        ref = m.moe.router.weight
+        block.to(device=ref.device, dtype=ref.dtype)
+        block.load_state_dict(to_hf_state_dict(m.moe), strict=True)
+        _set_submodule(model, name, block)
+    return model
+
+
+# --- the trainer's model.kind=hf ------------------------------------------------------------------------
+
+
+def hf_config_from(spec: str | dict, seq_len: int | None = None):
+    """A transformers config from a local directory or an inline dict with ``model_type`` (vocab 256)."""
+    from transformers import AutoConfig
+
+    if isinstance(spec, dict):
+        fields = dict(spec)
+        model_type = fields.pop("model_type", None)
+        if not model_type:
+            raise ConfigError("model.hf_config needs a model_type (e.g. qwen3_moe, deepseek_v3)")
+        fields.setdefault("vocab_size", 256)
+        try:
+            config = AutoConfig.for_model(model_type, **fields)
+        except Exception as e:  # noqa: BLE001 - transformers validates fields with several exception types
+            # why one line: huggingface_hub's field validation error spans lines (field, then cause)
+            raise ConfigError(f"model.hf_config: {' '.join(str(e).split())}") from None
+    else:
+        if not (Path(spec) / "config.json").is_file():
+            raise ConfigError(f"model.hf_config={spec!r} is not a directory with a config.json")
+        config = AutoConfig.from_pretrained(spec)
+    if config.vocab_size != 256:
+        raise ConfigError(
+            f"model.hf_config: vocab_size must be 256 (byte-level corpus), got {config.vocab_size}"
+        )
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if seq_len is not None and max_pos is not None and max_pos < seq_len:
+        raise ConfigError(f"model.hf_config: max_position_embeddings={max_pos} < model.seq_len={seq_len}")
+    return config
+
+
+def hf_num_experts(spec: str | dict) -> int:
+    """Routed experts per MoE layer of the config (for the EP divisibility check before any process group)."""
+    config = hf_config_from(spec)
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        n = getattr(config, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    raise ConfigError(f"model.hf_config ({config.model_type}) names no expert count")
+
+
+def build_hf_model(spec: str | dict, seed: int, seq_len: int | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_config`` in fp32, seeded: every rank draws the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config_from(spec, seq_len)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+class HFCausalLM(nn.Module):
+    """A parallelised transformers causal LM behind the trainer's interface: ``forward(idx_BS)`` returns
+    ``LMOutput`` (logits from the HF model, the sum of our layers' aux losses, their MoEOutputs in order)."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, idx_BS: Tensor):
+        from moe_dist.models.transformer import LMOutput
+
+        blocks = hf_moe_blocks(self.hf)
+        for b in blocks:
+            b.last = None
+        logits_BSV = self.hf(input_ids=idx_BS, use_cache=False).logits
+        outs = [b.last for b in blocks if b.last is not None]
+        aux = sum((o.aux_loss for o in outs), logits_BSV.new_zeros(()))
+        return LMOutput(logits_BSV, aux, outs)
+
+    def active_params(self) -> int:
+        """Dense params (shared experts included) + K of N experts per MoE layer, for the MFU estimate."""
+        from moe_dist.moe.sync import dense_params
+
+        dense = sum(p.numel() for p in dense_params(self))
+        routed = 0
+        for layer in moe_layers(self):
+            c = layer.cfg
+            routed += c.top_k * (3 if c.gated else 2) * c.d_model * c.d_ff
+        return dense + routed
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """nanoGPT's estimate: 6 x active params + attention 12 * layers * hidden * seq."""
+        c = self.hf.config
+        return 6 * self.active_params() + 12 * c.num_hidden_layers * c.hidden_size * seq_len

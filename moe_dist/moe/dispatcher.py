@@ -1,0 +1,294 @@
+"""Token dispatch: permute (local) and all-to-all (communication) as separate steps, one interface.
+
+Shape legend: T tokens, D model dim, K top-k, N logical experts, R ranks in the EP group, S slots per
+rank, G = R * S global slots, P (token, expert) pairs kept after capacity (P <= T*K).
+
+Routes are planned by global slot (``moe_dist.moe.placement``): the layer maps each pair's logical expert to
+the slot this rank sends it to, so pairs sorted by slot id are grouped by destination rank, then slot.
+``dispatch()`` returns the rows grouped by local slot, their per-slot counts, and a ``DispatchMeta`` that
+``combine()`` takes back. ``LocalDispatcher`` runs everything on this rank; ``AllToAllDispatcher`` sends
+rows to the slot's rank with ``all_to_all_single`` and uneven splits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moe_dist.moe.comm import GroupRef, all_to_all, named_collective, permute_rows
+from moe_dist.moe.placement import Placement
+from moe_dist.moe.timing import TimingHook, backward_mark, stage_range
+
+
+@dataclass
+class RoutePlan:
+    """Local permutation of (token, expert) pairs into slot-sorted order, with capacity applied."""
+
+    order_P: Tensor
+    """Pair index (t*K + k) of each kept pair, sorted by slot (stable; by score within a slot)."""
+    pair_slot_TK: Tensor
+    """Row of each pair in the sorted buffer, or P (a zero row) when the pair was dropped."""
+    counts_G: Tensor
+    """int64 [G]: kept pairs per global slot on this rank."""
+    dropped: Tensor
+    """int64 scalar: pairs dropped by capacity on this rank."""
+    any_dropped: bool
+
+
+@dataclass
+class DispatchMeta:
+    plan: RoutePlan
+    num_tokens: int
+    send_splits: list[int] | None = None
+    recv_splits: list[int] | None = None
+    regroup_idx: Tensor | None = None
+    regroup_inv: Tensor | None = None
+
+
+def plan_routes(
+    slot_TK: Tensor,
+    topk_scores_TK: Tensor,
+    num_slots: int,
+    capacity_factor: float | None,
+    num_experts: int | None = None,
+) -> RoutePlan:
+    """Sort pairs by global slot; with a capacity, keep each slot's top-C pairs by score on this rank.
+
+    C = ceil(cf * K * T / N) with N = ``num_experts`` logical experts (default ``num_slots``): a sender
+    sends all its pairs of an expert to one slot, so each slot's cap is its expert's, and the drops are
+    those of the same routing without replicas.
+    """
+    T, K = slot_TK.shape
+    slot_P = slot_TK.reshape(-1)
+    counts_G = torch.zeros(num_slots, dtype=torch.int64, device=slot_P.device).scatter_add_(
+        0, slot_P, torch.ones_like(slot_P)
+    )  # not bincount: it syncs with the host on CUDA
+    if capacity_factor is None:
+        order = torch.argsort(slot_P, stable=True)
+        row = torch.empty_like(order)
+        row[order] = torch.arange(order.numel(), device=order.device)
+        return RoutePlan(order, row.view(T, K), counts_G, counts_G.new_zeros(()), False)
+    capacity = math.ceil(capacity_factor * K * T / (num_experts or num_slots))
+    # why two stable sorts: by score (descending), then by slot, so each slot's pairs are best-first
+    by_score = torch.argsort(topk_scores_TK.reshape(-1).detach(), descending=True, stable=True)
+    order = by_score[torch.argsort(slot_P[by_score], stable=True)]
+    starts_G = torch.cumsum(counts_G, 0) - counts_G
+    rank_in_slot = torch.arange(order.numel(), device=order.device) - starts_G[slot_P[order]]
+    keep = rank_in_slot < capacity
+    kept = order[keep]
+    kept_counts_G = counts_G.clamp(max=capacity)
+    row = torch.full((T * K,), kept.numel(), dtype=torch.int64, device=order.device)
+    row[kept] = torch.arange(kept.numel(), device=order.device)
+    dropped = counts_G.sum() - kept_counts_G.sum()
+    return RoutePlan(kept, row.view(T, K), kept_counts_G, dropped, True)
+
+
+class _GatherPairs(torch.autograd.Function):
+    """x_TD -> sorted pair rows x[order // K]; backward gathers each pair's grad and sums over K.
+
+    why: avoids index_add/scatter in backward; dropped pairs read a zero row.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, plan: RoutePlan, K: int) -> Tensor:
+        ctx.plan, ctx.K = plan, K
+        return x_TD.index_select(0, plan.order_P // K)
+
+    @staticmethod
+    def backward(ctx, grad_PD: Tensor):
+        plan = ctx.plan
+        if plan.any_dropped:
+            grad_PD = torch.cat([grad_PD, grad_PD.new_zeros(1, grad_PD.shape[1])])
+        T, K = plan.pair_slot_TK.shape
+        # why an explicit D (not -1): a rank with zero tokens has T = 0, where -1 is ambiguous
+        g = grad_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, grad_PD.shape[1]).sum(1)
+        return g, None, None
+
+
+class _ScatterPairs(torch.autograd.Function):
+    """Sorted rows y_PD -> per-pair rows [T, K, D] (zeros for dropped pairs); backward is a gather."""
+
+    @staticmethod
+    def forward(ctx, y_PD: Tensor, plan: RoutePlan) -> Tensor:
+        ctx.plan = plan
+        if plan.any_dropped:
+            y_PD = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[1])])
+        T, K = plan.pair_slot_TK.shape
+        return y_PD.index_select(0, plan.pair_slot_TK.reshape(-1)).view(T, K, y_PD.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_TKD: Tensor):
+        plan = ctx.plan
+        g = grad_TKD.reshape(-1, grad_TKD.shape[-1]).index_select(0, plan.order_P)
+        return g, None
+
+
+class LocalDispatcher:
+    """All experts on this rank: permute, compute, unpermute; no communication."""
+
+    def __init__(self, num_experts: int, layer: int = 0, hook: TimingHook | None = None) -> None:
+        self.num_experts = num_experts
+        self.num_slots = num_experts  # one rank: every expert in exactly one slot
+        self.layer = layer
+        self.hook = hook
+
+    def dispatch(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
+    ) -> tuple[Tensor, Tensor, DispatchMeta]:
+        K = plan.pair_slot_TK.shape[1]
+        with stage_range(self.layer, "permute"):
+            x_PD = _GatherPairs.apply(x_TD, plan, K)
+        return x_PD, plan.counts_G, DispatchMeta(plan=plan, num_tokens=x_TD.shape[0])
+
+    def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor:
+        with stage_range(self.layer, "unpermute"):
+            y_TKD = _ScatterPairs.apply(y_PD, meta.plan)
+            # h_t = sum_k g_tk * FFN_k(u_t): a batched [1,K] x [K,D] product per token
+            out_TD = torch.bmm(gates_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+        return out_TD
+
+
+class AllToAllDispatcher(LocalDispatcher):
+    """Expert slots spread over ``group`` by a ``Placement`` (default: contiguous, N/R per rank): tokens
+    travel by uneven all-to-all.
+
+    ``count_rows``: the row of each EP-group member (in EP order) in the [R_balance, N] count block that the
+    balancing all-reduce carries; with it, ``dispatch`` takes the splits from that block (``counts_RN``,
+    per logical expert) and every sender's route table, and skips the count all-to-all.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        group,
+        layer: int = 0,
+        hook: TimingHook | None = None,
+        count_rows: list[int] | None = None,
+        placement: Placement | None = None,
+    ) -> None:
+        super().__init__(num_experts, layer, hook)
+        self.group = group  # held weakly (GroupRef): see the property
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.count_rows = count_rows
+        self.set_placement(
+            placement if placement is not None else Placement.contiguous(num_experts, self.world)
+        )
+
+    @property
+    def group(self):
+        """The EP group; held by weak reference, so that a destroyed process group is really freed."""
+        return self._group_ref.get()
+
+    @group.setter
+    def group(self, group) -> None:
+        self._group_ref = GroupRef(group)
+
+    def set_placement(self, placement: Placement) -> None:
+        """Dispatch by ``placement`` from the next call on (``MoELayer.set_placement`` validates it)."""
+        self.placement = placement
+        R, S = self.world, placement.slots_per_rank
+        self.num_slots = S
+        # why every sender's table: all ranks know all tables, so the [R, N] count block alone sizes every
+        # buffer; a sender's pairs of expert e all go to one global slot g = r * S + s
+        tables = [self.placement.route_table(q) for q in range(R)]
+        self._send_to = [divmod(g, S) for g in tables[self.rank]]  # (rank, slot) per logical expert
+        # per sender q: (my slot, logical expert) for each expert that q sends to this rank
+        self._recv_from = [
+            [(g - self.rank * S, e) for e, g in enumerate(t) if g // S == self.rank] for t in tables
+        ]
+
+    def _splits(self, plan: RoutePlan, counts_RN: list[list[int]] | None) -> tuple[list, list]:
+        """[R][S] rows this rank sends to each rank's slots, and receives from each rank into its slots."""
+        R, S = self.world, self.num_slots
+        if counts_RN is not None and self.count_rows is not None:
+            own = counts_RN[self.count_rows[self.rank]]
+            send_RS = [[0] * S for _ in range(R)]
+            for e, (r, s) in enumerate(self._send_to):
+                send_RS[r][s] = own[e]  # one expert per slot per sender: no sums
+            recv_RS = [[0] * S for _ in range(R)]
+            for q, pairs in enumerate(self._recv_from):
+                row = counts_RN[self.count_rows[q]]
+                for s, e in pairs:
+                    recv_RS[q][s] = row[e]
+            return send_RS, recv_RS
+        # why: receivers must size their buffers, so counts go first (the one host sync per layer)
+        recv_counts = torch.empty_like(plan.counts_G)
+        with named_collective(f"MoE layer {self.layer}: dispatch count exchange"):
+            dist.all_to_all_single(recv_counts, plan.counts_G.contiguous(), group=self.group)
+            # the read-back is where an asynchronous backend (NCCL) actually waits
+            send_RS, recv_RS = torch.stack([plan.counts_G, recv_counts]).view(2, R, S).tolist()
+        return send_RS, recv_RS
+
+    def dispatch(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
+    ) -> tuple[Tensor, Tensor, DispatchMeta]:
+        R, S = self.world, self.num_slots
+        x_PD, _, meta = super().dispatch(x_TD, plan)
+        hook = self.hook
+        if hook is not None:
+            hook.record(self.layer, "fwd", "dispatch_start")
+        with stage_range(self.layer, "dispatch_a2a"):
+            send_RS, recv_RS = self._splits(plan, counts_RN)
+            meta.send_splits = [sum(row) for row in send_RS]
+            meta.recv_splits = [sum(row) for row in recv_RS]
+            x_PD = all_to_all(
+                x_PD,
+                meta.recv_splits,
+                meta.send_splits,
+                self.group,
+                f"MoE layer {self.layer}: dispatch all-to-all",
+            )
+        if hook is not None:
+            hook.record(self.layer, "fwd", "dispatch_end")
+        with stage_range(self.layer, "permute"):
+            # rows arrive grouped (source rank, local slot); experts want (local slot, source rank)
+            counts_S = [sum(recv_RS[r][s] for r in range(R)) for s in range(S)]
+            if S > 1 and R > 1:
+                meta.regroup_idx = _regroup_index(recv_RS, x_PD.device)
+                meta.regroup_inv = torch.empty_like(meta.regroup_idx)
+                meta.regroup_inv[meta.regroup_idx] = torch.arange(
+                    meta.regroup_idx.numel(), device=x_PD.device
+                )
+                x_PD = permute_rows(x_PD, meta.regroup_idx, meta.regroup_inv)
+        if hook is not None:
+            hook.tokens(self.layer, x_PD.shape[0])
+        x_PD = backward_mark(x_PD, hook, self.layer, "experts_end")
+        counts_t = torch.tensor(counts_S, dtype=torch.int64, device=x_PD.device)
+        return x_PD, counts_t, meta
+
+    def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor:
+        y_PD = backward_mark(y_PD, self.hook, self.layer, "experts_start")
+        with stage_range(self.layer, "unpermute"):
+            if meta.regroup_idx is not None:
+                y_PD = permute_rows(y_PD, meta.regroup_inv, meta.regroup_idx)
+        if self.hook is not None:
+            self.hook.record(self.layer, "fwd", "combine_start")
+        with stage_range(self.layer, "combine_a2a"):
+            y_PD = all_to_all(
+                y_PD,
+                meta.send_splits,
+                meta.recv_splits,
+                self.group,
+                f"MoE layer {self.layer}: combine all-to-all",
+            )
+        if self.hook is not None:
+            self.hook.record(self.layer, "fwd", "combine_end")
+        return super().combine(y_PD, gates_TK, meta)
+
+
+def _regroup_index(recv_RS: list[list[int]], device: torch.device) -> Tensor:
+    """Index that reorders chunks laid out (rank r, slot s) into (slot s, rank r)."""
+    counts_RS = torch.tensor(recv_RS, dtype=torch.int64)
+    flat = counts_RS.flatten()
+    starts_RS = (torch.cumsum(flat, 0) - flat).view_as(counts_RS)
+    lens_SR = counts_RS.t().flatten()  # chunk lengths in (slot, rank) order
+    src_starts = starts_RS.t().flatten()
+    dst_starts = torch.cumsum(lens_SR, 0) - lens_SR
+    total = int(flat.sum())
+    shift = torch.repeat_interleave(src_starts - dst_starts, lens_SR, output_size=total)
+    return (shift + torch.arange(total)).to(device)

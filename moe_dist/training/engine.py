@@ -1,0 +1,131 @@
+"""Two engines behind one trainer: plain torch.distributed (``engine: torch``, under torchrun) and
+DeepSpeed (``engine: deepspeed``, under the deepspeed launcher).
+
+Gradient semantics (both engines): the objective is the mean over all ranks of each rank's loss; the
+rule is ``moe_dist.moe.sync.sync_gradients`` (public, so library users apply the same one). DeepSpeed's
+engine does the same (``_reduce_expert_gradients`` divides the expert-data-parallel sum by the
+data-parallel world size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moe_dist.moe.parallel import ParallelLayout
+from moe_dist.moe.sync import dense_params, expert_params, owned_expert_grads, sync_gradients
+from moe_dist.training.config import RunConfig
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup to 1, then cosine to min_lr/lr at the last step (a multiplier of optim.lr)."""
+    o, steps = cfg.optim, cfg.train.steps
+    floor = o.min_lr / o.lr
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        t = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def autocast_ctx(cfg: RunConfig, device: torch.device):
+    if device.type == "cuda" and cfg.train.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class TorchEngine:
+    grad_norm_known = True
+    """``step`` always measures the global grad norm (DeepSpeed's engine may not report one)."""
+
+    def __init__(
+        self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
+    ) -> None:
+        self.model, self.cfg, self.layout, self.device = model, cfg, layout, device
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.dense = dense_params(model)
+        self.experts = expert_params(model)
+        self.replica_sync_s = 0.0
+        """Seconds the last ``sync_grads`` spent summing replicated experts' grads (0 without replicas)."""
+
+    def forward(self, idx: Tensor):
+        with autocast_ctx(self.cfg, self.device):
+            return self.model(idx)
+
+    def backward(self, loss: Tensor) -> None:
+        # micro-batch losses are averaged over the step, like DeepSpeed's gradient-accumulation scaling
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def step(self) -> float:
+        """Sync grads, clip, update. Returns the global grad norm before clipping.
+
+        A non-finite norm updates nothing (weights, AdamW moments and step count, scheduler): the grads are
+        dropped and the norm returned for the trainer's ``train.on_nonfinite`` decision. Every rank takes
+        the same branch: the norm is the same number everywhere (dense grads were all-reduced over the
+        world, expert grads over their EP-data-parallel group, and their squares over the EP group, so a
+        NaN/Inf on any rank reaches every rank's norm with no extra collective).
+        """
+        self.sync_grads()
+        norm = self._global_norm()
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
+        clip = self.cfg.optim.grad_clip
+        if clip > 0 and norm > clip:
+            for p in self.dense + self.experts:
+                p.grad.mul_(clip / (norm + 1e-6))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm
+
+    def sync_grads(self) -> None:
+        """The one gradient rule, shared with library users: see ``moe_dist.moe.sync.sync_gradients``."""
+        self.replica_sync_s = sync_gradients(self.model, self.layout.world_group, self.layout.edp_group)
+
+    def _global_norm(self) -> float:
+        # why fp64 accumulation: the norm decides clipping; it must not depend on summation order noise
+        def sq(grads: list[Tensor]) -> Tensor:
+            return sum(
+                (g.pow(2).sum(dtype=torch.float64) for g in grads),
+                torch.zeros((), dtype=torch.float64, device=self.device),
+            )
+
+        # why owned slots only: a replicated expert's grad sits in each of its replicas; it counts once
+        dense_sq, expert_sq = sq([p.grad for p in self.dense]), sq(owned_expert_grads(self.model))
+        if self.layout.ep_group is not None:
+            # why: each EP rank holds different experts; dense grads are already identical everywhere
+            dist.all_reduce(expert_sq, group=self.layout.ep_group)
+        return float(torch.sqrt(dense_sq + expert_sq))
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

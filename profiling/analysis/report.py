@@ -1,0 +1,505 @@
+"""Offline report of one training run's straggler profile.
+
+    python -m profiling.analysis.report RUN_DIR [--out DIR]        (DIR defaults to RUN_DIR)
+
+Reads ``config.yaml``, ``routing.jsonl`` and ``straggler.jsonl`` written by the trainer and writes
+``report.md`` with these plots (matplotlib, Agg backend):
+
+    load_heatmap_L{l}.png   tokens per expert over steps for MoE layer l (routing.jsonl)
+    rank_breakdown.png      per-rank time per step, averaged over steps: expert compute, wait,
+                            forward all-to-all transfer time, and the rest of rank 0's step
+    straggler_vs_load.png   per-step straggler time against the rank load imbalance, with a least-squares line
+
+Definitions follow ``profiling.runtime.analysis``: W_r = max_j E_j - E_r,
+straggler = max_j E_j - mean_j E_j (so the
+mean wait over ranks equals the straggler time), E ~ a + c*n fitted per (layer, phase). Here the fit is
+redone over the WHOLE run (the trainer's records carry a running fit), and the token-explained time is
+recomputed with it: c*(n_max - n_mean) clipped to [0, straggler] per step, layer and phase.
+
+Layer labels ``L{l}`` are the model layer indices recorded in ``straggler.jsonl``; ``routing.jsonl`` lists
+the MoE layers in the same order. The loading helpers here are shared with ``profiling.analysis.whatif``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from moe_dist.moe.placement import load_ratio as rank_load_ratio
+from profiling.runtime.analysis import PHASES, LinearFit
+
+log = logging.getLogger("moe_dist.report")
+
+
+# --- loading -------------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file sorted by step; a step logged twice (a resumed run appends) keeps the last."""
+    if not path.exists():
+        return []
+    by_step: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    config: dict
+    straggler: list[dict]
+    """straggler.jsonl records, by step."""
+    routing: dict[int, list[list[float]]]
+    """step -> per MoE layer, per expert global (token, expert) counts."""
+    layers: list[int] = field(default_factory=list)
+    """Model layer index of each MoE layer (routing order)."""
+
+    @property
+    def world(self) -> int:
+        return len(self.straggler[0]["layers"][0]["n"]) if self.straggler else 0
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.config["model"]["moe"]["num_experts"])
+
+    @property
+    def ep(self) -> int:
+        return int(self.config["parallel"]["ep"])
+
+
+class RunDirError(ValueError):
+    """The path given is not a run directory the trainer wrote."""
+
+
+def load_run(run_dir: Path) -> Run:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(
+            f"{run_dir} is not a run directory (no config.yaml): pass runs/<name>, the directory the "
+            f"trainer wrote"
+        )
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    straggler = read_jsonl(run_dir / "straggler.jsonl")
+    routing = {r["step"]: r["tokens_per_expert"] for r in read_jsonl(run_dir / "routing.jsonl")}
+    if straggler:
+        layers = [e["layer"] for e in straggler[0]["layers"]]
+    else:
+        first = next(iter(routing.values()), [])
+        layers = list(range(len(first)))
+    return Run(run_dir, config, straggler, routing, layers)
+
+
+def fit_costs(straggler: list[dict]) -> dict[tuple[int, str], LinearFit]:
+    """E ~ a + c*n per (layer, phase) over every (step, rank) point of the run."""
+    fits: dict[tuple[int, str], LinearFit] = {}
+    for rec in straggler:
+        for e in rec["layers"]:
+            for phase in PHASES:
+                fits.setdefault((e["layer"], phase), LinearFit()).add(e["n"], e[phase]["E"])
+    return fits
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson correlation; nan when either side is constant or there are fewer than 2 points."""
+    n = len(xs)
+    if n < 2:
+        return math.nan
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx <= 0 or syy <= 0:
+        return math.nan
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def load_ratio(n: list[float]) -> float:
+    """max_r n_r / mean_r n_r (1 = balanced; also 1 when nothing was counted)."""
+    return rank_load_ratio(n, empty=1.0)
+
+
+# --- derived numbers -----------------------------------------------------------------------------------
+def explained_ms(c: float, n: list[float], straggler_ms: float) -> float:
+    """Token-explained straggler time of one (step, layer, phase), as ``profiling.runtime.analysis``
+    defines it."""
+    return min(max(c * (max(n) - mean(n)), 0.0), straggler_ms)
+
+
+def layer_summary(run: Run, li: int, fits: dict[tuple[int, str], LinearFit]) -> dict:
+    layer = run.layers[li]
+    entries = [rec["layers"][li] for rec in run.straggler]
+    out: dict = {"layer": layer}
+    ranks: Counter[int] = Counter()
+    S_total = X_total = 0.0
+    for phase in PHASES:
+        a, c = fits[(layer, phase)].coef()
+        S = [e[phase]["straggler_ms"] for e in entries]
+        X = [explained_ms(c, e["n"], e[phase]["straggler_ms"]) for e in entries]
+        ranks.update(e[phase]["rank"] for e in entries)
+        out[phase] = {"straggler_ms": mean(S), "a": a, "c": c, "explained_ms": mean(X)}
+        S_total += sum(S)
+        X_total += sum(X)
+    out["rank_hist"] = {r: ranks[r] for r in range(run.world)}
+    out["top_rank"] = max(out["rank_hist"], key=lambda r: (out["rank_hist"][r], -r))
+    out["explained_frac"] = X_total / S_total if S_total > 0 else 0.0
+    skew = [s for e in entries for s in e["A_com_skew"]]
+    wait = [w for e in entries for w in e["fwd"]["W"]]
+    out["skew_wait_r"] = pearson(skew, wait)
+    out["skew_minus_wait_ms"] = mean([s - w for s, w in zip(skew, wait, strict=True)])
+    out["load_ratio"] = mean([load_ratio(e["n"]) for e in entries])
+    if "capacity_padding" in run.straggler[0]:
+        out["dropped"] = mean([rec["dropped"][li] for rec in run.straggler])
+        out["padding"] = mean([rec["capacity_padding"][li] for rec in run.straggler])
+    return out
+
+
+def rank_breakdown(run: Run) -> dict[str, list[float]]:
+    """Per rank, ms per step averaged over steps: compute = sum over layers of E_fwd + E_bwd, wait = sum of
+    W_fwd + W_bwd, a2a = sum of max(A_dis + A_com - W_fwd, 0) (forward only: the forward wait sits inside
+    A_com; backward all-to-alls are not timed), other = rank 0's step time minus the three (>= 0)."""
+    R, steps = run.world, len(run.straggler)
+    acc = {k: [0.0] * R for k in ("compute", "wait", "a2a", "other")}
+    for rec in run.straggler:
+        per = {k: [0.0] * R for k in ("compute", "wait", "a2a")}
+        for e in rec["layers"]:
+            for r in range(R):
+                per["compute"][r] += e["fwd"]["E"][r] + e["bwd"]["E"][r]
+                per["wait"][r] += e["fwd"]["W"][r] + e["bwd"]["W"][r]
+                per["a2a"][r] += max(e["A_dis"][r] + e["A_com"][r] - e["fwd"]["W"][r], 0.0)
+        for r in range(R):
+            for k in per:
+                acc[k][r] += per[k][r] / steps
+            acc["other"][r] += max(rec["step_ms"] - sum(per[k][r] for k in per), 0.0) / steps
+    return acc
+
+
+def step_points(run: Run) -> tuple[list[float], list[float]]:
+    """Per step: x = max/mean rank load averaged over MoE layers, y = straggler ms summed over layers and
+    phases."""
+    xs = [mean([load_ratio(e["n"]) for e in rec["layers"]]) for rec in run.straggler]
+    ys = [sum(e[p]["straggler_ms"] for e in rec["layers"] for p in PHASES) for rec in run.straggler]
+    return xs, ys
+
+
+def summarize(run: Run) -> dict:
+    fits = fit_costs(run.straggler)
+    layers = [layer_summary(run, li, fits) for li in range(len(run.layers))]
+    step_ms = [rec["step_ms"] for rec in run.straggler]
+    S = [sum(e[p]["straggler_ms"] for e in rec["layers"] for p in PHASES) for rec in run.straggler]
+    X = [
+        sum(
+            explained_ms(fits[(e["layer"], p)].coef()[1], e["n"], e[p]["straggler_ms"])
+            for e in rec["layers"]
+            for p in PHASES
+        )
+        for rec in run.straggler
+    ]
+    per_pair: Counter[tuple[int, int]] = Counter()
+    for rec in run.straggler:
+        for e in rec["layers"]:
+            for p in PHASES:
+                per_pair[(e["layer"], e[p]["rank"])] += e[p]["straggler_ms"]
+    xs, ys = step_points(run)
+    line = LinearFit()
+    line.add(xs, ys)
+    skew = [s for rec in run.straggler for e in rec["layers"] for s in e["A_com_skew"]]
+    wait = [w for rec in run.straggler for e in rec["layers"] for w in e["fwd"]["W"]]
+    return {
+        "steps": len(run.straggler),
+        "first_step": run.straggler[0]["step"],
+        "last_step": run.straggler[-1]["step"],
+        "mean_step_ms": mean(step_ms),
+        "straggler_ms": mean(S),
+        "straggler_frac": sum(S) / sum(step_ms) if sum(step_ms) > 0 else 0.0,
+        "mean_step_straggler_frac": mean([s / t for s, t in zip(S, step_ms, strict=True) if t > 0]),
+        "explained_frac_online": (
+            sum(r["token_explained_ms"] for r in run.straggler) / sum(S) if sum(S) > 0 else 0.0
+        ),
+        "explained_frac": sum(X) / sum(S) if sum(S) > 0 else 0.0,
+        "balanced_step_ms": mean(step_ms) - mean(X),
+        "balanced_step_ms_online": mean([r["balanced_step_ms"] for r in run.straggler]),
+        "worst": max(per_pair, key=per_pair.__getitem__),
+        "layers": layers,
+        "breakdown": rank_breakdown(run),
+        "load_fit": line.coef(),
+        "load_r": pearson(xs, ys),
+        "skew_wait_r": pearson(skew, wait),
+        "capacity": "capacity_padding" in run.straggler[0],
+    }
+
+
+# --- plots ---------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_heatmaps(run: Run, out: Path) -> list[str]:
+    plt = _pyplot()
+    steps = sorted(run.routing)
+    names = []
+    for li, layer in enumerate(run.layers):
+        grid = [[run.routing[s][li][i] for s in steps] for i in range(len(run.routing[steps[0]][li]))]
+        fig, ax = plt.subplots(figsize=(max(6.0, min(14.0, 0.12 * len(steps) + 4)), 3.5))
+        img = ax.imshow(
+            grid,
+            aspect="auto",
+            origin="lower",
+            interpolation="nearest",
+            cmap="viridis",
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(grid) - 0.5),
+        )
+        fig.colorbar(img, ax=ax, label="(token, expert) pairs per step")
+        per_rank = len(grid) // run.ep if run.ep > 0 and len(grid) % run.ep == 0 else 0
+        for k in range(1, run.ep if per_rank else 0):
+            ax.axhline(k * per_rank - 0.5, color="white", linestyle="--", linewidth=0.8)
+        ax.set(xlabel="step", ylabel="expert (dashed: EP rank boundaries)", title=f"expert load, L{layer}")
+        name = f"load_heatmap_L{layer}.png"
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def plot_breakdown(summary: dict, out: Path) -> str:
+    plt = _pyplot()
+    bd = summary["breakdown"]
+    ranks = list(range(len(bd["compute"])))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(ranks) + 3), 4))
+    bottom = [0.0] * len(ranks)
+    parts = [
+        ("compute", "expert compute (E fwd+bwd)", "tab:blue", None),
+        ("wait", "wait (W fwd+bwd)", "tab:red", None),
+        ("a2a", "all-to-all fwd, without wait", "tab:green", None),
+        ("other", "rest of rank 0's step", "lightgrey", "//"),
+    ]
+    for key, label, colour, hatch in parts:
+        ax.bar(ranks, bd[key], bottom=bottom, label=label, color=colour, hatch=hatch)
+        bottom = [b + v for b, v in zip(bottom, bd[key], strict=True)]
+    ax.set(xlabel="rank", ylabel="ms per step (mean over steps)", title="per-rank time breakdown")
+    ax.set_xticks(ranks)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = "rank_breakdown.png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def plot_straggler_vs_load(run: Run, summary: dict, out: Path) -> str:
+    plt = _pyplot()
+    xs, ys = step_points(run)
+    a, c = summary["load_fit"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(xs, ys, s=14, label="steps")
+    lo, hi = min(xs), max(xs)
+    ax.plot([lo, hi], [a + c * lo, a + c * hi], color="tab:red", label=f"fit: {a:.2f} + {c:.2f}·x ms")
+    ax.set(
+        xlabel="max/mean rank load (rows), mean over MoE layers",
+        ylabel="straggler ms per step (sum over layers, fwd+bwd)",
+        title="straggler time vs rank load imbalance",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = "straggler_vs_load.png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+# --- markdown ------------------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+def _r(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def md_summary(run: Run, s: dict) -> list[str]:
+    m, t = run.config["model"], run.config["train"]
+    return [
+        f"# Straggler report: {run.config.get('name', run.run_dir.name)}",
+        "",
+        "## Run",
+        "",
+        f"- Steps profiled: {s['steps']} (steps {s['first_step']}–{s['last_step']})",
+        f"- World: {run.world} ranks, EP = {run.ep}, experts = {run.num_experts}, "
+        f"top-k = {m['moe']['top_k']}",
+        f"- Micro-batch {t['micro_batch']} × seq_len {m['seq_len']} × grad_accum {t.get('grad_accum', 1)}",
+        f"- Mean step time: {s['mean_step_ms']:.3f} ms",
+        "",
+    ]
+
+
+def md_overall(s: dict) -> list[str]:
+    a, c = s["load_fit"]
+    return [
+        "## Straggler time",
+        "",
+        f"- Straggler time: {s['straggler_ms']:.3f} ms per step (sum over MoE layers, fwd + bwd)",
+        f"- Straggler fraction of step time: {_pct(s['straggler_frac'])} (Σ straggler / Σ step time); "
+        f"mean of per-step fractions: {_pct(s['mean_step_straggler_frac'])}",
+        f"- Token-explained fraction (final whole-run fit): {_pct(s['explained_frac'])}; "
+        f"as logged with the trainer's running fit: {_pct(s['explained_frac_online'])}",
+        f"- Balanced-step estimate (mean step − token-explained time, final fit): "
+        f"{s['balanced_step_ms']:.3f} ms; as logged: {s['balanced_step_ms_online']:.3f} ms",
+        f"- Worst (layer, rank) by accumulated straggler time: layer {s['worst'][0]}, rank {s['worst'][1]}",
+        f"- Straggler ms vs max/mean rank load (per step; load ratio averaged over MoE layers): "
+        f"{a:.3f} + {c:.3f}·x ms, Pearson r = {_r(s['load_r'])}",
+        "",
+    ]
+
+
+def md_layers(s: dict) -> list[str]:
+    cap = s["capacity"]
+    head = (
+        "| layer | straggler fwd ms | straggler bwd ms | straggler rank histogram | most frequent | "
+        "a fwd ms | c fwd ms/row | a bwd ms | c bwd ms/row | token-explained | max/mean load |"
+    )
+    sep = "|---" * 11 + "|"
+    if cap:
+        head += " dropped/step | padding rows/step |"
+        sep += "---|---|"
+    rows = ["## Per layer", "", head, sep]
+    for ls in s["layers"]:
+        hist = ", ".join(f"r{r}: {k}" for r, k in ls["rank_hist"].items())
+        f, b = ls["fwd"], ls["bwd"]
+        row = (
+            f"| L{ls['layer']} | {f['straggler_ms']:.3f} | {b['straggler_ms']:.3f} | {hist} | "
+            f"r{ls['top_rank']} | {f['a']:.3f} | {f['c']:.4e} | {b['a']:.3f} | {b['c']:.4e} | "
+            f"{_pct(ls['explained_frac'])} | {ls['load_ratio']:.3f} |"
+        )
+        if cap:
+            row += f" {ls['dropped']:.1f} | {ls['padding']:.1f} |"
+        rows.append(row)
+    rows += [
+        "",
+        "Straggler = max_r E_r − mean_r E_r per step, averaged over steps (it equals the mean wait per "
+        "rank). The histogram counts, over steps and both phases, which rank was slowest. a, c: E ≈ a + c·n "
+        "fitted over every (step, rank) point of the whole run; token-explained = Σ clip(c·(n_max − n_mean), "
+        "0, straggler) / Σ straggler with that final fit.",
+        "",
+    ]
+    return rows
+
+
+def md_crosscheck(s: dict) -> list[str]:
+    rows = [
+        "## Combine all-to-all cross-check",
+        "",
+        "The forward combine all-to-all on a fast rank starts early and waits for the straggler inside it, "
+        "so its duration skew A_com,r − min_j A_com,j should track the forward wait W_r.",
+        "",
+        "| layer | Pearson r (A_com_skew, W_fwd) over (step, rank) | mean(A_com_skew − W_fwd) ms |",
+        "|---|---|---|",
+    ]
+    for ls in s["layers"]:
+        rows.append(f"| L{ls['layer']} | {_r(ls['skew_wait_r'])} | {ls['skew_minus_wait_ms']:.3f} |")
+    rows += [f"| all | {_r(s['skew_wait_r'])} | |", ""]
+    return rows
+
+
+def md_breakdown(s: dict, image: str) -> list[str]:
+    bd = s["breakdown"]
+    rows = [
+        "## Per-rank time breakdown",
+        "",
+        f"![per-rank breakdown]({image})",
+        "",
+        "Mean ms per step. compute = Σ_layers (E_fwd + E_bwd); wait = Σ_layers (W_fwd + W_bwd), derived as "
+        "max_j E_j − E_r. The forward combine all-to-all time A_com contains the forward wait, so the "
+        "all-to-all column is Σ_layers max(A_dis + A_com − W_fwd, 0): forward transfer time without the "
+        "forward wait (the backward all-to-alls are not timed; the backward wait is spent inside them). "
+        "other = rank 0's step time minus the three (attention, dense layers, optimizer, ...).",
+        "",
+        "| rank | compute ms | wait ms | all-to-all ms | other ms |",
+        "|---|---|---|---|---|",
+    ]
+    for r in range(len(bd["compute"])):
+        rows.append(
+            f"| {r} | {bd['compute'][r]:.3f} | {bd['wait'][r]:.3f} | {bd['a2a'][r]:.3f} | "
+            f"{bd['other'][r]:.3f} |"
+        )
+    return rows + [""]
+
+
+def md_capacity(run: Run, s: dict) -> list[str]:
+    if not s["capacity"]:
+        return []
+    cf = run.config["model"]["moe"].get("capacity_factor")
+    return [
+        "## Capacity mode",
+        "",
+        f"capacity_factor = {cf}. Tokens over an expert's capacity are dropped, which caps each rank's load: "
+        "the imbalance then costs dropped tokens (and, with fixed-size padded buffers, padded rows of wasted "
+        "compute) rather than wait. The per-layer table therefore reports the (token, expert) pairs dropped "
+        "per step and the rows a fixed-capacity buffer would carry beyond the kept tokens, per step.",
+        "",
+    ]
+
+
+def make_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write report.md and the plots into ``out`` (default ``run_dir``); return the report's path."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir
+    run = load_run(run_dir)  # a wrong directory fails before anything is created
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    heatmaps = plot_heatmaps(run, out) if run.routing else []
+    if not run.straggler:
+        lines += [
+            f"# Straggler report: {run_dir.name}",
+            "",
+            "No straggler.jsonl records (EP = 1 or profile off).",
+            "",
+        ]
+    else:
+        s = summarize(run)
+        lines += md_summary(run, s) + md_overall(s) + md_layers(s) + md_capacity(run, s)
+        lines += md_crosscheck(s) + md_breakdown(s, plot_breakdown(s, out))
+        lines += [
+            "## Straggler vs load",
+            "",
+            f"![straggler vs load]({plot_straggler_vs_load(run, s, out)})",
+            "",
+        ]
+    if heatmaps:
+        lines += ["## Expert load over steps", ""] + [f"![{h}]({h})" for h in heatmaps] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    log.info("wrote %s (%d plots)", path, len(heatmaps) + (2 if run.straggler else 0))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default: the run directory)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        make_report(args.run_dir, args.out)
+    except RunDirError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
