@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from moe_dist.errors import CheckpointError, ConfigError
+from moe_dist.runtime.unpickle import refused_name
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +63,6 @@ log = logging.getLogger(__name__)
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file holds something other than plain data (a global that could run code on load);
     it was refused without running anything."""
-
-
-# how torch's weights-only unpickler names the global it refused (torch 2.6-2.13), most common form first
-_REFUSED_PATTERNS = (
-    re.compile(r"GLOBAL (\S+) was not an allowed global"),
-    re.compile(r"unsupported GLOBAL (\S+) whose module"),
-    re.compile(r"call reduce for unrecognized function (.+?)(?: which belongs to .*)?$", re.M),
-    re.compile(r"allowlisted via `add_safe_globals`,? but got (.+)$", re.M),
-)
-
-
-def refused_name(message: str) -> str:
-    """What torch's UnpicklingError message says was refused: the global it names, else its own words."""
-    for pattern in _REFUSED_PATTERNS:
-        m = pattern.search(message)
-        if m:
-            return m.group(1).strip()
-    m = re.search(r"WeightsUnpickler error:\s*(\S.*)$", message, re.M)
-    detail = m.group(1).strip() if m else (message.strip().splitlines() or ["?"])[-1]
-    return f"something the safe loader does not accept ({detail})"
 
 
 def _fsync_dir(path: Path) -> None:

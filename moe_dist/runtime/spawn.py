@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_dist.checkpoint.files import refused_name
 from moe_dist.runtime.net import free_port
+from moe_dist.runtime.unpickle import refused_name
 
 
 def _entry(
