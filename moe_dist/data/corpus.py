@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moe_dist.data.config import DataConfig
 from moe_dist.data.files import DataError, stdlib_files, text_files
-from moe_dist.training.config import DataConfig
 
 
 def _read(files: list[Path], root: Path, max_bytes: int) -> bytes:

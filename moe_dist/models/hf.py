@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_dist.errors import ConfigError
+from moe_dist.models.hf_config import STRUCTURAL, hf_config_from
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer, MoEOutput, moe_layers
 from moe_dist.moe.placement import Placement
@@ -46,23 +46,6 @@ BLOCK_KINDS = {
     "DeepseekV3MoE": "deepseek_v3",
 }
 """transformers class name -> our name for its layout."""
-
-STRUCTURAL = (
-    "d_model",
-    "d_ff",
-    "num_experts",
-    "top_k",
-    "score_func",
-    "normalize_topk",
-    "activation",
-    "num_shared_experts",
-    "shared_d_ff",
-    "shared_expert_gate",
-    "routed_scaling_factor",
-    "residual",
-    "noisy_gating",
-)
-"""MoEConfig fields read from the block itself; an override of one would no longer compute the block."""
 
 DEEPSEEK_V3_BIAS_RATE = 1e-3
 """gamma of the selection-bias update for DeepSeek-V3 blocks (the paper's value; HF's config has none)."""
@@ -367,45 +350,6 @@ def unparallelize_hf_model(model: nn.Module) -> nn.Module:
 
 
 # --- the trainer's model.kind=hf ------------------------------------------------------------------------
-
-
-def hf_config_from(spec: str | dict, seq_len: int | None = None):
-    """A transformers config from a local directory or an inline dict with ``model_type`` (vocab 256)."""
-    from transformers import AutoConfig
-
-    if isinstance(spec, dict):
-        fields = dict(spec)
-        model_type = fields.pop("model_type", None)
-        if not model_type:
-            raise ConfigError("model.hf_config needs a model_type (e.g. qwen3_moe, deepseek_v3)")
-        fields.setdefault("vocab_size", 256)
-        try:
-            config = AutoConfig.for_model(model_type, **fields)
-        except Exception as e:  # noqa: BLE001 - transformers validates fields with several exception types
-            # why one line: huggingface_hub's field validation error spans lines (field, then cause)
-            raise ConfigError(f"model.hf_config: {' '.join(str(e).split())}") from None
-    else:
-        if not (Path(spec) / "config.json").is_file():
-            raise ConfigError(f"model.hf_config={spec!r} is not a directory with a config.json")
-        config = AutoConfig.from_pretrained(spec)
-    if config.vocab_size != 256:
-        raise ConfigError(
-            f"model.hf_config: vocab_size must be 256 (byte-level corpus), got {config.vocab_size}"
-        )
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if seq_len is not None and max_pos is not None and max_pos < seq_len:
-        raise ConfigError(f"model.hf_config: max_position_embeddings={max_pos} < model.seq_len={seq_len}")
-    return config
-
-
-def hf_num_experts(spec: str | dict) -> int:
-    """Routed experts per MoE layer of the config (for the EP divisibility check before any process group)."""
-    config = hf_config_from(spec)
-    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
-        n = getattr(config, name, None)
-        if isinstance(n, int) and n > 0:
-            return n
-    raise ConfigError(f"model.hf_config ({config.model_type}) names no expert count")
 
 
 def build_hf_model(spec: str | dict, seed: int, seq_len: int | None = None) -> nn.Module:

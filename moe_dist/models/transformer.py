@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_dist.models.config import ModelConfig
 from moe_dist.moe.layer import MoELayer, MoEOutput
 from moe_dist.moe.placement import Placement
 from moe_dist.moe.sync import dense_params
 from moe_dist.moe.timing import TimingHook
-from moe_dist.training.config import ModelConfig
 
 VOCAB = 256
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from moe_dist.errors import ConfigError
 
@@ -24,6 +25,15 @@ def check_type(owner: str, name: str, value: object, kinds: tuple[type, ...], op
     if not ok:
         want = " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
         raise ConfigError(f"{owner}.{name} must be {want}, got {value!r} ({type(value).__name__})")
+
+
+def check_positive(owner: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    """Raise ConfigError unless each named field is a finite number > 0 (>= 0 with ``allow_zero``)."""
+    for name in names:
+        value = getattr(obj, name)
+        check_type(owner, name, value, (int, float))
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{owner}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 @dataclass

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import re
 import types
 import typing
@@ -22,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from moe_dist.data.config import DataConfig
 from moe_dist.errors import ConfigError
-from moe_dist.moe.config import MoEConfig, check_type
+from moe_dist.models.config import ModelConfig
+from moe_dist.moe.config import check_positive, check_type
 from moe_dist.moe.placement import DEEPSPEED_REFUSES_BALANCED, DEEPSPEED_REFUSES_REPLICAS, check_redundant
 
 
@@ -46,82 +47,6 @@ _Loader.add_implicit_resolver(
 def parse_yaml(text: str) -> Any:
     """YAML as the config reads it (files and ``key=value`` overrides alike)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _positive(owner: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        check_type(owner, name, value, (int, float))
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"{owner}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-@dataclass
-class ModelConfig:
-    d_model: int = 128
-    """D: residual stream width."""
-    n_layers: int = 4
-    """Transformer blocks."""
-    n_heads: int = 4
-    """Attention heads (d_model must divide by it)."""
-    seq_len: int = 128
-    """Context length in bytes."""
-    moe_every: int = 1
-    """An MoE FFN in every k-th block (k=1: every block); the others get a dense FFN."""
-    d_ff_dense: int = 512
-    """Hidden width of the dense FFN blocks."""
-    init_std: float = 0.02
-    """Std of the embedding and attention weight init."""
-    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128))
-    """The MoE layers. moe.d_model follows d_model. The block adds the residual stream
-    (x + MoE(norm(x))), so the layer is built with its own residual off."""
-    kind: str = "moe_dist"
-    """"moe_dist" (our byte LM, the fields above) or "hf": a transformers causal LM built from
-    ``hf_config`` with its sparse-MoE blocks made expert-parallel (moe_dist/hf.py); then only seq_len and
-    ``hf_moe`` of this section are read (needs the ``hf`` extra)."""
-    hf_config: str | dict | None = None
-    """kind=hf: a local directory holding a transformers config.json, or the config's fields inline (with
-    ``model_type``); vocab_size must be 256 (bytes) and is filled in if absent."""
-    hf_moe: dict = field(default_factory=dict)
-    """kind=hf: MoEConfig fields for the swapped layers beyond the block's own routing (aux_loss_coef,
-    z_loss_coef, balance_scope, bias_update_rate, capacity_factor, ...); unset ones come from the HF config
-    (see moe_dist.models.hf.hf_block_config)."""
-
-    def __post_init__(self) -> None:
-        self._check_hf()
-        for name in ("d_model", "n_layers", "n_heads", "seq_len", "moe_every", "d_ff_dense"):
-            _positive("model", self, name)
-            check_type("model", name, getattr(self, name), (int,))
-        _positive("model", self, "init_std")
-        if self.d_model % self.n_heads:
-            raise ConfigError(
-                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
-            )
-        if self.moe.d_model != self.d_model:
-            raise ConfigError(f"model.moe.d_model={self.moe.d_model} must equal model.d_model={self.d_model}")
-
-    def _check_hf(self) -> None:
-        if self.kind not in ("moe_dist", "hf"):
-            raise ConfigError(f"model.kind must be moe_dist or hf, got {self.kind!r}")
-        check_type("model", "hf_config", self.hf_config, (str, dict), optional=True)
-        check_type("model", "hf_moe", self.hf_moe, (dict,))
-        if self.kind != "hf":
-            return
-        if self.hf_config is None:
-            raise ConfigError("model.kind=hf needs model.hf_config (a directory or the config's fields)")
-        if isinstance(self.hf_config, dict) and not self.hf_config.get("model_type"):
-            raise ConfigError("model.hf_config needs a model_type (e.g. qwen3_moe, deepseek_v3)")
-        if isinstance(self.hf_config, str) and not (Path(self.hf_config) / "config.json").is_file():
-            raise ConfigError(f"model.hf_config={self.hf_config!r} is not a directory with a config.json")
-        from moe_dist.models.hf import STRUCTURAL
-
-        names = {f.name for f in dataclasses.fields(MoEConfig)} - set(STRUCTURAL)
-        for key in self.hf_moe:
-            if key not in names:
-                near = difflib.get_close_matches(str(key), sorted(names), n=1)
-                hint = f"; did you mean model.hf_moe.{near[0]}?" if near else ""
-                why = " (read from the HF config)" if key in STRUCTURAL else ""
-                raise ConfigError(f"model.hf_moe.{key} cannot be set{why}{hint}")
 
 
 @dataclass
@@ -150,12 +75,12 @@ class ParallelConfig:
             raise ConfigError(f"parallel.ep must be >= 1, got {self.ep}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"parallel.backend must be auto, gloo or nccl, got {self.backend!r}")
-        _positive("parallel", self, "timeout_s")
+        check_positive("parallel", self, "timeout_s")
         if self.placement not in ("contiguous", "balanced"):
             raise ConfigError(f"parallel.placement must be contiguous or balanced, got {self.placement!r}")
         for name in ("redundant_experts", "rebalance_every"):
             check_type("parallel", name, getattr(self, name), (int,))
-            _positive("parallel", self, name, allow_zero=True)
+            check_positive("parallel", self, name, allow_zero=True)
         if self.placement == "balanced" and self.rebalance_every <= 0:
             raise ConfigError("parallel.placement=balanced needs parallel.rebalance_every > 0 (steps)")
         if self.placement == "contiguous" and self.rebalance_every:
@@ -168,35 +93,6 @@ class ParallelConfig:
                 f"parallel.redundant_experts={self.redundant_experts} needs parallel.ep >= 2 (with one EP "
                 "rank every expert is already local)"
             )
-
-
-@dataclass
-class DataConfig:
-    kind: str = "stdlib"
-    """"stdlib" (this interpreter's standard-library source, as bytes), "text" (``paths``) or "synthetic"."""
-    paths: list[str] = field(default_factory=list)
-    """Files or globs for kind=text."""
-    val_every: int = 20
-    """Every val_every-th file (in sorted order, by a stable hash) goes to validation."""
-    max_bytes: int = 0
-    """Cap on the corpus size in bytes (0 = no cap); keeps start-up fast on big corpora."""
-    topics: int = 16
-    """Synthetic: number of topics, each its own byte distribution."""
-    zipf_s: float = 1.2
-    """Synthetic: topic t is drawn with probability proportional to 1 / (t+1)^zipf_s (0 = uniform)."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("stdlib", "text", "synthetic"):
-            raise ConfigError(f"data.kind must be stdlib, text or synthetic, got {self.kind!r}")
-        check_type("data", "paths", self.paths, (list,))
-        if self.kind == "text" and not self.paths:
-            raise ConfigError("data.kind=text needs data.paths (files or globs)")
-        for name in ("val_every", "topics"):
-            check_type("data", name, getattr(self, name), (int,))
-        if self.val_every < 2:
-            raise ConfigError(f"data.val_every must be >= 2, got {self.val_every}")
-        _positive("data", self, "topics")
-        _positive("data", self, "max_bytes", "zipf_s", allow_zero=True)
 
 
 @dataclass
@@ -215,8 +111,8 @@ class OptimConfig:
     """Clip the global gradient norm (0 = off)."""
 
     def __post_init__(self) -> None:
-        _positive("optim", self, "lr")
-        _positive("optim", self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
+        check_positive("optim", self, "lr")
+        check_positive("optim", self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             check_type("optim", name, value, (int, float))
@@ -288,10 +184,10 @@ class TrainConfig:
             "collapse_patience",
         ):
             check_type("train", name, getattr(self, name), (int,))
-            _positive("train", self, name)
+            check_positive("train", self, name)
         check_type("train", "seed", self.seed, (int,))
         check_type("train", "global_batch", self.global_batch, (int,))
-        _positive("train", self, "global_batch", allow_zero=True)
+        check_positive("train", self, "global_batch", allow_zero=True)
         for name in ("resume", "bf16", "retain_host_memory", "async_save", "overwrite"):
             check_type("train", name, getattr(self, name), (bool,))
         if self.save_failure not in ("stop", "warn"):
@@ -306,8 +202,8 @@ class TrainConfig:
         if self.on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"train.on_nonfinite must be raise or skip, got {self.on_nonfinite!r}")
         check_type("train", "ckpt_every", self.ckpt_every, (int,))
-        _positive("train", self, "peak_tflops", allow_zero=True)
-        _positive("train", self, "ckpt_every", allow_zero=True)
+        check_positive("train", self, "peak_tflops", allow_zero=True)
+        check_positive("train", self, "ckpt_every", allow_zero=True)
 
 
 @dataclass
@@ -343,10 +239,11 @@ class AutoAuxConfig:
     max_coef: float = 0.3
 
     def __post_init__(self) -> None:
-        _positive("auto_aux", self, "target_maxvio", "target_min_load", "min_coef", "max_coef", "up", "down")
+        names = ("target_maxvio", "target_min_load", "min_coef", "max_coef", "up", "down")
+        check_positive("auto_aux", self, *names)
         for name in ("window", "horizon"):
             check_type("auto_aux", name, getattr(self, name), (int,))
-        _positive("auto_aux", self, "window", "horizon")
+        check_positive("auto_aux", self, "window", "horizon")
         if self.up <= 1 or not 0 < self.down < 1 or self.min_coef > self.max_coef:
             raise ConfigError("auto_aux needs up > 1, 0 < down < 1 and min_coef <= max_coef")
 
@@ -373,8 +270,8 @@ class ProfileConfig:
             check_type("profile", name, getattr(self, name), (bool,))
         for name in ("wait", "warmup", "active", "repeat", "inject_layer", "inject_rank"):
             check_type("profile", name, getattr(self, name), (int,))
-            _positive("profile", self, name, allow_zero=name not in ("active",))
-        _positive("profile", self, "inject_delay_ms", allow_zero=True)
+            check_positive("profile", self, name, allow_zero=name not in ("active",))
+        check_positive("profile", self, "inject_delay_ms", allow_zero=True)
         if self.inject_where not in ("experts", "before_dispatch"):
             raise ConfigError(
                 f"profile.inject_where must be experts or before_dispatch, got {self.inject_where!r}"
@@ -424,7 +321,7 @@ class RunConfig:
         """Divisibility of world, EP size and experts; called before any process group work."""
         ep, n = self.parallel.ep, self.model.moe.num_experts
         if self.model.kind == "hf":
-            from moe_dist.models.hf import hf_num_experts
+            from moe_dist.models.hf_config import hf_num_experts
 
             n = hf_num_experts(self.model.hf_config)
         if world % ep:

@@ -195,7 +195,7 @@ class Trainer:
         switches to the checkpoint's placements, ``_stored_placements``)."""
         p = self.cfg.parallel
         if self.cfg.model.kind == "hf":
-            from moe_dist.models.hf import hf_num_experts
+            from moe_dist.models.hf_config import hf_num_experts
 
             n = hf_num_experts(self.cfg.model.hf_config)
         else:

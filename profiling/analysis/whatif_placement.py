@@ -42,12 +42,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from moe_dist.models.config import ModelConfig
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.experts import hidden_width
 from moe_dist.moe.placement import Placement
 from moe_dist.placement.migrate import transfer_bytes
 from moe_dist.placement.rebalance import balanced_placement
-from moe_dist.training.config import ModelConfig
 from profiling.analysis.report import Run, load_ratio, mean, read_jsonl
 from profiling.runtime.analysis import PHASES
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
+from moe_dist.data.config import DataConfig
 from moe_dist.data.corpus import Corpus
 from moe_dist.errors import ConfigError
-from moe_dist.training.config import DataConfig, config_from_dict
+from moe_dist.training.config import config_from_dict
 from moe_dist.training.preflight import preflight
 from tests.checkpoint.reshard_workers import preflighted_run, probed_run
 from tests.helpers.launch import run_ranks

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from moe_dist import ConfigError, MoEConfig, MoELayer
+from moe_dist.models.config import ModelConfig
 from moe_dist.models.transformer import MoETransformer, active_params
 from moe_dist.moe.sync import dense_params, expert_params
-from moe_dist.training.config import ModelConfig, load_config
+from moe_dist.training.config import load_config
 from moe_dist.training.preflight import config_changes
 from tests.helpers.launch import run_ranks
 from tests.helpers.oracle import Case, make_tensors, oracle

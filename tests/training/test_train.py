@@ -264,8 +264,8 @@ def test_deepspeed_zero2_resume_is_exact(ds_zero2_run: SharedRun, ds_zero2_resum
 
 def test_text_corpus_with_relative_globs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Relative globs, a non-UTF-8 file and an empty file: read as bytes, split by file, sharded."""
+    from moe_dist.data.config import DataConfig
     from moe_dist.data.corpus import Corpus, DataError
-    from moe_dist.training.config import DataConfig
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d").mkdir()
