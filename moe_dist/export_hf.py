@@ -88,8 +88,13 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     return Path(out_dir)
 
 
+EXAMPLE = "example: moe-dist export-hf runs/hf_demo exported/ --step 100"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moe_dist.export_hf", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_dist.export_hf", description=__doc__.split("\n")[0], epilog=EXAMPLE
+    )
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")

@@ -73,11 +73,14 @@ def count(run_dir: Path, batches: int) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+EXAMPLE = "example: moe-dist a2a-bytes runs/hf_demo --batches 4"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLE)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--batches", type=int, default=4, help="validation batches per rank")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(json.dumps(count(args.run_dir, args.batches), indent=1))  # noqa: T201 - the command's output
 
 

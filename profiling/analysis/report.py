@@ -489,8 +489,11 @@ def make_report(run_dir: Path, out: Path | None = None) -> Path:
     return path
 
 
+EXAMPLE = "example: moe-dist report runs/demo   (or: python -m profiling.analysis.report runs/demo)"
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLE)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: the run directory)")
     args = ap.parse_args(argv)

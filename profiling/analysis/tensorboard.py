@@ -80,11 +80,14 @@ def patch_plugin() -> list[str]:
     return list(_added)
 
 
+EXAMPLE = "example: moe-dist tensorboard --logdir runs/demo/profiler --port 6006"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m profiling.analysis.tensorboard --logdir DIR [--port N] [--host H] [extra tensorboard
     flags]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m profiling.analysis.tensorboard", description=__doc__.split("\n")[0]
+        prog="python -m profiling.analysis.tensorboard", description=__doc__.split("\n")[0], epilog=EXAMPLE
     )
     parser.add_argument("--logdir", required=True, help="directory holding *.pt.trace.json (one per rank)")
     parser.add_argument("--port", type=int, default=6006)

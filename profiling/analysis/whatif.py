@@ -301,8 +301,11 @@ def format_table(base: dict, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+EXAMPLE = "example: moe-dist whatif runs/demo --ep 8 64 --placement contiguous greedy"
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLE)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--ep", type=int, nargs="+", required=True, help="target expert-parallel sizes")
     ap.add_argument("--placement", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS + SLOT_PLACEMENTS)

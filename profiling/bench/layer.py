@@ -323,8 +323,13 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+EXAMPLE = "example: moe-dist bench-layer --ranks 2 --experts 8 32 --tokens 4096 --out bench/layer.json"
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m profiling.bench.layer", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m profiling.bench.layer", description=__doc__.split("\n\n")[0], epilog=EXAMPLE
+    )
     p.add_argument("--ranks", type=int, nargs="+", default=[2])
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--topk", type=int, nargs="+", default=[2])

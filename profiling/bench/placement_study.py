@@ -411,9 +411,16 @@ def loadavg() -> str:
         return "n/a"
 
 
+EXAMPLE = (
+    "example: moe-dist placement-study --nproc 4 --out runs/pstudy --loads 1 2 3   "
+    "(--nproc: ranks, moe-dist only; or: "
+    "torchrun --nproc-per-node 4 -m profiling.bench.placement_study --out runs/pstudy)"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m profiling.bench.placement_study", description=__doc__.split("\n\n")[0]
+        prog="python -m profiling.bench.placement_study", description=__doc__.split("\n\n")[0], epilog=EXAMPLE
     )
     ap.add_argument("--out", default="runs/pstudy")
     ap.add_argument("--loads", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])

@@ -214,8 +214,13 @@ def write(out: Path, rows: dict[str, dict]) -> None:
     log.info("best balanced method (%s): %s\n%s", BALANCED, best, "\n".join(lines))
 
 
+EXAMPLE = "example: moe-dist study --out runs/study --steps 150 --nproc 2 --only alpha0 auto"
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m profiling.bench.study", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m profiling.bench.study", description=__doc__.split("\n\n")[0], epilog=EXAMPLE
+    )
     p.add_argument("--out", default="runs/study")
     p.add_argument("--config", default="configs/cpu_demo.yaml")
     p.add_argument("--steps", type=int, default=150)

@@ -180,9 +180,16 @@ def summarize(load: float, res: dict) -> dict:
     }
 
 
+EXAMPLE = (
+    "example: moe-dist sweep --nproc 4 --out runs/sweep --loads 1 1.5 2 3   "
+    "(--nproc: ranks, moe-dist only; or: "
+    "torchrun --nproc-per-node 4 -m profiling.bench.sweep --out runs/sweep)"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m profiling.bench.sweep", description=__doc__.split("\n\n")[0]
+        prog="python -m profiling.bench.sweep", description=__doc__.split("\n\n")[0], epilog=EXAMPLE
     )
     parser.add_argument("--out", default="runs/sweep")
     parser.add_argument("--loads", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0])
