@@ -11,7 +11,8 @@ the fraction of experts that collapsed (under half the mean load in more than ha
 straggler share of step time from the profiler; and the final alpha of the auto controller. With
 ``--seeds S`` every method runs with train.seed 0..S-1 and the table shows the means and the val-loss
 spread. It writes ``study.md``, ``study.json``, ``loss_vs_maxvio.png`` and load heatmaps for alpha=0 and
-for the best balanced method (lowest val loss with no collapsed expert and global MaxVio <= 0.5).
+for the best balanced method (lowest val loss with no collapsed expert and global MaxVio <= 0.5); when no
+method qualifies, study.md and the log say so and only alpha=0's heatmaps are drawn.
 """
 
 from __future__ import annotations
@@ -145,6 +146,25 @@ def is_balanced(r: dict) -> bool:
     return r["collapsed_frac"] == 0 and r["maxvio_global"] <= 0.5
 
 
+def best_balanced(rows: dict[str, dict]) -> str | None:
+    """The balanced method (``BALANCED``) with the lowest val loss; None when no method qualifies."""
+    balanced = {k: r for k, r in rows.items() if is_balanced(r)}
+    return min(balanced, key=lambda k: balanced[k]["val_loss"]) if balanced else None
+
+
+def verdict(best: str | None) -> str:
+    if best is None:
+        return f"No method qualified as balanced ({BALANCED})"
+    return f"Best balanced method ({BALANCED}): {best}"
+
+
+def readable(row: dict) -> str:
+    """One run's scalars for the console: 4 significant digits, lists and None left out."""
+    return ", ".join(
+        f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    )
+
+
 def write(out: Path, rows: dict[str, dict]) -> None:
     import matplotlib
 
@@ -193,7 +213,8 @@ def write(out: Path, rows: dict[str, dict]) -> None:
             )
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    (out / "study.md").write_text("\n".join(lines) + "\n")
+    best = best_balanced(rows)
+    (out / "study.md").write_text("\n".join(lines) + f"\n\n{verdict(best)}.\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in rows.items():
         losses = [x["val_loss"] for x in r["per_seed"]]
@@ -204,14 +225,12 @@ def write(out: Path, rows: dict[str, dict]) -> None:
     ax.set_ylabel("final val loss (nats/byte); bars: min-max over seeds")
     fig.tight_layout()
     fig.savefig(out / "loss_vs_maxvio.png", dpi=120)
-    balanced = {k: r for k, r in rows.items() if is_balanced(r)} or rows
-    best = min(balanced, key=lambda k: balanced[k]["val_loss"])
     for name in dict.fromkeys(["alpha0", best]):
-        if name in rows:
+        if name is not None and name in rows:
             heat = out / f"heatmaps_{name}"
             heat.mkdir(exist_ok=True)
             plot_heatmaps(load_run(out / f"{name}-s0"), heat)
-    log.info("best balanced method (%s): %s\n%s", BALANCED, best, "\n".join(lines))
+    log.info("%s\n%s", verdict(best), "\n".join(lines))
 
 
 EXAMPLE = "example: moe-dist study --out runs/study --steps 150 --nproc 2 --only alpha0 auto"
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(args.seeds):
             log.info("training %s, seed %d (%s)", name, seed, " ".join(overrides))
             per_seed.append(analyse(run_one(name, overrides, args, seed)))
-            log.info("%s seed %d: %s", name, seed, {k: v for k, v in per_seed[-1].items() if k != "alpha_L0"})
+            log.info("%s seed %d: %s", name, seed, readable(per_seed[-1]))
         rows[name] = aggregate(per_seed)
     write(out, rows)
 

@@ -6,8 +6,17 @@ Routing is set exactly: token features carry a one-hot block that the router (ce
 into logits, so each token's top-K is chosen by construction. A fraction p of every rank's tokens goes to
 rank 0's experts and the rest round-robin over the other ranks' experts, so rank 0's load is
 max/mean = p*R (p = 1/R is perfectly balanced). For each max/mean load it reports step time (forward +
-backward of ``layers`` stacked MoE layers), straggler time, and the ideal step time if only the busiest
-rank's expert work grew: t(1) + (rho - 1) * E(1), with E(1) the expert time at balance.
+backward of ``layers`` stacked MoE layers), straggler time, and two reference lines built from the first
+(balanced) row b, neither a bound:
+
+    proportional  t(b) + (rho/rho_b - 1) * E(b): the step if only the busiest rank's expert time grew,
+                  and grew in proportion to its rows (E(b): the busiest rank's expert ms at the first row);
+    expert-only   t(b) + E(rho) - E(b): the step if only the busiest rank's expert time changed, by what
+                  was measured.
+
+Expert time is a + c*n with a fixed part a (kernel launches, gathers) that does not grow with the rows, so
+the measured step usually sits below the proportional line; the gap between the measured step and the
+expert-only line is what the load changed outside the experts (all-to-all transfer, waits).
 """
 
 from __future__ import annotations
@@ -187,6 +196,33 @@ EXAMPLE = (
 )
 
 
+def readable(row: dict) -> str:
+    """One row for the console: ms to 0.1, fractions as percents."""
+    return (
+        f"step {row['step_ms']:.1f} ms, straggler {row['straggler_ms']:.1f} ms "
+        f"({100 * row['straggler_frac']:.0f}% of step), "
+        f"token-explained {100 * row['token_explained_frac']:.0f}%, "
+        f"busiest rank's expert time {row['expert_ms_max_rank']:.1f} ms"
+    )
+
+
+def reference_lines(rows: list[dict]) -> None:
+    """Add the proportional (``ideal_step_ms``) and expert-only (``expert_only_step_ms``) reference step times
+    to each row, both from the first row (see the module docstring)."""
+    base = rows[0]
+    for r in rows:
+        r["ideal_step_ms"] = base["step_ms"] + (r["load"] / base["load"] - 1) * base["expert_ms_max_rank"]
+        r["expert_only_step_ms"] = base["step_ms"] + r["expert_ms_max_rank"] - base["expert_ms_max_rank"]
+
+
+LINE_LABELS = {
+    "step_ms": "measured step time (median)",
+    "straggler_ms": "straggler time: Σ layers, phases of max_r E_r − mean_r E_r",
+    "ideal_step_ms": "step if busiest rank's expert time ∝ its load (scaled from the first row)",
+    "expert_only_step_ms": "step if only busiest rank's expert time changed (measured)",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m profiling.bench.sweep", description=__doc__.split("\n\n")[0], epilog=EXAMPLE
@@ -216,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             if rank == 0:
                 rows.append(summarize(load, res))
-                log.info("load %.2f: %s", load, rows[-1])
+                log.info("load %.2f: %s", load, readable(rows[-1]))
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -230,9 +266,7 @@ def write_outputs(out: Path, rows: list[dict], world: int, args) -> None:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    base = rows[0]
-    for r in rows:
-        r["ideal_step_ms"] = base["step_ms"] + (r["load"] - base["load"]) * base["expert_ms_max_rank"]
+    reference_lines(rows)
     meta = {
         "ranks": world,
         "tokens_per_rank": args.tokens,
@@ -242,25 +276,30 @@ def write_outputs(out: Path, rows: list[dict], world: int, args) -> None:
     }
     (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
-        "| max/mean load | step ms | straggler ms | straggler % of step | token-explained | ideal step ms |",
-        "|---|---|---|---|---|---|",
+        "| max/mean load | step ms | straggler ms | straggler % of step | token-explained | "
+        "step ms if expert time ∝ load | step ms if only expert time changed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['load']:.2f} | {r['step_ms']:.1f} | {r['straggler_ms']:.1f} | "
             f"{100 * r['straggler_frac']:.0f}% | {100 * r['token_explained_frac']:.0f}% | "
-            f"{r['ideal_step_ms']:.1f} |"
+            f"{r['ideal_step_ms']:.1f} | {r['expert_only_step_ms']:.1f} |"
         )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     loads = [r["load"] for r in rows]
-    ax.plot(loads, [r["step_ms"] for r in rows], "o-", label="step time")
-    ax.plot(loads, [r["straggler_ms"] for r in rows], "s-", label="straggler time")
-    ax.plot(loads, [r["ideal_step_ms"] for r in rows], "--", label="ideal (∝ max rank load)")
+    for key, style in (
+        ("step_ms", "o-"),
+        ("straggler_ms", "s-"),
+        ("ideal_step_ms", "--"),
+        ("expert_only_step_ms", ":"),
+    ):
+        ax.plot(loads, [r[key] for r in rows], style, label=LINE_LABELS[key])
     ax.set_xlabel("max/mean token load per rank")
     ax.set_ylabel("ms per step (fwd+bwd)")
     ax.set_title(f"{world} ranks, {args.tokens} tokens/rank")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
     log.info("wrote %s/sweep.{json,md,png}\n%s", out, "\n".join(lines))
