@@ -33,6 +33,9 @@ from pathlib import Path
 import yaml
 
 from moe_dist.moe.placement import load_ratio as rank_load_ratio
+from profiling.analysis.report_html import markdown_to_html
+from profiling.analysis.report_placement import md_placement, placement_history, recorded
+from profiling.analysis.report_plots import plot_breakdown, plot_heatmaps, plot_straggler_vs_load
 from profiling.runtime.analysis import PHASES, LinearFit
 
 log = logging.getLogger("moe_dist.report")
@@ -240,90 +243,6 @@ def summarize(run: Run) -> dict:
     }
 
 
-# --- plots ---------------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_heatmaps(run: Run, out: Path) -> list[str]:
-    plt = _pyplot()
-    steps = sorted(run.routing)
-    names = []
-    for li, layer in enumerate(run.layers):
-        grid = [[run.routing[s][li][i] for s in steps] for i in range(len(run.routing[steps[0]][li]))]
-        fig, ax = plt.subplots(figsize=(max(6.0, min(14.0, 0.12 * len(steps) + 4)), 3.5))
-        img = ax.imshow(
-            grid,
-            aspect="auto",
-            origin="lower",
-            interpolation="nearest",
-            cmap="viridis",
-            extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(grid) - 0.5),
-        )
-        fig.colorbar(img, ax=ax, label="(token, expert) pairs per step")
-        per_rank = len(grid) // run.ep if run.ep > 0 and len(grid) % run.ep == 0 else 0
-        for k in range(1, run.ep if per_rank else 0):
-            ax.axhline(k * per_rank - 0.5, color="white", linestyle="--", linewidth=0.8)
-        ax.set(xlabel="step", ylabel="expert (dashed: EP rank boundaries)", title=f"expert load, L{layer}")
-        name = f"load_heatmap_L{layer}.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        names.append(name)
-    return names
-
-
-def plot_breakdown(summary: dict, out: Path) -> str:
-    plt = _pyplot()
-    bd = summary["breakdown"]
-    ranks = list(range(len(bd["compute"])))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(ranks) + 3), 4))
-    bottom = [0.0] * len(ranks)
-    parts = [
-        ("compute", "expert compute (E fwd+bwd)", "tab:blue", None),
-        ("wait", "wait (W fwd+bwd)", "tab:red", None),
-        ("a2a", "all-to-all fwd, without wait", "tab:green", None),
-        ("other", "rest of rank 0's step", "lightgrey", "//"),
-    ]
-    for key, label, colour, hatch in parts:
-        ax.bar(ranks, bd[key], bottom=bottom, label=label, color=colour, hatch=hatch)
-        bottom = [b + v for b, v in zip(bottom, bd[key], strict=True)]
-    ax.set(xlabel="rank", ylabel="ms per step (mean over steps)", title="per-rank time breakdown")
-    ax.set_xticks(ranks)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    name = "rank_breakdown.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    return name
-
-
-def plot_straggler_vs_load(run: Run, summary: dict, out: Path) -> str:
-    plt = _pyplot()
-    xs, ys = step_points(run)
-    a, c = summary["load_fit"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(xs, ys, s=14, label="steps")
-    lo, hi = min(xs), max(xs)
-    ax.plot([lo, hi], [a + c * lo, a + c * hi], color="tab:red", label=f"fit: {a:.2f} + {c:.2f}·x ms")
-    ax.set(
-        xlabel="max/mean rank load (rows), mean over MoE layers",
-        ylabel="straggler ms per step (sum over layers, fwd+bwd)",
-        title="straggler time vs rank load imbalance",
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    name = "straggler_vs_load.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    return name
-
-
 # --- markdown ------------------------------------------------------------------------------------------
 def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
@@ -457,13 +376,15 @@ def md_capacity(run: Run, s: dict) -> list[str]:
 
 
 def make_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write report.md and the plots into ``out`` (default ``run_dir``); return the report's path."""
+    """Write report.md, report.html (self-contained) and the plots into ``out`` (default ``run_dir``);
+    return report.md's path."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
     run = load_run(run_dir)  # a wrong directory fails before anything is created
     out.mkdir(parents=True, exist_ok=True)
     lines = []
-    heatmaps = plot_heatmaps(run, out) if run.routing else []
+    history = placement_history(run_dir, run.config, run.straggler, len(run.layers))
+    heatmaps = plot_heatmaps(run, out, history) if run.routing else []
     if not run.straggler:
         lines += [
             f"# Straggler report: {run_dir.name}",
@@ -478,15 +399,25 @@ def make_report(run_dir: Path, out: Path | None = None) -> Path:
         lines += [
             "## Straggler vs load",
             "",
-            f"![straggler vs load]({plot_straggler_vs_load(run, s, out)})",
+            f"![straggler vs load]({plot_straggler_vs_load(*step_points(run), s, out)})",
             "",
         ]
+    if recorded(run.straggler):
+        lines += md_placement(history)
     if heatmaps:
         lines += ["## Expert load over steps", ""] + [f"![{h}]({h})" for h in heatmaps] + [""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
-    log.info("wrote %s (%d plots)", path, len(heatmaps) + (2 if run.straggler else 0))
+    _write_atomic(path, "\n".join(lines))
+    title = lines[0].lstrip("# ")
+    _write_atomic(out / "report.html", markdown_to_html(lines, out, title))
+    log.info("wrote %s and report.html (%d plots)", path, len(heatmaps) + (2 if run.straggler else 0))
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 EXAMPLE = "example: moe-dist report runs/demo   (or: python -m profiling.analysis.report runs/demo)"
