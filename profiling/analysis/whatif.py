@@ -166,7 +166,16 @@ def recorded(run: Run, costs: dict[tuple[int, str], Cost]) -> dict:
         "straggler_frac": S / step if step > 0 else 0.0,
         "model_straggler_ms": model,
         "model_straggler_frac": model / step if step > 0 else 0.0,
+        "placement": recorded_placement(run.config),
     }
+
+
+def recorded_placement(config: dict) -> str:
+    """The recorded run's placement as its config names it (``parallel.placement``, redundant slots)."""
+    par = config.get("parallel", {})
+    name = str(par.get("placement", "contiguous"))
+    k = int(par.get("redundant_experts", 0) or 0)
+    return f"{name}+{k}" if k else name
 
 
 def project_one(run: Run, costs: dict[tuple[int, str], Cost], ranks: int, policy: str, base: dict) -> dict:
@@ -275,12 +284,16 @@ def project_run(
 
 def format_table(base: dict, rows: list[dict]) -> str:
     out = [
-        f"recorded: world {base['world']}, EP {base['ep']}, {base['num_experts']} experts, "
-        f"{base['steps']} steps; mean step {base['step_ms']:.2f} ms, straggler {base['straggler_ms']:.2f} ms "
+        f"baseline (every row is projected from it): the recorded run, world {base['world']}, "
+        f"EP {base['ep']}, placement {base.get('placement', 'contiguous')}, {base['num_experts']} experts, "
+        f"{base['steps']} steps; "
+        f"mean step {base['step_ms']:.2f} ms, straggler {base['straggler_ms']:.2f} ms "
         f"({100 * base['straggler_frac']:.2f} %); cost model on the recorded loads: "
         f"{base['model_straggler_ms']:.2f} ms ({100 * base['model_straggler_frac']:.2f} %)",
+        "step ms = recorded mean step - recorded sum of max_r E_r + projected sum of max_r E_r; "
+        "x base = step ms / the baseline's mean step",
         f"{'EP':>5}  {'placement':<12} {'exp/rank':>8} {'max/mean':>9} {'straggler ms':>13} "
-        f"{'step ms':>10} {'straggler %':>12}",
+        f"{'step ms':>10} {'x base':>7} {'straggler %':>12}",
     ]
     for r in rows:
         if r["skipped"]:
@@ -289,7 +302,8 @@ def format_table(base: dict, rows: list[dict]) -> str:
         name = r["placement"] if "redundant" not in r else f"{r['placement']}+{r['redundant']}"
         out.append(
             f"{r['ep']:>5}  {name:<12} {r['experts_per_rank']:>8} {r['load_ratio']:>9.3f} "
-            f"{r['straggler_ms']:>13.3f} {r['step_ms']:>10.3f} {100 * r['straggler_frac']:>12.2f}"
+            f"{r['straggler_ms']:>13.3f} {r['step_ms']:>10.3f} {r['step_ms'] / base['step_ms']:>7.3f} "
+            f"{100 * r['straggler_frac']:>12.2f}"
         )
         if "redundant" in r:
             mig = sum(x["migration_bytes"] for x in r["layers"])
