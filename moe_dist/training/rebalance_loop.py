@@ -58,9 +58,11 @@ class RebalanceLoop:
         """The run's placement version: the number of rebalances that changed some layer's table."""
         return max((m.placement.version for m in self.layers), default=0)
 
-    def due(self, step: int) -> bool:
-        """After optimizer step number ``step`` (1-based)?"""
-        return step % self.every == 0
+    def due(self, step: int, last: int | None = None) -> bool:
+        """After step ``step`` (0-based, the number the profiler, the JSONL files and TensorBoard give it:
+        the ``every``-th, 2·``every``-th, ... step)? Never after ``last`` (the run's final step): a placement
+        that no step would train with is not worth a migration before the last checkpoint."""
+        return (step + 1) % self.every == 0 and step != last
 
     def window(self) -> Tensor:
         """Collective: fp64 [L, R, N] kept pairs sent to each logical expert since ``since``, by sender EP
@@ -83,8 +85,10 @@ class RebalanceLoop:
         self.carry, self.since = None, step
 
     def rebalance(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict:
-        """Collective: re-place and migrate every layer after optimizer step ``step`` (after zero_grad with
-        set_to_none). Returns the profiler's fields and the window's per-step mean counts per layer."""
+        """Collective: re-place and migrate every layer after step ``step`` (0-based, as ``due``; after
+        zero_grad with set_to_none). Returns the profiler's fields and the window's per-step mean counts per
+        layer."""
+        done = step + 1  # why a count: ``since`` (checkpointed, and a resume's reset) counts steps taken
         counts_LRN = self.window()
         version = self.version + 1  # why one number: every layer that changes now gets the same version
         new, before, after = [], [], []
@@ -95,8 +99,8 @@ class RebalanceLoop:
             before.append(load_ratio(old.rank_loads(c_RN)))
             after.append(load_ratio(p.rank_loads(c_RN)))
         stats = migrate_layers(self.layers, new, optimizer, self.layout.ep_group)
-        steps = max(1, step - self.since)
-        self.reset(step)
+        steps = max(1, done - self.since)
+        self.reset(done)
         if self.layout.rank == 0:
             log.info(
                 "step %d: rebalance to placement v%d: predicted max/mean rank load %s; %d slots moved, "

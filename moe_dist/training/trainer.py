@@ -765,8 +765,8 @@ class Trainer:
         counts = update_expert_biases(self.model)  # the step's global counts per layer
         alphas = self.controller.update(counts) if self.controller is not None else None
         placed: dict = {}
-        if self.rebalancer is not None and self.rebalancer.due(self.step + 1):
-            placed = self.rebalancer.rebalance(self.step + 1, self.engine.optimizer)
+        if self.rebalancer is not None and self.rebalancer.due(self.step, last=t.steps - 1):
+            placed = self.rebalancer.rebalance(self.step, self.engine.optimizer)
         loss, aux, self.stop_flag, *local_maxvio = self.mean_over_ranks(
             [ce_sum / t.grad_accum, aux_sum / t.grad_accum, float(self._sigterm), *local_maxvio]
         )
