@@ -281,6 +281,17 @@ def test_whatif_command_line(synthetic: Path, capsys: pytest.CaptureFixture[str]
     assert any("weak scaling" in a for a in saved["assumptions"])
 
 
+def test_whatif_table_names_its_baseline(synthetic: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    whatif.main([str(synthetic), "--ep", "4", "--placement", "contiguous"])
+    out = capsys.readouterr().out
+    assert "baseline (every row is projected from it): the recorded run, world 2, EP 2, placement" in out
+    assert "placement contiguous, 8 experts" in out
+    assert "x base" in next(x for x in out.splitlines() if x.split()[:2] == ["EP", "placement"])
+    line = next(x for x in out.splitlines() if x.split()[:2] == ["4", "contiguous"]).split()
+    # recorded mean step 110 ms; EP 4 contiguous projects 125 ms (the hand computation above)
+    assert line[-3:-1] == ["125.000", f"{125.0 / 110.0:.3f}"]
+
+
 def test_report_on_the_hand_made_trace(synthetic: Path) -> None:
     """Exact costs: the fit is a = 1, 2 and c = 0.01, 0.02; all straggler time is token-explained."""
     md = report.make_report(synthetic).read_text()
