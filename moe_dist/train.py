@@ -53,6 +53,9 @@ def init_distributed(cfg: RunConfig) -> tuple[torch.device, str]:
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
     if cfg.engine == "deepspeed":
+        from moe_dist.training.deepspeed_engine import quiet_deepspeed
+
+        quiet_deepspeed(device)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,25 @@ def deepspeed_config(cfg: RunConfig, world: int, device: torch.device) -> dict[s
     }
     ds.update(cfg.deepspeed.extra)
     return ds
+
+
+DEPRECATED_BY_DEEPSPEED = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+"""DeepSpeed's ZeRO calls it each step; torch warns once per rank, two lines each ("return func(...)")."""
+
+
+def quiet_deepspeed(device: torch.device) -> None:
+    """Silence what DeepSpeed prints on every launch that is noise to our users, keeping real warnings:
+
+    - the FutureWarning torch raises for DeepSpeed's own ``all_gather_into_tensor`` call (ours do not call
+      it, and the user can do nothing about it); every other warning still shows;
+    - on CPU, "Setting accelerator to CPU. If you have GPU ... we were unable to detect it", which
+      DeepSpeed logs at import when ``DS_ACCELERATOR`` is unset: we set it to ``cpu`` for a CPU run (a user's
+      own value is kept). The deepspeed launcher's own process logs it before our code runs.
+
+    Call before ``import deepspeed``."""
+    warnings.filterwarnings("ignore", message=DEPRECATED_BY_DEEPSPEED, category=FutureWarning)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def checkpoint_globals() -> list[type]:
@@ -112,6 +132,7 @@ class DeepSpeedEngine:
         refuse_replicas(model)  # before deepspeed is imported or touches a group
         if cfg is not None and cfg.parallel.placement == "balanced":  # RunConfig refuses it first
             raise ConfigError(DEEPSPEED_REFUSES_BALANCED)
+        quiet_deepspeed(device)
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         from deepspeed.utils import groups
