@@ -144,7 +144,7 @@ def test_resume_after_a_rebalance_is_bit_exact(runs: dict) -> None:
         assert a[step] == b[step], (step, a[step], b[step])
     checks = [r["resume_check"] for r in resumed["metrics"] if "resume_check" in r]
     assert checks == ["pass"]
-    # the rebalance at step 4 (window: steps 3 and 4, step 3 from the checkpoint) gave the same placements
+    # the rebalance after step 3 (window: steps 2 and 3, step 2 from the checkpoint) gave the same placements
     # and the same bits in every slot
     for ga, gb in zip(moved["ranks"], resumed["ranks"], strict=True):
         for la, lb in zip(ga["layers"], gb["layers"], strict=True):
