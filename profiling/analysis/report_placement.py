@@ -65,11 +65,12 @@ def stored_tables(run_dir: Path) -> dict[int, list[Placement]]:
     for manifest in sorted((run_dir / "checkpoints").glob("step_*/manifest.json")):
         try:
             stored = json.loads(manifest.read_text()).get("placements")
-        except (OSError, ValueError):
+            tables = [Placement.from_dict(d) for d in (stored or {}).values()]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warning("%s: no placements read (%s)", manifest, e)
             continue
-        if not stored:
+        if not tables:
             continue
-        tables = [Placement.from_dict(d) for d in stored.values()]
         out.setdefault(max(p.version for p in tables), tables)
     return out
 
