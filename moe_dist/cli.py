@@ -12,8 +12,8 @@ offline tools it names.
 The multi-rank tools that today run under ``torchrun`` (``sweep``, ``placement-study``) also take
 ``--nproc N``: outside a launcher, the command re-launches itself as
 ``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGS``; under one (``LOCAL_RANK`` is set)
-it runs the module directly. ``bench-layer`` and ``study`` start their own ranks (``--ranks``,
-``--nproc``), so they pass through like the rest.
+it runs the module directly. ``bench-layer`` and ``study`` start their own ranks, so they are never
+re-launched: ``study`` has a ``--nproc`` of its own, and ``bench-layer --nproc N`` is its ``--ranks N``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class Command:
     help: str
     nproc: int | None = None
     """Default ranks of a tool launched under torchrun; None: the tool runs in this process."""
+    nproc_flag: str | None = None
+    """The tool's own flag that ``--nproc N`` becomes (a tool that spawns its ranks itself)."""
 
     @property
     def module(self) -> str:
@@ -54,7 +56,9 @@ COMMANDS: dict[str, Command] = {
     "placement-study": Command(
         "profiling.bench.placement_study:main", "placement and replication under a routing skew", nproc=4
     ),
-    "bench-layer": Command("profiling.bench.layer:main", "layer benchmark against peers and dense FFNs"),
+    "bench-layer": Command(
+        "profiling.bench.layer:main", "layer benchmark against peers and dense FFNs", nproc_flag="--ranks"
+    ),
 }
 
 
@@ -122,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         helping = "-h" in rest or "--help" in rest
         if "LOCAL_RANK" not in os.environ and not helping:
             return subprocess.call(launch_command(cmd, nproc, rest))
+    if cmd.nproc_flag is not None and any(a == "--nproc" or a.startswith("--nproc=") for a in rest):
+        nproc, rest = split_nproc(rest, 0)
+        rest = [cmd.nproc_flag, str(nproc), *rest]
     result = resolve(cmd)(rest)
     return result if isinstance(result, int) else 0
 

@@ -55,6 +55,16 @@ def test_torchrun_tools_relaunch_under_the_launcher(monkeypatch: pytest.MonkeyPa
     assert cli.main(["no-such-tool"]) == 2
 
 
+def test_bench_layer_nproc_is_its_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench-layer spawns its own ranks: ``--nproc N`` becomes its ``--ranks N``, with no re-launch."""
+    seen: list[list[str]] = []
+    monkeypatch.setattr(cli, "resolve", lambda cmd: seen.append)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: pytest.fail(f"re-launched: {cmd}"))
+    cli.main(["bench-layer", "--nproc", "4", "--experts", "8"])
+    cli.main(["bench-layer", "--ranks", "2"])
+    assert seen == [["--ranks", "4", "--experts", "8"], ["--ranks", "2"]]
+
+
 def sweep_rows() -> list[dict]:
     """Two loads measured from a first row at load 1.5 (not 1)."""
     common = {"straggler_frac": 0.1234567891, "token_explained_frac": 0.5}
