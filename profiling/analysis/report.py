@@ -1,11 +1,14 @@
 """Offline report of one training run's straggler profile.
 
-    python -m profiling.analysis.report RUN_DIR [--out DIR]        (DIR defaults to RUN_DIR)
+    moe-dist report RUN_DIR [--out DIR]    (or python -m profiling.analysis.report; DIR defaults to RUN_DIR)
 
-Reads ``config.yaml``, ``routing.jsonl`` and ``straggler.jsonl`` written by the trainer and writes
-``report.md`` with these plots (matplotlib, Agg backend):
+Reads ``config.yaml``, ``routing.jsonl`` and ``straggler.jsonl`` written by the trainer (and the checkpoint
+manifests' placements) and writes ``report.md``, the same report as one self-contained ``report.html``
+(plots embedded; it opens offline, ``profiling.analysis.report_html``), and these plots
+(``profiling.analysis.report_plots``):
 
-    load_heatmap_L{l}.png   tokens per expert over steps for MoE layer l (routing.jsonl)
+    load_heatmap_L{l}.png   tokens per expert over steps for MoE layer l (routing.jsonl), with the EP-rank
+                            boundaries of the placement in effect (``profiling.analysis.report_placement``)
     rank_breakdown.png      per-rank time per step, averaged over steps: expert compute, wait,
                             forward all-to-all transfer time, and the rest of rank 0's step
     straggler_vs_load.png   per-step straggler time against the rank load imbalance, with a least-squares line
