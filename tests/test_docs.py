@@ -72,7 +72,10 @@ def _cli_subcommands() -> set[str] | None:
     cli = ROOT / "moe_dist" / "cli.py"
     if "moe-dist" not in scripts or not cli.is_file():
         return None
-    return set(re.findall(r'["\']([a-z][a-z0-9-]*)["\']\s*:', cli.read_text()))
+    text = cli.read_text()
+    # a table {"report": ...} or argparse's add_parser("report", ...): either way of spelling the subcommands
+    table = re.findall(r'["\']([a-z][a-z0-9-]*)["\']\s*:', text)
+    return set(table) | set(re.findall(r'add_parser\(\s*["\']([a-z][a-z0-9-]*)', text))
 
 
 def _check_config(words: list[str]) -> None:
