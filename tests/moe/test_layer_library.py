@@ -1,4 +1,4 @@
-"""The layer used as a library (README "The layer"): the README's script is the one tested.
+"""The layer used as a library (docs/layer.md): the page's script is the one tested.
 
 - Its gradient rule (``sync_gradients``) gives every rank the single-process fp64 oracle's gradients of the
   mean of the ranks' losses, and identical router weights after the step; without the call they differ.
@@ -65,11 +65,10 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 def test_readme_shows_the_tested_script() -> None:
-    """The README's 2-rank script is launch/layer_example.py, character for character."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## The layer") :]
-    section = section[: section.index("\n## ", 1)]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    """The layer page's 2-rank script (docs/layer.md, which README's "The layer" links to) is
+    launch/layer_example.py, character for character."""
+    page = (ROOT / "docs" / "layer.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     assert EXAMPLE.read_text() in blocks
 
 
