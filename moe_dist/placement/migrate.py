@@ -54,7 +54,7 @@ def sources(old: Placement, new: Placement) -> list[tuple[int, int]]:
             f"experts vs {new.ep}x{new.slots_per_rank} of {new.num_experts} (S is fixed for a run)"
         )
     out = []
-    for r, row in enumerate(new.slot_expert_RS):
+    for r, row in enumerate(new.slot_expert_RL):
         for e in row:
             reps = old.replicas(e)
             out.append(next((rs for rs in reps if rs[0] == r), reps[0]))
@@ -256,7 +256,7 @@ def migrate_layers(
     t0 = time.perf_counter()
     jobs, moving = [], []
     for layer, p_new in zip(layers, new, strict=True):
-        if layer.placement.slot_expert_RS != p_new.slot_expert_RS:
+        if layer.placement.slot_expert_RL != p_new.slot_expert_RL:
             jobs.append(Job(layer_tensors(layer, optimizer), layer.placement, p_new))
             moving.append((layer, p_new))
         elif layer.placement.version != p_new.version:

@@ -33,7 +33,7 @@ from moe_dist.errors import ConfigError
 from moe_dist.moe.placement import Placement
 
 Rows = list[list[int]]
-"""rows[r]: the experts on EP rank r (a working copy of slot_expert_RS, slot order not yet fixed)."""
+"""rows[r]: the experts on EP rank r (a working copy of slot_expert_RL, slot order not yet fixed)."""
 
 
 def expert_loads(counts_RN: list[list[float]]) -> list[float]:
@@ -181,7 +181,7 @@ def align_slots(rows: Rows, prev: Placement | None) -> tuple[tuple[int, ...], ..
         slots: list[int | None] = [None] * len(row)
         rest = sorted(row)
         if prev is not None and prev.slots_per_rank == len(row):
-            for s, e in enumerate(prev.slot_expert_RS[r]):
+            for s, e in enumerate(prev.slot_expert_RL[r]):
                 if e in rest:
                     slots[s] = e
                     rest.remove(e)
@@ -217,14 +217,14 @@ def balanced_placement(
     redundant = slots_per_rank - N // ep
     load_N = expert_loads(counts_RN)
     if not any(load_N):
-        rows = Placement.contiguous(N, ep, redundant).slot_expert_RS
+        rows = Placement.contiguous(N, ep, redundant).slot_expert_RL
         return Placement(N, rows if prev is None else align_slots([list(r) for r in rows], prev), version)
     starts = [greedy_pack(load_N, replica_counts(load_N, ep, ep * slots_per_rank), ep, slots_per_rank)]
     if redundant == 0 or (ep >= 2 and redundant <= N - N // ep):
-        starts.append([list(r) for r in Placement.contiguous(N, ep, redundant).slot_expert_RS])
+        starts.append([list(r) for r in Placement.contiguous(N, ep, redundant).slot_expert_RL])
     same_shape = prev is not None and prev.shape == (N, ep, slots_per_rank)
     if same_shape:
-        starts.append([list(r) for r in prev.slot_expert_RS])
+        starts.append([list(r) for r in prev.slot_expert_RL])
     tol = 1e-9 * max(1.0, sum(load_N))  # why: equal peaks up to rounding count as a tie
     best: tuple[float, int, Placement] | None = None
     for rows in starts:
@@ -245,7 +245,7 @@ def moved_slots(old: Placement, new: Placement) -> list[int]:
     S = old.slots_per_rank
     return [
         r * S + s
-        for r, (a, b) in enumerate(zip(old.slot_expert_RS, new.slot_expert_RS, strict=True))
+        for r, (a, b) in enumerate(zip(old.slot_expert_RL, new.slot_expert_RL, strict=True))
         for s in range(S)
         if a[s] != b[s]
     ]
@@ -254,6 +254,6 @@ def moved_slots(old: Placement, new: Placement) -> list[int]:
 def keep_if_unchanged(old: Placement, new: Placement) -> Placement:
     """``old`` itself (with its version) when ``new`` has the same table, so that nothing migrates and the
     profiler sees no new version; else ``new`` as it is."""
-    if old.num_experts == new.num_experts and old.slot_expert_RS == new.slot_expert_RS:
+    if old.num_experts == new.num_experts and old.slot_expert_RL == new.slot_expert_RL:
         return old
     return new

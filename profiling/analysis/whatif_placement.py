@@ -162,7 +162,7 @@ def project_placements(
                 "fwd_straggler_ms": acc["fwd"],
                 "bwd_straggler_ms": acc["bwd"],
                 "load_ratio": acc["ratio"],
-                "slots": [list(row) for row in p.slot_expert_RS],
+                "slots": [list(row) for row in p.slot_expert_RL],
                 "replica_sync_bytes": sync_bytes,
                 "replica_sync_ms": s_ms,
                 "migration_bytes": mig_bytes,
