@@ -12,9 +12,8 @@ Supported blocks: ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock``, ``Qwen3
 transformers is an optional extra (``pip install -e ".[hf]"``); it is imported only when a function here
 needs it. The rest of a parallelised model stays transformers' own code.
 
-Shape legend (a subset of the project's, see ``moe_dist``): N experts, L local slots (the layer's placement
-says which expert each holds), D model dim, F expert ffn dim, H shared ffn width, B sequences, S tokens per
-sequence, V vocab, X and Y other dims.
+Shape legend: N experts, L local slots (the layer's placement says which expert each holds), D model dim, F
+expert ffn dim, H shared ffn width, B sequences, S tokens per sequence, V vocab.
 
 What differs between the families is one ``HFFamily`` row each in ``moe_dist.models.hf_families``.
 """
@@ -188,16 +187,16 @@ def from_hf_block(
     return layer
 
 
-def _gather_experts(w_LXY: Tensor, group, placement: Placement) -> Tensor:
-    """[L, X, Y] on each EP rank -> [N, X, Y] in expert order (each expert from its first replica)."""
+def _gather_experts(w_L: Tensor, group, placement: Placement) -> Tensor:
+    """[L, ...] on each EP rank -> [N, ...] in expert order (each expert from its first replica)."""
     if group is None or dist.get_world_size(group) == 1:
-        parts = [w_LXY.detach()]
+        parts = [w_L.detach()]
     else:
-        parts = [torch.empty_like(w_LXY) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, w_LXY.detach().contiguous(), group=group)
+        parts = [torch.empty_like(w_L) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, w_L.detach().contiguous(), group=group)
     L = placement.slots_per_rank
     first_N = [r * L + s for r, s in (placement.owner(e) for e in range(placement.num_experts))]
-    return torch.cat(parts).index_select(0, torch.tensor(first_N, device=w_LXY.device))
+    return torch.cat(parts).index_select(0, torch.tensor(first_N, device=w_L.device))
 
 
 def to_hf_state_dict(layer: MoELayer, ep_group=None) -> dict[str, Tensor]:

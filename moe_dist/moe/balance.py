@@ -2,8 +2,7 @@
 sequence-wise loss, and the statistics behind them, reduced over the balance group in ONE all-reduce per
 layer.
 
-Shape legend (a subset of the project's, see ``moe_dist``): T tokens, N experts, K top-k, B sequences,
-S tokens per sequence, R ranks of a group.
+Shape legend: T tokens, N experts, K top-k, B sequences, S tokens per sequence, R ranks of a group.
 
 Each term is one ``BalanceTerm`` in ``BALANCE_TERMS``: it declares its named blocks of the all-reduce
 (``blocks``), reads them back by name (``loss``, ``check``), and ``moe_dist.moe.packing.Packing`` assigns

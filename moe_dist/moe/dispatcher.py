@@ -1,8 +1,7 @@
 """Token dispatch: permute (local) and all-to-all (communication) as separate steps, one interface.
 
-Shape legend (a subset of the project's, see ``moe_dist``): T tokens, D model dim, K top-k, N logical
-experts, R ranks in the EP group, L local slots per rank, Q = R * L global slots, P (token, expert) pairs
-kept after capacity (P <= T*K).
+Shape legend: T tokens, D model dim, K top-k, N logical experts, R ranks in the EP group, L local slots per
+rank, Q = R * L global slots, P (token, expert) pairs kept after capacity (P <= T*K).
 
 Routes are planned by global slot (``moe_dist.moe.placement``): the layer maps each pair's logical expert to
 the slot this rank sends it to, so pairs sorted by slot id are grouped by destination rank, then slot.

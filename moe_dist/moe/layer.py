@@ -1,8 +1,8 @@
 """The MoE layer: h = u + sum_i g_i FFN_i(u) [+ shared(u)] (the seed, plus DeepSeek-V3/Qwen2-MoE shared
 experts), expert-parallel over an optional EP group.
 
-Shape legend (a subset of the project's, see ``moe_dist``): T tokens, D model dim, N logical experts,
-K top-k, L local slots, Q global slots (EP size x L), P dispatched rows, S tokens per sequence.
+Shape legend: T tokens, D model dim, N logical experts, K top-k, L local slots, Q global slots (EP size x L),
+P dispatched rows, S tokens per sequence.
 """
 
 from __future__ import annotations

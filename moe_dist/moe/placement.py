@@ -1,7 +1,6 @@
 """Where each logical expert lives: a placement table of EP ranks x slots, with optional replicas.
 
-Shape legend (a subset of the project's, see ``moe_dist``): N logical experts, R EP ranks, L slots per rank
-(N / R + redundant), Q = R * L global slots.
+Shape legend: N logical experts, R EP ranks, L slots per rank (N / R + redundant), Q = R * L global slots.
 
 A slot is one stacked expert of a rank (``MoELayer.experts`` holds L of them). Global slot id = r * L + s.
 Every logical expert sits in at least one slot; an expert in several slots is *replicated*, and its replicas

@@ -1,9 +1,9 @@
 """Load-aware placement: which experts get the redundant slots, and which EP rank holds each replica.
 
-Shape legend: N logical experts, R EP ranks, S slots per rank, G = R * S global slots; counts_RN[r][i] is
-the number of rows EP rank r sent to logical expert i over the last window (load_N is its column sum).
+Shape legend: N logical experts, R EP ranks, L slots per rank, Q = R * L global slots; counts_RN[r][i] is the
+number of rows EP rank r sent to logical expert i over the last window (load_N is its column sum).
 
-    1. replicas (EPLB's rule): every expert starts with one replica; each of the G - N redundant slots goes
+    1. replicas (EPLB's rule): every expert starts with one replica; each of the Q - N redundant slots goes
        to the expert with the largest load_i / replicas_i (ties: lowest index), never past R replicas;
     2. packing: replicas by load_i / replicas_i, heaviest first (ties: lowest expert), each onto the rank
        with the smallest packed weight that has a free slot and does not hold that expert yet (ties:
@@ -237,16 +237,16 @@ def balanced_placement(
 
 
 def moved_slots(old: Placement, new: Placement) -> list[int]:
-    """Global slot ids (r * S + s) whose logical expert differs between ``old`` and ``new``."""
+    """Global slot ids (r * L + s) whose logical expert differs between ``old`` and ``new``."""
     if (old.ep, old.slots_per_rank) != (new.ep, new.slots_per_rank):
         raise ConfigError(
             f"placements of different shapes: {old.ep}x{old.slots_per_rank} and {new.ep}x{new.slots_per_rank}"
         )
-    S = old.slots_per_rank
+    L = old.slots_per_rank
     return [
-        r * S + s
+        r * L + s
         for r, (a, b) in enumerate(zip(old.slot_expert_RL, new.slot_expert_RL, strict=True))
-        for s in range(S)
+        for s in range(L)
         if a[s] != b[s]
     ]
 
