@@ -2,6 +2,9 @@
 
 The names below load on first use (PEP 562): ``python -m moe_dist.train`` can then decide whether to
 re-execute itself under mimalloc before it imports torch.
+
+Tensor names carry their shape as a suffix (``x_TD``, ``counts_RN``) in the letters of the project's one
+shape legend, docs/contributing.md ("Shape legend"); each file's header names the subset it uses.
 """
 
 from __future__ import annotations

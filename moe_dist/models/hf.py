@@ -12,8 +12,10 @@ Supported blocks: ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock``, ``Qwen3
 transformers is an optional extra (``pip install -e ".[hf]"``); it is imported only when a function here
 needs it. The rest of a parallelised model stays transformers' own code.
 
-Shape legend: N experts, L local slots (the layer's placement says which expert each holds), D model dim,
-F expert ffn dim, H shared ffn width, B batch, S sequence, V vocab.
+Shape legend: N experts, L local slots (the layer's placement says which expert each holds), D model dim, F
+expert ffn dim, H shared ffn width, B sequences, S tokens per sequence, V vocab.
+
+What differs between the families is one ``HFFamily`` row each in ``moe_dist.models.hf_families``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 
 from moe_dist.errors import ConfigError
 from moe_dist.models.hf_config import STRUCTURAL, hf_config_from
+from moe_dist.models.hf_families import BLOCK_KINDS, BY_KIND, HFFamily, family_of
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer, MoEOutput, moe_layers
 from moe_dist.moe.placement import Placement
@@ -38,27 +41,13 @@ from moe_dist.moe.timing import TimingHook
 
 log = logging.getLogger(__name__)
 
-BLOCK_KINDS = {
-    "MixtralSparseMoeBlock": "mixtral",
-    "Qwen2MoeSparseMoeBlock": "qwen2_moe",
-    "Qwen3MoeSparseMoeBlock": "qwen3_moe",
-    "OlmoeSparseMoeBlock": "olmoe",
-    "DeepseekV3MoE": "deepseek_v3",
-}
-"""transformers class name -> our name for its layout."""
-
-DEEPSEEK_V3_BIAS_RATE = 1e-3
-"""gamma of the selection-bias update for DeepSeek-V3 blocks (the paper's value; HF's config has none)."""
-DEEPSEEK_V3_SEQ_AUX = 1e-4
-"""alpha of DeepSeek-V3 blocks' sequence-wise balance loss (the paper's value; HF's config has none)."""
-
 
 @dataclass(frozen=True)
 class HFBlockSpec:
     """What ``to_hf_state_dict`` needs to write a layer back in its block's layout."""
 
     kind: str
-    """One of BLOCK_KINDS' values."""
+    """The family's ``HFFamily.kind``."""
     transposed: bool
     """Experts stored [N, D, 2F] / [N, F, D] (transformers' ``is_transposed``), not [N, 2F, D] / [N, D, F]."""
     block_cls: type
@@ -66,10 +55,7 @@ class HFBlockSpec:
 
 
 def block_kind(block: nn.Module) -> str:
-    name = type(block).__name__
-    if name not in BLOCK_KINDS:
-        raise ConfigError(f"{name} is not a supported sparse-MoE block (supported: {', '.join(BLOCK_KINDS)})")
-    return BLOCK_KINDS[name]
+    return family_of(block).kind
 
 
 def _activation_name(act: nn.Module | Any) -> str:
@@ -84,11 +70,8 @@ def _activation_name(act: nn.Module | Any) -> str:
     )
 
 
-def _shared_mlp(block: nn.Module, kind: str) -> nn.Module | None:
-    return {
-        "qwen2_moe": getattr(block, "shared_expert", None),
-        "deepseek_v3": getattr(block, "shared_experts", None),
-    }.get(kind)
+def _shared_mlp(block: nn.Module, fam: HFFamily) -> nn.Module | None:
+    return getattr(block, fam.shared_expert, None) if fam.shared_expert else None
 
 
 def hf_block_config(block: nn.Module, config: Any = None, **overrides: Any) -> MoEConfig:
@@ -102,7 +85,7 @@ def hf_block_config(block: nn.Module, config: Any = None, **overrides: Any) -> M
     have no bias or group limit, where both count modes agree). ``overrides`` replace any non-structural
     field.
     """
-    kind = block_kind(block)
+    fam = family_of(block)
     bad = sorted(set(overrides) & set(STRUCTURAL))
     if bad:
         raise ConfigError(
@@ -125,10 +108,11 @@ def hf_block_config(block: nn.Module, config: Any = None, **overrides: Any) -> M
         top_k=top_k,
         activation={"silu": "swiglu", "gelu": "geglu"}[act],
         residual=False,
-        normalize_topk=True if kind == "mixtral" else bool(gate.norm_topk_prob),
-        score_func="sigmoid" if kind == "deepseek_v3" else "softmax",
+        normalize_topk=fam.normalize_topk if fam.normalize_topk is not None else bool(gate.norm_topk_prob),
+        score_func=fam.score_func,
     )
-    shared = _shared_mlp(block, kind)
+    fields.update({name: cast(getattr(gate, attr)) for name, attr, cast in fam.gate_fields})
+    shared = _shared_mlp(block, fam)
     if shared is not None:
         if _activation_name(shared.act_fn) != act:
             raise ConfigError(
@@ -137,29 +121,21 @@ def hf_block_config(block: nn.Module, config: Any = None, **overrides: Any) -> M
         fields.update(
             num_shared_experts=1,
             shared_d_ff=shared.gate_proj.weight.shape[0],
-            shared_expert_gate=kind == "qwen2_moe",
+            shared_expert_gate=fam.shared_expert_gate is not None,
         )
-    if kind == "mixtral" and float(getattr(config, "router_jitter_noise", 0.0) or 0.0) > 0:
-        raise ConfigError("Mixtral's router_jitter_noise > 0 is not supported (set it to 0)")
-    if kind == "deepseek_v3":
-        fields.update(
-            routed_scaling_factor=float(gate.routed_scaling_factor),
-            n_group=int(gate.num_group),
-            topk_group=int(gate.topk_group),
-            aux_loss_coef=0.0,
-            # a Switch loss turned on by an override counts as Megatron-Core does (as eq. 18 counts for seq)
-            aux_loss_counts="unbiased",
-            bias_update_rate=DEEPSEEK_V3_BIAS_RATE,
-            seq_aux_loss_coef=DEEPSEEK_V3_SEQ_AUX,
-        )
-    else:
+    for name in fam.must_be_zero:
+        if float(getattr(config, name, 0.0) or 0.0) > 0:
+            raise ConfigError(f"{fam.display}'s {name} > 0 is not supported (set it to 0)")
+    if fam.switch_from_router_aux:
         fields["aux_loss_coef"] = top_k * float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    fields.update(fam.balance, aux_loss_counts=fam.aux_loss_counts)
     fields.update(overrides)
     cfg = MoEConfig(**fields)
-    if kind == "deepseek_v3" and cfg.bias_update_rate == 0 and bool(gate.e_score_correction_bias.any()):
+    bias = getattr(gate, fam.selection_bias) if fam.selection_bias else None
+    if bias is not None and cfg.bias_update_rate == 0 and bool(bias.any()):
         # why: our router adds the selection bias only when it is being trained (bias_update_rate > 0)
         raise ConfigError(
-            "this DeepSeek-V3 block has a nonzero e_score_correction_bias; bias_update_rate=0 would drop it"
+            f"this {fam.display} block has a nonzero {fam.selection_bias}; bias_update_rate=0 would drop it"
         )
     return cfg
 
@@ -185,7 +161,7 @@ def from_hf_block(
     model's HF config (for ``router_aux_loss_coef``; default: the one the block's experts keep). See
     ``hf_block_config`` for the balancing defaults.
     """
-    kind = block_kind(block)
+    fam = family_of(block)
     cfg = hf_block_config(block, config, **overrides)
     layer = MoELayer(cfg, ep_group, balance_group, layer_idx, timing_hook, placement=placement)
     ref = block.gate.weight
@@ -198,35 +174,36 @@ def from_hf_block(
     layer.router.weight.copy_(block.gate.weight)
     layer.experts.w1.copy_(_ours(block.experts.gate_up_proj[ids], transposed))
     layer.experts.w2.copy_(_ours(block.experts.down_proj[ids], transposed))
-    if kind == "deepseek_v3":
-        layer.router.expert_bias.copy_(block.gate.e_score_correction_bias)
-    shared = _shared_mlp(block, kind)
+    if fam.selection_bias:
+        layer.router.expert_bias.copy_(getattr(block.gate, fam.selection_bias))
+    shared = _shared_mlp(block, fam)
     if shared is not None and layer.shared_experts is not None:
         se = layer.shared_experts
         se.w1.copy_(torch.cat([shared.gate_proj.weight.t(), shared.up_proj.weight.t()], dim=1))
         se.w2.copy_(shared.down_proj.weight.t())
         if se.gate is not None:
-            se.gate.copy_(block.shared_expert_gate.weight[0])
-    layer.hf_spec = HFBlockSpec(kind, transposed, type(block))
+            se.gate.copy_(getattr(block, fam.shared_expert_gate).weight[0])
+    layer.hf_spec = HFBlockSpec(fam.kind, transposed, type(block))
     return layer
 
 
-def _gather_experts(w_LXY: Tensor, group, placement: Placement) -> Tensor:
-    """[L, X, Y] on each EP rank -> [N, X, Y] in expert order (each expert from its first replica)."""
+def _gather_experts(w_L: Tensor, group, placement: Placement) -> Tensor:
+    """[L, ...] on each EP rank -> [N, ...] in expert order (each expert from its first replica)."""
     if group is None or dist.get_world_size(group) == 1:
-        parts = [w_LXY.detach()]
+        parts = [w_L.detach()]
     else:
-        parts = [torch.empty_like(w_LXY) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, w_LXY.detach().contiguous(), group=group)
-    S = placement.slots_per_rank
-    first_G = [r * S + s for r, s in (placement.owner(e) for e in range(placement.num_experts))]
-    return torch.cat(parts).index_select(0, torch.tensor(first_G, device=w_LXY.device))
+        parts = [torch.empty_like(w_L) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, w_L.detach().contiguous(), group=group)
+    L = placement.slots_per_rank
+    first_N = [r * L + s for r, s in (placement.owner(e) for e in range(placement.num_experts))]
+    return torch.cat(parts).index_select(0, torch.tensor(first_N, device=w_L.device))
 
 
 def to_hf_state_dict(layer: MoELayer, ep_group=None) -> dict[str, Tensor]:
     """The layer's weights in its block's state-dict layout (keys relative to the block). Under EP this is
     a collective over ``ep_group`` (default: the layer's own), and every rank gets every expert."""
     spec: HFBlockSpec = layer.hf_spec
+    fam = BY_KIND[spec.kind]
     group = ep_group if ep_group is not None else getattr(layer.dispatcher, "group", None)
     w1 = _gather_experts(layer.experts.w1, group, layer.placement)
     w2 = _gather_experts(layer.experts.w2, group, layer.placement)
@@ -235,17 +212,17 @@ def to_hf_state_dict(layer: MoELayer, ep_group=None) -> dict[str, Tensor]:
         "experts.gate_up_proj": (w1 if spec.transposed else w1.transpose(1, 2)).contiguous(),
         "experts.down_proj": (w2 if spec.transposed else w2.transpose(1, 2)).contiguous(),
     }
-    if spec.kind == "deepseek_v3":
-        sd["gate.e_score_correction_bias"] = layer.router.expert_bias.detach().clone()
+    if fam.selection_bias:
+        sd[f"gate.{fam.selection_bias}"] = layer.router.expert_bias.detach().clone()
     se = layer.shared_experts
     if se is not None:
-        prefix = "shared_expert." if spec.kind == "qwen2_moe" else "shared_experts."
+        prefix = f"{fam.shared_expert}."
         gate_DH, up_DH = se.w1.detach().chunk(2, dim=1)
         sd[prefix + "gate_proj.weight"] = gate_DH.t().contiguous()
         sd[prefix + "up_proj.weight"] = up_DH.t().contiguous()
         sd[prefix + "down_proj.weight"] = se.w2.detach().t().contiguous()
         if se.gate is not None:
-            sd["shared_expert_gate.weight"] = se.gate.detach().reshape(1, -1).clone()
+            sd[f"{fam.shared_expert_gate}.weight"] = se.gate.detach().reshape(1, -1).clone()
     return sd
 
 

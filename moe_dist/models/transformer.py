@@ -1,7 +1,8 @@
 """A decoder-only byte-level transformer LM with MoE FFNs. It knows nothing about ranks: the process
 groups it needs are handed in.
 
-Shape legend: B batch, S sequence, D model dim, V vocab (256 bytes), H heads.
+Shape legend: B sequences (batch), S tokens per sequence, D model dim, V vocab (256 bytes), A attention heads,
+X head dim (D / A).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ class Attention(nn.Module):
     def forward(self, x_BSD: Tensor) -> Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
-        y_BHSd = F.scaled_dot_product_attention(
+        y_BASX = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
-        return self.proj(y_BHSd.transpose(1, 2).reshape(B, S, D))
+        return self.proj(y_BASX.transpose(1, 2).reshape(B, S, D))
 
 
 class DenseFFN(nn.Module):

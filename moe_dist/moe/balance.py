@@ -2,7 +2,11 @@
 sequence-wise loss, and the statistics behind them, reduced over the balance group in ONE all-reduce per
 layer.
 
-Shape legend: T tokens, N experts, K top-k, B sequences, S tokens per sequence.
+Shape legend: T tokens, N experts, K top-k, B sequences, S tokens per sequence, R ranks of a group.
+
+Each term is one ``BalanceTerm`` in ``BALANCE_TERMS``: it declares its named blocks of the all-reduce
+(``blocks``), reads them back by name (``loss``, ``check``), and ``moe_dist.moe.packing.Packing`` assigns
+the offsets. A new term is one class appended there (and its coefficient in ``MoEConfig``).
 
     f_i = N / (K T) * #{t : i in TopK(t)}      (no gradient; the routing choice before capacity drop;
                                                 with aux_loss_counts="unbiased", TopK of s instead)
@@ -27,6 +31,7 @@ from torch import Tensor
 from moe_dist.errors import NonFiniteError
 from moe_dist.moe.comm import all_reduce_sum_scaled_grad
 from moe_dist.moe.config import MoEConfig
+from moe_dist.moe.packing import GRAD, HOST, Block, HostView, Packing, View
 from moe_dist.moe.router import RouterOutput
 
 
@@ -122,6 +127,249 @@ def seq_balance_sum(
     return (f_BN * P_BN).sum()
 
 
+# ---- one call's inputs, shared by the terms ---------------------------------------------------------------
+
+
+@dataclass
+class BalanceCall:
+    """Everything one ``balance_terms`` call knows, computed once and read by every term."""
+
+    cfg: MoEConfig
+    route: RouterOutput
+    layer: int
+    dropped_local: Tensor
+    seq_len: int
+    count_row: tuple[int, int] | None
+    kept_counts_N: Tensor | None
+    window_counts_N: Tensor | None
+    window_tokens: Tensor | None
+    window_aux_counts_N: Tensor | None
+    alpha: Tensor | float
+    counts_local_N: Tensor
+    """int64 [N]: this rank's routed (token, expert) pairs per expert."""
+    aux_counts_local_N: Tensor
+    """int64 [N]: this rank's counts for the Switch loss's f (``counts_local_N`` unless separate)."""
+    unbiased_idx_TK: Tensor | None
+    nonfinite: Tensor
+
+    @property
+    def N(self) -> int:
+        return self.cfg.num_experts
+
+    @property
+    def K(self) -> int:
+        return self.cfg.top_k
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.route.scores_TN.dtype
+
+    @property
+    def T_local(self) -> int:
+        return self.route.scores_TN.shape[0]
+
+    @property
+    def n_seq_local(self) -> int:
+        return self.T_local // self.seq_len if self.seq_len > 0 else 0
+
+    @property
+    def local_scope(self) -> bool:
+        return self.cfg.balance_scope == "local"
+
+    def scalar(self, v: float) -> Tensor:
+        return torch.tensor([v], dtype=torch.float64, device=self.route.scores_TN.device)
+
+
+def _tokens(c: BalanceCall, v: View) -> Tensor:
+    """The view's token count, clamped to 1, in the scores' dtype."""
+    return v["tokens"].clamp(min=1).to(c.dtype)
+
+
+def _mean_scores(c: BalanceCall, v: View) -> Tensor:
+    """P_i = 1/T sum_t s_{i,t} over the view's tokens (one graph node per view)."""
+    return v.derived("P", lambda: v["importance"].to(c.dtype) / _tokens(c, v))
+
+
+def _f_routed_and_switch(c: BalanceCall, glob: View) -> tuple[Tensor, Tensor]:
+    """(routed f, the Switch loss's f) under the balance scope; they differ only with separate counts."""
+    N, K, dtype = c.N, c.K, c.dtype
+    if c.local_scope:
+        scale = N / (K * max(c.T_local, 1))
+        return c.counts_local_N.to(dtype) * scale, c.aux_counts_local_N.to(dtype) * scale
+    T_global = glob["tokens"]
+    f_routed_N = glob["counts"].to(dtype) * (N / (K * T_global.clamp(min=1).to(dtype)))
+    separate = "aux_counts" in glob
+    f_N = (
+        glob["aux_counts"].to(dtype) * (N / (K * T_global.clamp(min=1).to(dtype))) if separate else f_routed_N
+    )
+    if c.cfg.balance_scope == "global_batch" and c.window_counts_N is not None:
+        run_T = (c.window_tokens + T_global).clamp(min=1)
+        f_routed_N = ((c.window_counts_N + glob["counts"]) * (N / (K * run_T))).to(dtype)
+        f_N = f_routed_N
+        if separate:
+            run_aux = (c.window_aux_counts_N if c.window_aux_counts_N is not None else 0) + glob["aux_counts"]
+            f_N = (run_aux * (N / (K * run_T))).to(dtype)
+    return f_routed_N, f_N
+
+
+# ---- the terms ---------------------------------------------------------------------------------------------
+
+
+class BalanceTerm:
+    """One balancing term or statistic: the blocks it adds to the all-reduce, and what it reads back.
+
+    ``blocks`` returns [] when the term is off for this config. ``loss`` gets ``scoped`` (the group's sums,
+    or this rank's own under balance_scope="local") and ``glob`` (always the group's), reads its blocks by
+    name, and returns its weighted value (None: not a loss). ``check`` may raise after the all-reduce,
+    on every rank together.
+    """
+
+    name = ""
+
+    def blocks(self, c: BalanceCall) -> list[Block]:
+        return []
+
+    def loss(self, c: BalanceCall, scoped: View, glob: View) -> Tensor | None:
+        return None
+
+    def check(self, c: BalanceCall, glob: View, host: HostView | None) -> None:
+        return None
+
+
+class Statistics(BalanceTerm):
+    """Mean scores (P), routed counts, tokens and drops: what MoEStats and the bias update read."""
+
+    def blocks(self, c: BalanceCall) -> list[Block]:
+        return [
+            Block("importance", c.route.scores_TN.sum(0), GRAD),
+            Block("counts", c.counts_local_N),
+            Block("tokens", c.scalar(c.T_local)),
+            Block("dropped", c.dropped_local.reshape(1)),
+        ]
+
+
+class NonFiniteFlag(BalanceTerm):
+    """Ranks whose router logits hold NaN/Inf: raised on every rank together, before dispatch."""
+
+    def blocks(self, c: BalanceCall) -> list[Block]:
+        return [Block("nonfinite", c.nonfinite.reshape(1), HOST)] if c.cfg.check_finite else []
+
+    def check(self, c: BalanceCall, glob: View, host: HostView | None) -> None:
+        bad_ranks = int(host["nonfinite"][0]) if host is not None and "nonfinite" in glob else 0
+        if bad_ranks:
+            here = "yes" if bool(c.nonfinite) else "no"
+            raise NonFiniteError(
+                f"MoE layer {c.layer}: router logits hold NaN/Inf on {bad_ranks} rank(s) of the balance "
+                f"group (this rank: {here}); raised on every rank together, before dispatch"
+            )
+
+
+class DispatchCounts(BalanceTerm):
+    """Every rank's kept pairs per expert in an [R, N] block (this rank fills its row): the dispatcher's
+    splits, so no count all-to-all is needed."""
+
+    def blocks(self, c: BalanceCall) -> list[Block]:
+        if c.count_row is None:
+            return []
+        row, rows = c.count_row
+        block_RN = torch.zeros(rows, c.N, dtype=torch.float64, device=c.route.scores_TN.device)
+        block_RN[row] = c.kept_counts_N.to(torch.float64)
+        return [Block("dispatch_counts", block_RN, HOST)]
+
+
+class Switch(BalanceTerm):
+    """alpha * sum_i f_i P_i; with separate (unbiased) counts, f comes from its own block."""
+
+    name = "switch"
+
+    def blocks(self, c: BalanceCall) -> list[Block]:
+        if not aux_counts_separate(c.cfg):
+            return []
+        return [Block("aux_counts", c.aux_counts_local_N)]  # the host never reads them
+
+    def loss(self, c: BalanceCall, scoped: View, glob: View) -> Tensor | None:
+        alpha = c.alpha
+        if not (isinstance(alpha, Tensor) or alpha > 0):
+            return c.route.scores_TN.new_zeros(())
+        P_N = _mean_scores(c, scoped)
+        return alpha * (_f_routed_and_switch(c, glob)[1].detach() * P_N).sum()
+
+
+class CVImportance(BalanceTerm):
+    name = "cv_importance"
+
+    def loss(self, c: BalanceCall, scoped: View, glob: View) -> Tensor | None:
+        if not c.cfg.cv_importance_coef > 0:
+            return None
+        return c.cfg.cv_importance_coef * cv_squared(_mean_scores(c, scoped))
+
+
+class CVLoad(BalanceTerm):
+    """CV^2 of the smooth load (noisy gating), else of the routed f, which has no gradient: reported, then."""
+
+    name = "cv_load"
+
+    def blocks(self, c: BalanceCall) -> list[Block]:
+        load_TN = c.route.load_prob_TN
+        return [] if load_TN is None else [Block("load_prob", load_TN.sum(0), GRAD)]
+
+    def loss(self, c: BalanceCall, scoped: View, glob: View) -> Tensor | None:
+        if not c.cfg.cv_load_coef > 0:
+            return None
+        if "load_prob" in scoped:
+            load_N = scoped["load_prob"].to(c.dtype) * (c.N / (c.K * _tokens(c, scoped)))
+        else:
+            # it takes the routed f whatever aux_loss_counts says: it measures the load the experts get
+            load_N = _f_routed_and_switch(c, glob)[0].detach()
+        return c.cfg.cv_load_coef * cv_squared(load_N)
+
+
+class ZLoss(BalanceTerm):
+    name = "z"
+
+    def blocks(self, c: BalanceCall) -> list[Block]:
+        if not c.cfg.z_loss_coef > 0:
+            return []
+        lse_T = torch.logsumexp(c.route.logits_TN, dim=-1)
+        return [Block("z_sum", (lse_T * lse_T).sum().reshape(1), GRAD)]
+
+    def loss(self, c: BalanceCall, scoped: View, glob: View) -> Tensor | None:
+        if "z_sum" not in scoped:
+            return None
+        return c.cfg.z_loss_coef * (scoped["z_sum"].to(c.dtype) / _tokens(c, scoped))
+
+
+class SeqLoss(BalanceTerm):
+    """Mean over the balance group's sequences (this rank's under "local") of sum_i f_{b,i} P_{b,i}."""
+
+    name = "seq"
+
+    def blocks(self, c: BalanceCall) -> list[Block]:
+        if not c.cfg.seq_aux_loss_coef > 0:
+            return []
+        seq_sum = seq_balance_sum(c.cfg, c.route, c.seq_len, c.unbiased_idx_TK).reshape(1)
+        return [Block("seq_sum", seq_sum, GRAD), Block("sequences", c.scalar(c.n_seq_local))]
+
+    def loss(self, c: BalanceCall, scoped: View, glob: View) -> Tensor | None:
+        if "seq_sum" not in scoped:
+            return None
+        seq = scoped["seq_sum"].to(c.dtype) / scoped["sequences"].clamp(min=1).to(c.dtype)
+        return c.cfg.seq_aux_loss_coef * seq
+
+
+BALANCE_TERMS: list[BalanceTerm] = [
+    Statistics(),
+    NonFiniteFlag(),
+    DispatchCounts(),
+    Switch(),
+    CVImportance(),
+    CVLoad(),
+    ZLoss(),
+    SeqLoss(),
+]
+"""Every term, in the order of MoEOutput.terms (a new term: one class here, plus its MoEConfig field)."""
+
+
 def balance_terms(
     cfg: MoEConfig,
     route: RouterOutput,
@@ -148,150 +396,78 @@ def balance_terms(
     ``count_row`` = (this rank's row, rows in ``group``): ``kept_counts_N`` rides the same all-reduce in
     this rank's row of an [R, N] block, so every rank learns every rank's dispatch counts.
     """
-    N, K = cfg.num_experts, cfg.top_k
+    N = cfg.num_experts
     scores_TN = route.scores_TN
     dtype = scores_TN.dtype
     T_local = scores_TN.shape[0]
-    # why int64 counts (then fp64 for the packed reduce, exact to 2^53): bf16 counts flip bias signs
     counts_local_N = count_experts(route.topk_idx_TK, N)
     nonfinite = (
         (~torch.isfinite(route.logits_TN)).any()
         if cfg.check_finite
         else scores_TN.new_zeros((), dtype=torch.bool)
     )
-
-    diff_parts = [scores_TN.sum(0)]
-    want_z = cfg.z_loss_coef > 0
-    if want_z:
-        lse_T = torch.logsumexp(route.logits_TN, dim=-1)
-        diff_parts.append((lse_T * lse_T).sum().reshape(1))
-    if route.load_prob_TN is not None:
-        diff_parts.append(route.load_prob_TN.sum(0))
-    want_seq = cfg.seq_aux_loss_coef > 0
-    seq_len = T_local if seq_len is None else seq_len
-    n_seq_local = T_local // seq_len if seq_len > 0 else 0
     separate = aux_counts_separate(cfg)
-    unbiased_idx_TK = unbiased_topk_idx(cfg, route) if want_seq or separate else None
-    if want_seq:
-        diff_parts.append(seq_balance_sum(cfg, route, seq_len, unbiased_idx_TK).reshape(1))
-    diff_local = torch.cat(diff_parts).to(torch.float64)
-    plain_local = torch.cat(
-        [
-            counts_local_N.to(torch.float64),
-            torch.tensor([T_local], dtype=torch.float64, device=scores_TN.device),
-            dropped_local.to(torch.float64).reshape(1),
-            nonfinite.to(torch.float64).reshape(1),
-            torch.tensor([n_seq_local], dtype=torch.float64, device=scores_TN.device),
-        ]
-    )
-    if count_row is not None:
-        row, rows = count_row
-        block_RN = torch.zeros(rows, N, dtype=torch.float64, device=scores_TN.device)
-        block_RN[row] = kept_counts_N.to(torch.float64)
-        plain_local = torch.cat([plain_local, block_RN.flatten()])
-    n_host = plain_local.numel() - (N + 2)  # the flag, n_seq and the dispatch block: what the host reads
-    aux_counts_local_N = counts_local_N
-    if separate:
-        # the Switch loss's unbiased counts ride the same all-reduce, last (the host never reads them)
-        aux_counts_local_N = count_experts(unbiased_idx_TK, N)
-        plain_local = torch.cat([plain_local, aux_counts_local_N.to(torch.float64)])
-    n_diff = diff_local.numel()
-    local_vec = torch.cat([diff_local, plain_local])
-    # one collective per layer carries the stats, the gradient-carrying sums and the non-finite flag
-    where = f"MoE layer {layer}: router statistics all-reduce"
-    global_vec = all_reduce_sum_scaled_grad(local_vec, group, where) if group is not None else local_vec
-
-    plain_global = global_vec[n_diff:].detach()
-    host: list[float] = []
-    if cfg.check_finite or count_row is not None:
-        # why one read-back: the non-finite flag and the dispatch counts share the layer's one host sync
-        host = plain_global[N + 2 : N + 2 + n_host].tolist()
-    bad_ranks = int(host[0]) if cfg.check_finite else 0
-    if bad_ranks:
-        here = "yes" if bool(nonfinite) else "no"
-        raise NonFiniteError(
-            f"MoE layer {layer}: router logits hold NaN/Inf on {bad_ranks} rank(s) of the balance group "
-            f"(this rank: {here}); raised on every rank together, before dispatch"
-        )
-    counts_N = plain_global[:N]
-    T_global = plain_global[N]
-    dropped_global = plain_global[N + 1]
-    n_seq_global = plain_global[N + 3]
-    aux_counts_N = plain_global[-N:] if separate else counts_N
-
-    OptT = Tensor | None
-
-    def unpack(vec: Tensor, T: Tensor, n_seq: Tensor) -> tuple[Tensor, OptT, OptT, OptT]:
-        Tc = T.clamp(min=1).to(dtype)
-        P_N = vec[:N].to(dtype) / Tc
-        z = vec[N].to(dtype) / Tc if want_z else None
-        off = N + (1 if want_z else 0)
-        load = vec[off : off + N].to(dtype) * (N / (K * Tc)) if route.load_prob_TN is not None else None
-        off += N if route.load_prob_TN is not None else 0
-        seq = vec[off].to(dtype) / n_seq.clamp(min=1).to(dtype) if want_seq else None
-        return P_N, z, load, seq
-
-    P_glob, z_glob, load_glob, seq_glob = unpack(global_vec[:n_diff], T_global, n_seq_global)
-    f_glob = counts_N.to(dtype) * (N / (K * T_global.clamp(min=1).to(dtype)))
-
-    if cfg.balance_scope == "local":
-        P_N, z, smooth_f, seq = unpack(
-            diff_local,
-            torch.tensor(float(T_local), dtype=torch.float64),
-            torch.tensor(float(n_seq_local), dtype=torch.float64),
-        )
-        f_N = aux_counts_local_N.to(dtype) * (N / (K * max(T_local, 1)))
-        f_routed_N = counts_local_N.to(dtype) * (N / (K * max(T_local, 1)))
-    else:
-        # the sequence-wise loss has no running window: each sequence is complete in its micro-batch
-        P_N, z, smooth_f, seq = P_glob, z_glob, load_glob, seq_glob
-        f_routed_N = f_glob
-        f_N = aux_counts_N.to(dtype) * (N / (K * T_global.clamp(min=1).to(dtype))) if separate else f_glob
-        if cfg.balance_scope == "global_batch" and window_counts_N is not None:
-            run_T = (window_tokens + T_global).clamp(min=1)
-            f_routed_N = ((window_counts_N + counts_N) * (N / (K * run_T))).to(dtype)
-            f_N = f_routed_N
-            if separate:
-                run_aux = (window_aux_counts_N if window_aux_counts_N is not None else 0) + aux_counts_N
-                f_N = (run_aux * (N / (K * run_T))).to(dtype)
-
-    terms: dict[str, Tensor] = {}
-    zero = scores_TN.new_zeros(())
+    want_unbiased = cfg.seq_aux_loss_coef > 0 or separate
+    unbiased_idx_TK = unbiased_topk_idx(cfg, route) if want_unbiased else None
     if alpha is None:
         alpha = cfg.initial_alpha
     elif isinstance(alpha, Tensor):  # set by a controller; no host sync, and the loss keeps its dtype
         alpha = alpha.to(dtype)
-    terms["switch"] = alpha * (f_N.detach() * P_N).sum() if isinstance(alpha, Tensor) or alpha > 0 else zero
-    if cfg.cv_importance_coef > 0:
-        terms["cv_importance"] = cfg.cv_importance_coef * cv_squared(P_N)
-    if cfg.cv_load_coef > 0:
-        # with hard top-K, f carries no gradient: this term is then reported but trains nothing; it takes
-        # the routed f whatever aux_loss_counts says, because it measures the load the experts get
-        hard_f = f_routed_N.detach()
-        terms["cv_load"] = cfg.cv_load_coef * cv_squared(smooth_f if smooth_f is not None else hard_f)
-    if want_z:
-        terms["z"] = cfg.z_loss_coef * z
-    if want_seq:
-        terms["seq"] = cfg.seq_aux_loss_coef * seq
-    aux = sum(terms.values(), zero)
+    c = BalanceCall(
+        cfg=cfg,
+        route=route,
+        layer=layer,
+        dropped_local=dropped_local,
+        seq_len=T_local if seq_len is None else seq_len,
+        count_row=count_row,
+        kept_counts_N=kept_counts_N,
+        window_counts_N=window_counts_N,
+        window_tokens=window_tokens,
+        window_aux_counts_N=window_aux_counts_N,
+        alpha=alpha,
+        counts_local_N=counts_local_N,
+        aux_counts_local_N=count_experts(unbiased_idx_TK, N) if separate else counts_local_N,
+        unbiased_idx_TK=unbiased_idx_TK,
+        nonfinite=nonfinite,
+    )
+    packing = Packing([b for term in BALANCE_TERMS for b in term.blocks(c)])
+    local_vec = packing.pack()
+    # one collective per layer carries the stats, the gradient-carrying sums and the non-finite flag
+    where = f"MoE layer {layer}: router statistics all-reduce"
+    global_vec = all_reduce_sum_scaled_grad(local_vec, group, where) if group is not None else local_vec
+    glob = packing.view(global_vec)
+    # why one read-back: the non-finite flag and the dispatch counts share the layer's one host sync
+    host = glob.host() if packing.host_start < global_vec.numel() else None
+    for term in BALANCE_TERMS:
+        term.check(c, glob, host)
+    scoped = packing.view(local_vec) if c.local_scope else glob
 
+    terms: dict[str, Tensor] = {}
+    for term in BALANCE_TERMS:
+        value = term.loss(c, scoped, glob)
+        if value is not None:
+            terms[term.name] = value
+    aux = sum(terms.values(), scores_TN.new_zeros(()))
+
+    counts_N, T_global = glob["counts"], glob["tokens"]
+    f_glob = counts_N.to(dtype) * (N / (c.K * T_global.clamp(min=1).to(dtype)))
     stats = MoEStats(
         tokens_per_expert=counts_N.round().to(torch.int64),
         f=f_glob.detach(),
-        P=P_glob.detach(),
-        dropped=dropped_global.round().to(torch.int64),
+        P=_mean_scores(c, glob).detach(),
+        dropped=glob["dropped"].round().to(torch.int64),
         num_tokens=T_global.round().to(torch.int64),
         tokens_per_expert_local=counts_local_N,
     )
     kept_counts_RN = None
     if count_row is not None:
-        flat = [int(round(v)) for v in host[2:]]
+        flat = [int(round(v)) for v in host["dispatch_counts"]]
         kept_counts_RN = [flat[r * N : (r + 1) * N] for r in range(count_row[1])]
     return BalanceResult(
         aux_loss=aux,
         terms=terms,
         stats=stats,
         counts_N=counts_N,
-        aux_counts_N=aux_counts_N,
+        aux_counts_N=glob["aux_counts"] if "aux_counts" in glob else counts_N,
         kept_counts_RN=kept_counts_RN,
     )

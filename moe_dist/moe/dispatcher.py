@@ -1,24 +1,31 @@
 """Token dispatch: permute (local) and all-to-all (communication) as separate steps, one interface.
 
-Shape legend: T tokens, D model dim, K top-k, N logical experts, R ranks in the EP group, S slots per
-rank, G = R * S global slots, P (token, expert) pairs kept after capacity (P <= T*K).
+Shape legend: T tokens, D model dim, K top-k, N logical experts, R ranks in the EP group, L local slots per
+rank, Q = R * L global slots, P (token, expert) pairs kept after capacity (P <= T*K).
 
 Routes are planned by global slot (``moe_dist.moe.placement``): the layer maps each pair's logical expert to
 the slot this rank sends it to, so pairs sorted by slot id are grouped by destination rank, then slot.
 ``dispatch()`` returns the rows grouped by local slot, their per-slot counts, and a ``DispatchMeta`` that
 ``combine()`` takes back. ``LocalDispatcher`` runs everything on this rank; ``AllToAllDispatcher`` sends
 rows to the slot's rank with ``all_to_all_single`` and uneven splits.
+
+Every dispatcher keeps to the ``Dispatcher`` protocol and is built by name through ``make_dispatcher``
+from one ``DispatcherSpec``; ``register_dispatcher`` adds a name (a benchmark or a later config option
+can register its own class without touching the layer).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe_dist.errors import ConfigError
 from moe_dist.moe.comm import GroupRef, all_to_all, named_collective, permute_rows
 from moe_dist.moe.placement import Placement
 from moe_dist.moe.timing import TimingHook, backward_mark, stage_range
@@ -32,8 +39,8 @@ class RoutePlan:
     """Pair index (t*K + k) of each kept pair, sorted by slot (stable; by score within a slot)."""
     pair_slot_TK: Tensor
     """Row of each pair in the sorted buffer, or P (a zero row) when the pair was dropped."""
-    counts_G: Tensor
-    """int64 [G]: kept pairs per global slot on this rank."""
+    counts_Q: Tensor
+    """int64 [Q]: kept pairs per global slot on this rank."""
     dropped: Tensor
     """int64 scalar: pairs dropped by capacity on this rank."""
     any_dropped: bool
@@ -64,27 +71,27 @@ def plan_routes(
     """
     T, K = slot_TK.shape
     slot_P = slot_TK.reshape(-1)
-    counts_G = torch.zeros(num_slots, dtype=torch.int64, device=slot_P.device).scatter_add_(
+    counts_Q = torch.zeros(num_slots, dtype=torch.int64, device=slot_P.device).scatter_add_(
         0, slot_P, torch.ones_like(slot_P)
     )  # not bincount: it syncs with the host on CUDA
     if capacity_factor is None:
         order = torch.argsort(slot_P, stable=True)
         row = torch.empty_like(order)
         row[order] = torch.arange(order.numel(), device=order.device)
-        return RoutePlan(order, row.view(T, K), counts_G, counts_G.new_zeros(()), False)
+        return RoutePlan(order, row.view(T, K), counts_Q, counts_Q.new_zeros(()), False)
     capacity = math.ceil(capacity_factor * K * T / (num_experts or num_slots))
     # why two stable sorts: by score (descending), then by slot, so each slot's pairs are best-first
     by_score = torch.argsort(topk_scores_TK.reshape(-1).detach(), descending=True, stable=True)
     order = by_score[torch.argsort(slot_P[by_score], stable=True)]
-    starts_G = torch.cumsum(counts_G, 0) - counts_G
-    rank_in_slot = torch.arange(order.numel(), device=order.device) - starts_G[slot_P[order]]
+    starts_Q = torch.cumsum(counts_Q, 0) - counts_Q
+    rank_in_slot = torch.arange(order.numel(), device=order.device) - starts_Q[slot_P[order]]
     keep = rank_in_slot < capacity
     kept = order[keep]
-    kept_counts_G = counts_G.clamp(max=capacity)
+    kept_counts_Q = counts_Q.clamp(max=capacity)
     row = torch.full((T * K,), kept.numel(), dtype=torch.int64, device=order.device)
     row[kept] = torch.arange(kept.numel(), device=order.device)
-    dropped = counts_G.sum() - kept_counts_G.sum()
-    return RoutePlan(kept, row.view(T, K), kept_counts_G, dropped, True)
+    dropped = counts_Q.sum() - kept_counts_Q.sum()
+    return RoutePlan(kept, row.view(T, K), kept_counts_Q, dropped, True)
 
 
 class _GatherPairs(torch.autograd.Function):
@@ -127,14 +134,83 @@ class _ScatterPairs(torch.autograd.Function):
         return g, None
 
 
+@dataclass
+class DispatcherSpec:
+    """What the layer hands a dispatcher class: the same arguments for every kind."""
+
+    num_experts: int
+    placement: Placement
+    """Which logical expert each slot of the EP group holds (every rank: the same)."""
+    group: object = None
+    """The EP group (None: one rank)."""
+    layer: int = 0
+    """Names the layer in profiler ranges, timing records and errors."""
+    hook: TimingHook | None = None
+    count_rows: list[int] | None = None
+    """Row of each EP-group member in the balancing all-reduce's count block (see AllToAllDispatcher)."""
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """Moves (token, expert) rows to the rank of their slot and back.
+
+    ``dispatch`` returns the rows grouped by local slot, the int64 [L] rows per local slot and the metadata
+    that ``combine`` takes back; local permutes and communication are separate steps inside, each in its
+    own profiler range.
+    """
+
+    layer: int
+    num_slots: int
+
+    def dispatch(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
+    ) -> tuple[Tensor, Tensor, DispatchMeta]: ...
+
+    def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor: ...
+
+    def set_placement(self, placement: Placement) -> None: ...
+
+
+DispatcherClass = Callable[[DispatcherSpec], Dispatcher]
+_DISPATCHERS: dict[str, DispatcherClass] = {}
+
+
+def register_dispatcher(name: str, cls: DispatcherClass) -> None:
+    """Make ``name`` buildable by ``make_dispatcher``; ``cls(spec)`` builds one."""
+    _DISPATCHERS[name] = cls
+
+
+def dispatcher_names() -> list[str]:
+    return sorted(_DISPATCHERS)
+
+
+def default_dispatcher(ep_size: int) -> str:
+    """The dispatcher a layer uses when none is named: all local on one rank, all-to-all beyond."""
+    return "all_to_all" if ep_size > 1 else "local"
+
+
+def make_dispatcher(name: str, spec: DispatcherSpec) -> Dispatcher:
+    """Build the dispatcher registered as ``name``."""
+    try:
+        cls = _DISPATCHERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown dispatcher {name!r}; known: {', '.join(dispatcher_names())}") from None
+    return cls(spec)
+
+
 class LocalDispatcher:
     """All experts on this rank: permute, compute, unpermute; no communication."""
 
-    def __init__(self, num_experts: int, layer: int = 0, hook: TimingHook | None = None) -> None:
-        self.num_experts = num_experts
-        self.num_slots = num_experts  # one rank: every expert in exactly one slot
-        self.layer = layer
-        self.hook = hook
+    def __init__(self, spec: DispatcherSpec) -> None:
+        self.num_experts = spec.num_experts
+        self.num_slots = spec.num_experts  # one rank: every expert in exactly one slot
+        self.layer = spec.layer
+        self.hook = spec.hook
+        self.placement = spec.placement
+
+    def set_placement(self, placement: Placement) -> None:
+        """One rank: the slot order lives in the route plan alone, so only the record changes."""
+        self.placement = placement
 
     def dispatch(
         self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
@@ -142,7 +218,7 @@ class LocalDispatcher:
         K = plan.pair_slot_TK.shape[1]
         with stage_range(self.layer, "permute"):
             x_PD = _GatherPairs.apply(x_TD, plan, K)
-        return x_PD, plan.counts_G, DispatchMeta(plan=plan, num_tokens=x_TD.shape[0])
+        return x_PD, plan.counts_Q, DispatchMeta(plan=plan, num_tokens=x_TD.shape[0])
 
     def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor:
         with stage_range(self.layer, "unpermute"):
@@ -153,31 +229,24 @@ class LocalDispatcher:
 
 
 class AllToAllDispatcher(LocalDispatcher):
-    """Expert slots spread over ``group`` by a ``Placement`` (default: contiguous, N/R per rank): tokens
-    travel by uneven all-to-all.
+    """Expert slots spread over ``group`` by a ``Placement``: tokens travel by uneven all-to-all.
+
+    ``exchange`` is the one communication call (the token all-to-all); a subclass may replace it (the
+    no-communication floor of ``profiling/bench/nocomm.py`` does) and keeps every profiler range and timing
+    record where it is.
 
     ``count_rows``: the row of each EP-group member (in EP order) in the [R_balance, N] count block that the
     balancing all-reduce carries; with it, ``dispatch`` takes the splits from that block (``counts_RN``,
     per logical expert) and every sender's route table, and skips the count all-to-all.
     """
 
-    def __init__(
-        self,
-        num_experts: int,
-        group,
-        layer: int = 0,
-        hook: TimingHook | None = None,
-        count_rows: list[int] | None = None,
-        placement: Placement | None = None,
-    ) -> None:
-        super().__init__(num_experts, layer, hook)
-        self.group = group  # held weakly (GroupRef): see the property
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.count_rows = count_rows
-        self.set_placement(
-            placement if placement is not None else Placement.contiguous(num_experts, self.world)
-        )
+    def __init__(self, spec: DispatcherSpec) -> None:
+        super().__init__(spec)
+        self.group = spec.group  # held weakly (GroupRef): see the property
+        self.world = dist.get_world_size(spec.group)
+        self.rank = dist.get_rank(spec.group)
+        self.count_rows = spec.count_rows
+        self.set_placement(spec.placement)
 
     @property
     def group(self):
@@ -188,68 +257,68 @@ class AllToAllDispatcher(LocalDispatcher):
     def group(self, group) -> None:
         self._group_ref = GroupRef(group)
 
+    def exchange(self, x_PD: Tensor, out_splits: list[int], in_splits: list[int], where: str) -> Tensor:
+        """Send ``in_splits[r]`` rows to EP rank r, receive ``out_splits[r]`` from it (differentiable)."""
+        return all_to_all(x_PD, out_splits, in_splits, self.group, where)
+
     def set_placement(self, placement: Placement) -> None:
         """Dispatch by ``placement`` from the next call on (``MoELayer.set_placement`` validates it)."""
-        self.placement = placement
-        R, S = self.world, placement.slots_per_rank
-        self.num_slots = S
+        super().set_placement(placement)
+        R, L = self.world, placement.slots_per_rank
+        self.num_slots = L
         # why every sender's table: all ranks know all tables, so the [R, N] count block alone sizes every
-        # buffer; a sender's pairs of expert e all go to one global slot g = r * S + s
+        # buffer; a sender's pairs of expert e all go to one global slot q = r * L + s
         tables = [self.placement.route_table(q) for q in range(R)]
-        self._send_to = [divmod(g, S) for g in tables[self.rank]]  # (rank, slot) per logical expert
+        self._send_to = [divmod(q, L) for q in tables[self.rank]]  # (rank, slot) per logical expert
         # per sender q: (my slot, logical expert) for each expert that q sends to this rank
         self._recv_from = [
-            [(g - self.rank * S, e) for e, g in enumerate(t) if g // S == self.rank] for t in tables
+            [(q - self.rank * L, e) for e, q in enumerate(t) if q // L == self.rank] for t in tables
         ]
 
     def _splits(self, plan: RoutePlan, counts_RN: list[list[int]] | None) -> tuple[list, list]:
-        """[R][S] rows this rank sends to each rank's slots, and receives from each rank into its slots."""
-        R, S = self.world, self.num_slots
+        """[R][L] rows this rank sends to each rank's slots, and receives from each rank into its slots."""
+        R, L = self.world, self.num_slots
         if counts_RN is not None and self.count_rows is not None:
             own = counts_RN[self.count_rows[self.rank]]
-            send_RS = [[0] * S for _ in range(R)]
+            send_RL = [[0] * L for _ in range(R)]
             for e, (r, s) in enumerate(self._send_to):
-                send_RS[r][s] = own[e]  # one expert per slot per sender: no sums
-            recv_RS = [[0] * S for _ in range(R)]
+                send_RL[r][s] = own[e]  # one expert per slot per sender: no sums
+            recv_RL = [[0] * L for _ in range(R)]
             for q, pairs in enumerate(self._recv_from):
                 row = counts_RN[self.count_rows[q]]
                 for s, e in pairs:
-                    recv_RS[q][s] = row[e]
-            return send_RS, recv_RS
+                    recv_RL[q][s] = row[e]
+            return send_RL, recv_RL
         # why: receivers must size their buffers, so counts go first (the one host sync per layer)
-        recv_counts = torch.empty_like(plan.counts_G)
+        recv_counts = torch.empty_like(plan.counts_Q)
         with named_collective(f"MoE layer {self.layer}: dispatch count exchange"):
-            dist.all_to_all_single(recv_counts, plan.counts_G.contiguous(), group=self.group)
+            dist.all_to_all_single(recv_counts, plan.counts_Q.contiguous(), group=self.group)
             # the read-back is where an asynchronous backend (NCCL) actually waits
-            send_RS, recv_RS = torch.stack([plan.counts_G, recv_counts]).view(2, R, S).tolist()
-        return send_RS, recv_RS
+            send_RL, recv_RL = torch.stack([plan.counts_Q, recv_counts]).view(2, R, L).tolist()
+        return send_RL, recv_RL
 
     def dispatch(
         self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
     ) -> tuple[Tensor, Tensor, DispatchMeta]:
-        R, S = self.world, self.num_slots
+        R, L = self.world, self.num_slots
         x_PD, _, meta = super().dispatch(x_TD, plan)
         hook = self.hook
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_start")
         with stage_range(self.layer, "dispatch_a2a"):
-            send_RS, recv_RS = self._splits(plan, counts_RN)
-            meta.send_splits = [sum(row) for row in send_RS]
-            meta.recv_splits = [sum(row) for row in recv_RS]
-            x_PD = all_to_all(
-                x_PD,
-                meta.recv_splits,
-                meta.send_splits,
-                self.group,
-                f"MoE layer {self.layer}: dispatch all-to-all",
+            send_RL, recv_RL = self._splits(plan, counts_RN)
+            meta.send_splits = [sum(row) for row in send_RL]
+            meta.recv_splits = [sum(row) for row in recv_RL]
+            x_PD = self.exchange(
+                x_PD, meta.recv_splits, meta.send_splits, f"MoE layer {self.layer}: dispatch all-to-all"
             )
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_end")
         with stage_range(self.layer, "permute"):
             # rows arrive grouped (source rank, local slot); experts want (local slot, source rank)
-            counts_S = [sum(recv_RS[r][s] for r in range(R)) for s in range(S)]
-            if S > 1 and R > 1:
-                meta.regroup_idx = _regroup_index(recv_RS, x_PD.device)
+            counts_L = [sum(recv_RL[r][s] for r in range(R)) for s in range(L)]
+            if L > 1 and R > 1:
+                meta.regroup_idx = _regroup_index(recv_RL, x_PD.device)
                 meta.regroup_inv = torch.empty_like(meta.regroup_idx)
                 meta.regroup_inv[meta.regroup_idx] = torch.arange(
                     meta.regroup_idx.numel(), device=x_PD.device
@@ -258,7 +327,7 @@ class AllToAllDispatcher(LocalDispatcher):
         if hook is not None:
             hook.tokens(self.layer, x_PD.shape[0])
         x_PD = backward_mark(x_PD, hook, self.layer, "experts_end")
-        counts_t = torch.tensor(counts_S, dtype=torch.int64, device=x_PD.device)
+        counts_t = torch.tensor(counts_L, dtype=torch.int64, device=x_PD.device)
         return x_PD, counts_t, meta
 
     def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor:
@@ -269,26 +338,26 @@ class AllToAllDispatcher(LocalDispatcher):
         if self.hook is not None:
             self.hook.record(self.layer, "fwd", "combine_start")
         with stage_range(self.layer, "combine_a2a"):
-            y_PD = all_to_all(
-                y_PD,
-                meta.send_splits,
-                meta.recv_splits,
-                self.group,
-                f"MoE layer {self.layer}: combine all-to-all",
+            y_PD = self.exchange(
+                y_PD, meta.send_splits, meta.recv_splits, f"MoE layer {self.layer}: combine all-to-all"
             )
         if self.hook is not None:
             self.hook.record(self.layer, "fwd", "combine_end")
         return super().combine(y_PD, gates_TK, meta)
 
 
-def _regroup_index(recv_RS: list[list[int]], device: torch.device) -> Tensor:
+def _regroup_index(recv_RL: list[list[int]], device: torch.device) -> Tensor:
     """Index that reorders chunks laid out (rank r, slot s) into (slot s, rank r)."""
-    counts_RS = torch.tensor(recv_RS, dtype=torch.int64)
-    flat = counts_RS.flatten()
-    starts_RS = (torch.cumsum(flat, 0) - flat).view_as(counts_RS)
-    lens_SR = counts_RS.t().flatten()  # chunk lengths in (slot, rank) order
-    src_starts = starts_RS.t().flatten()
-    dst_starts = torch.cumsum(lens_SR, 0) - lens_SR
+    counts_RL = torch.tensor(recv_RL, dtype=torch.int64)
+    flat = counts_RL.flatten()
+    starts_RL = (torch.cumsum(flat, 0) - flat).view_as(counts_RL)
+    lens_LR = counts_RL.t().flatten()  # chunk lengths in (slot, rank) order
+    src_starts = starts_RL.t().flatten()
+    dst_starts = torch.cumsum(lens_LR, 0) - lens_LR
     total = int(flat.sum())
-    shift = torch.repeat_interleave(src_starts - dst_starts, lens_SR, output_size=total)
+    shift = torch.repeat_interleave(src_starts - dst_starts, lens_LR, output_size=total)
     return (shift + torch.arange(total)).to(device)
+
+
+register_dispatcher("local", LocalDispatcher)
+register_dispatcher("all_to_all", AllToAllDispatcher)

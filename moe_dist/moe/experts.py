@@ -1,7 +1,7 @@
 """Grouped expert FFNs (stacked weights, one grouped GEMM per projection) and the dense shared experts.
 
 Shape legend: P rows (token, expert pairs) grouped by local slot, T tokens, D model dim, F ffn dim,
-L local slots (each holds one logical expert; see moe_dist/placement.py), H hidden width of the shared FFN
+L local slots (each holds one logical expert; see moe_dist/moe/placement.py), H hidden width of the shared FFN
 (num_shared_experts * shared_d_ff).
 
     plain:  FFN_i(u) = act(u W1_i) W2_i,               W1 [L, D, F],  W2 [L, F, D]

@@ -1,8 +1,8 @@
 """The MoE layer: h = u + sum_i g_i FFN_i(u) [+ shared(u)] (the seed, plus DeepSeek-V3/Qwen2-MoE shared
 experts), expert-parallel over an optional EP group.
 
-Shape legend: T tokens, D model dim, N logical experts, K top-k, L local slots, G global slots (EP size x
-L), P dispatched rows, S sequence.
+Shape legend: T tokens, D model dim, N logical experts, K top-k, L local slots, Q global slots (EP size x L),
+P dispatched rows, S tokens per sequence.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from moe_dist.errors import ConfigError
 from moe_dist.moe.balance import BalanceResult, MoEStats, balance_terms
 from moe_dist.moe.comm import GroupRef
 from moe_dist.moe.config import MoEConfig
-from moe_dist.moe.dispatcher import AllToAllDispatcher, LocalDispatcher, plan_routes
+from moe_dist.moe.dispatcher import (
+    Dispatcher,
+    DispatcherSpec,
+    default_dispatcher,
+    make_dispatcher,
+    plan_routes,
+)
 from moe_dist.moe.experts import GroupedExperts, SharedExperts
 from moe_dist.moe.placement import Placement
 from moe_dist.moe.router import Router
@@ -58,6 +64,8 @@ class MoELayer(nn.Module):
         placement: which logical expert each of the EP group's slots holds (``moe_dist.moe.placement``),
         the same
             on every rank of the group; None = ``Placement.contiguous(N, EP size)``, N/R experts per rank.
+        dispatcher: the name of a registered dispatcher (``moe_dist.moe.dispatcher.register_dispatcher``);
+            None = "local" on one EP rank, "all_to_all" beyond.
 
     Placement-related attributes: ``placement``, ``slot_experts`` (the logical id of each local slot, i.e.
     of each row of ``experts.w1``/``w2``), ``owned_slots`` (local slots holding the first replica of their
@@ -73,6 +81,7 @@ class MoELayer(nn.Module):
         timing_hook: TimingHook | None = None,
         init_seed: int | None = None,
         placement: Placement | None = None,
+        dispatcher: str | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.layer_idx, self.balance_group = cfg, layer_idx, balance_group
@@ -91,7 +100,7 @@ class MoELayer(nn.Module):
             )
         self.ep_group, self.ep_size, self.ep_rank = ep_group, ep_size, ep_rank
         self.placement = placement
-        self.slot_experts: list[int] = list(placement.slot_expert_RS[ep_rank])
+        self.slot_experts: list[int] = list(placement.slot_expert_RL[ep_rank])
         self.owned_slots: list[int] = placement.owned_slots(ep_rank)
         self.router = Router(cfg)
         self.experts = GroupedExperts(len(self.slot_experts), cfg.d_model, cfg.d_ff, cfg.activation)
@@ -121,11 +130,8 @@ class MoELayer(nn.Module):
         count_rows = None
         if ep_group is not None and ep_size > 1:
             count_rows = self._count_rows(ep_group, balance_group, cfg.num_experts)
-            self.dispatcher = AllToAllDispatcher(
-                cfg.num_experts, ep_group, layer_idx, timing_hook, count_rows, placement
-            )
-        else:
-            self.dispatcher = LocalDispatcher(cfg.num_experts, layer_idx, timing_hook)
+        spec = DispatcherSpec(cfg.num_experts, placement, ep_group, layer_idx, timing_hook, count_rows)
+        self.dispatcher: Dispatcher = make_dispatcher(dispatcher or default_dispatcher(ep_size), spec)
         self.timing_hook = timing_hook
         if ep_group is not None or balance_group is not None:
             # why: this layer will issue collectives; gloo groups left alive at interpreter exit can abort it
@@ -186,12 +192,11 @@ class MoELayer(nn.Module):
                 f"{placement.ep} x {placement.slots_per_rank}"
             )
         self.placement = placement
-        self.slot_experts = list(placement.slot_expert_RS[self.ep_rank])
+        self.slot_experts = list(placement.slot_expert_RL[self.ep_rank])
         self.owned_slots = placement.owned_slots(self.ep_rank)
         table = torch.tensor(placement.route_table(self.ep_rank), dtype=torch.int64)
         self.route_slot_N.copy_(table)  # why copy_: the buffer keeps its device
-        if isinstance(self.dispatcher, AllToAllDispatcher):
-            self.dispatcher.set_placement(placement)
+        self.dispatcher.set_placement(placement)
 
     def _count_rows(self, ep_group, balance_group, num_experts: int) -> list[int] | None:
         """Rows of the EP-group members in the balance group, when the dispatch counts can ride the
@@ -243,12 +248,12 @@ class MoELayer(nn.Module):
         with stage_range(self.layer_idx, "router"):
             route = self.router(x_TD)
             slot_TK = self.route_slot_N[route.topk_idx_TK]
-            G = self.ep_size * len(self.slot_experts)
+            Q = self.ep_size * len(self.slot_experts)
             plan = plan_routes(
-                slot_TK, route.topk_scores_TK, G, self.cfg.capacity_factor, self.cfg.num_experts
+                slot_TK, route.topk_scores_TK, Q, self.cfg.capacity_factor, self.cfg.num_experts
             )
             # kept pairs per logical expert: each maps to exactly one slot of this rank's route table
-            kept_counts_N = plan.counts_G[self.route_slot_N] if self.count_row is not None else None
+            kept_counts_N = plan.counts_Q[self.route_slot_N] if self.count_row is not None else None
             # why torch.where (no host sync): whoever zeroes window_tokens has emptied this window too
             window_aux_N = torch.where(self.window_tokens > 0, self.window_aux_counts, 0.0)
             bal: BalanceResult = balance_terms(
@@ -271,7 +276,7 @@ class MoELayer(nn.Module):
             self.window_counts += bal.counts_N
             self.window_aux_counts.copy_(window_aux_N + bal.aux_counts_N)
             self.window_tokens += bal.stats.num_tokens.to(torch.float64)
-            self.sent_counts_N += plan.counts_G[self.route_slot_N].to(torch.float64)
+            self.sent_counts_N += plan.counts_Q[self.route_slot_N].to(torch.float64)
         return route, plan, bal
 
     def _experts(self, x_PD: Tensor, counts_L: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
 """Where each logical expert lives: a placement table of EP ranks x slots, with optional replicas.
 
-Shape legend: N logical experts, R EP ranks, S slots per rank (N / R + redundant), G = R * S global slots.
+Shape legend: N logical experts, R EP ranks, L slots per rank (N / R + redundant), Q = R * L global slots.
 
-A slot is one stacked expert of a rank (``MoELayer.experts`` holds S of them). Global slot id = r * S + s.
+A slot is one stacked expert of a rank (``MoELayer.experts`` holds L of them). Global slot id = r * L + s.
 Every logical expert sits in at least one slot; an expert in several slots is *replicated*, and its replicas
 hold identical weights (their gradients are summed before every optimizer step). Balancing terms (f_i, P_i,
 the bias) stay per logical expert; only the dispatcher sees slots.
@@ -57,8 +57,8 @@ def check_redundant(num_experts: int, ep: int, redundant: int) -> None:
 @dataclass(frozen=True)
 class Placement:
     num_experts: int
-    slot_expert_RS: tuple[tuple[int, ...], ...]
-    """slot_expert_RS[r][s]: the logical expert in slot s of EP rank r."""
+    slot_expert_RL: tuple[tuple[int, ...], ...]
+    """slot_expert_RL[r][s]: the logical expert in slot s of EP rank r."""
     version: int = 0
     """Bumped on every change (the profiler records it per step)."""
     _replicas: dict = field(default=None, init=False, repr=False, compare=False)
@@ -66,10 +66,10 @@ class Placement:
     def __post_init__(self) -> None:
         # why normalise: lists (from JSON or a caller) would make the frozen table unhashable and mutable
         try:
-            rows = tuple(tuple(int(e) for e in row) for row in self.slot_expert_RS)
+            rows = tuple(tuple(int(e) for e in row) for row in self.slot_expert_RL)
         except (TypeError, ValueError):
-            raise ConfigError(f"a placement is rows of expert ids, got {self.slot_expert_RS!r}") from None
-        object.__setattr__(self, "slot_expert_RS", rows)
+            raise ConfigError(f"a placement is rows of expert ids, got {self.slot_expert_RL!r}") from None
+        object.__setattr__(self, "slot_expert_RL", rows)
         if not rows or any(len(row) != len(rows[0]) for row in rows) or not rows[0]:
             raise ConfigError(f"a placement needs the same number (>= 1) of slots on every rank, got {rows}")
         seen: dict[int, list[tuple[int, int]]] = {}
@@ -89,11 +89,11 @@ class Placement:
 
     @property
     def ep(self) -> int:
-        return len(self.slot_expert_RS)
+        return len(self.slot_expert_RL)
 
     @property
     def slots_per_rank(self) -> int:
-        return len(self.slot_expert_RS[0])
+        return len(self.slot_expert_RL[0])
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -139,21 +139,21 @@ class Placement:
 
     def owned_slots(self, rank: int) -> list[int]:
         """Slots of ``rank`` that hold the first replica of their expert."""
-        return [s for s, e in enumerate(self.slot_expert_RS[rank]) if self.owner(e) == (rank, s)]
+        return [s for s, e in enumerate(self.slot_expert_RL[rank]) if self.owner(e) == (rank, s)]
 
     def route_table(self, src_rank: int) -> list[int]:
-        """Global slot id (r * S + s) that sender ``src_rank`` uses for each logical expert (module doc)."""
-        S, table = self.slots_per_rank, []
+        """Global slot id (r * L + s) that sender ``src_rank`` uses for each logical expert (module doc)."""
+        L, table = self.slots_per_rank, []
         for e in range(self.num_experts):
             reps = self._replicas[e]
             local = [s for r, s in reps if r == src_rank]
             if local:
-                table.append(src_rank * S + local[0])
+                table.append(src_rank * L + local[0])
                 continue
             holders = {r for r, _ in reps}
             turn = [r for r in range(self.ep) if r not in holders].index(src_rank)
             r, s = reps[turn % len(reps)]
-            table.append(r * S + s)
+            table.append(r * L + s)
         return table
 
     def slot_loads(self, counts_RN: list[list[float]]) -> list[float]:
@@ -164,19 +164,19 @@ class Placement:
             )
         loads = [0.0] * (self.ep * self.slots_per_rank)
         for r, row in enumerate(counts_RN):
-            for e, g in enumerate(self.route_table(r)):
-                loads[g] += row[e]
+            for e, q in enumerate(self.route_table(r)):
+                loads[q] += row[e]
         return loads
 
     def rank_loads(self, counts_RN: list[list[float]]) -> list[float]:
         """Rows each EP rank's experts compute (the sum of its slots' loads)."""
-        S, loads = self.slots_per_rank, self.slot_loads(counts_RN)
-        return [sum(loads[r * S : (r + 1) * S]) for r in range(self.ep)]
+        L, loads = self.slots_per_rank, self.slot_loads(counts_RN)
+        return [sum(loads[r * L : (r + 1) * L]) for r in range(self.ep)]
 
     def to_dict(self) -> dict:
         return {
             "num_experts": self.num_experts,
-            "slots": [list(r) for r in self.slot_expert_RS],
+            "slots": [list(r) for r in self.slot_expert_RL],
             "version": self.version,
         }
 

@@ -1,6 +1,7 @@
 """Router: scores s = G(u . e_i), top-K selection (optionally biased, optionally group-limited), and gates.
 
-Shape legend: T tokens, D model dim, N experts, K top-k, G expert groups, J groups kept per token.
+Shape legend: T tokens, D model dim, N experts, K top-k, G expert groups, J groups kept per token, E experts
+per group (N / G).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Exact migration of stacked expert slots (weights, optimizer state) from one placement to another.
 
-Shape legend: S slots per rank, R EP ranks, G = R * S global slots, B bytes of one slot's row (every
-tensor of that slot, flattened and viewed as bytes, back to back).
+Shape legend: L slots per rank, R EP ranks, Q = R * L global slots, Y bytes of one slot's row (every tensor of
+that slot, flattened and viewed as bytes, back to back).
 
-Every tensor handed in is stacked over this rank's slots on dim 0 ([S, ...]): the expert weights, and
+Every tensor handed in is stacked over this rank's slots on dim 0 ([L, ...]): the expert weights, and
 AdamW's exp_avg / exp_avg_sq of the same shape; every rank hands in the same names and shapes. New slot
 (r, s) holding logical expert e is copied from one replica of e under the old placement: the replica on rank
 r itself if there is one (first in slot order; no bytes move), else the first replica in rank order.
@@ -47,14 +47,14 @@ class MigrationStats:
 
 
 def sources(old: Placement, new: Placement) -> list[tuple[int, int]]:
-    """(rank, slot) under ``old`` that new global slot g = r * S + s copies from (module doc)."""
+    """(rank, slot) under ``old`` that new global slot q = r * L + s copies from (module doc)."""
     if old.shape != new.shape:
         raise ConfigError(
             f"migration needs placements of one shape: {old.ep}x{old.slots_per_rank} of {old.num_experts} "
-            f"experts vs {new.ep}x{new.slots_per_rank} of {new.num_experts} (S is fixed for a run)"
+            f"experts vs {new.ep}x{new.slots_per_rank} of {new.num_experts} (L is fixed for a run)"
         )
     out = []
-    for r, row in enumerate(new.slot_expert_RS):
+    for r, row in enumerate(new.slot_expert_RL):
         for e in row:
             reps = old.replicas(e)
             out.append(next((rs for rs in reps if rs[0] == r), reps[0]))
@@ -63,17 +63,17 @@ def sources(old: Placement, new: Placement) -> list[tuple[int, int]]:
 
 def transfer_bytes(old: Placement, new: Placement, row_bytes: int) -> list[list[int]]:
     """[R][R] bytes that rank q sends to rank d (q != d) when every slot row is ``row_bytes`` long."""
-    S, R = new.slots_per_rank, new.ep
+    L, R = new.slots_per_rank, new.ep
     out = [[0] * R for _ in range(R)]
-    for g, (q, _) in enumerate(sources(old, new)):
-        if q != g // S:
-            out[q][g // S] += row_bytes
+    for q, (src, _) in enumerate(sources(old, new)):
+        if src != q // L:
+            out[src][q // L] += row_bytes
     return out
 
 
-def _recv_slots(src: list[tuple[int, int]], S: int, me: int, q: int) -> list[tuple[int, int]]:
+def _recv_slots(src: list[tuple[int, int]], L: int, me: int, q: int) -> list[tuple[int, int]]:
     """(new slot on ``me``, its source slot on ``q``) for the slots rank ``me`` receives from ``q``."""
-    return [(s, src[me * S + s][1]) for s in range(S) if src[me * S + s][0] == q]
+    return [(s, src[me * L + s][1]) for s in range(L) if src[me * L + s][0] == q]
 
 
 def _row_bytes(tensors: dict[str, Tensor]) -> int:
@@ -81,23 +81,23 @@ def _row_bytes(tensors: dict[str, Tensor]) -> int:
 
 
 def _pack(tensors: dict[str, Tensor], slots: list[int]) -> Tensor:
-    """uint8 [len(slots), B]: the rows of ``slots``, every tensor's bytes back to back."""
+    """uint8 [len(slots), Y]: the rows of ``slots``, every tensor's bytes back to back."""
     idx = torch.tensor(slots, dtype=torch.long, device=next(iter(tensors.values())).device)
     # index_select returns a fresh contiguous tensor: its byte view is legal for any stride of t
     parts = [t.index_select(0, idx).reshape(len(slots), -1).view(torch.uint8) for t in tensors.values()]
     return torch.cat(parts, dim=1)
 
 
-def _unpack(rows_nB: Tensor, tensors: dict[str, Tensor], out: dict[str, Tensor], slots: list[int]) -> None:
+def _unpack(rows_XY: Tensor, tensors: dict[str, Tensor], out: dict[str, Tensor], slots: list[int]) -> None:
     """Write the byte rows back into ``out``'s ``slots``, tensor by tensor (the layout of ``_pack``)."""
-    idx = torch.tensor(slots, dtype=torch.long, device=rows_nB.device)
+    idx = torch.tensor(slots, dtype=torch.long, device=rows_XY.device)
     off = 0
     for name, t in tensors.items():
         width = t[0].numel() * t.element_size()
         # why a fresh buffer (not .contiguous()): a dtype view needs storage offset 0 and a byte count per
         # row that the element size divides, which a column slice of the rows has not
-        chunk = rows_nB.new_empty(len(slots), width)
-        chunk.copy_(rows_nB[:, off : off + width])
+        chunk = rows_XY.new_empty(len(slots), width)
+        chunk.copy_(rows_XY[:, off : off + width])
         out[name].index_copy_(0, idx, chunk.view(t.dtype).reshape(len(slots), *t.shape[1:]))
         off += width
 
@@ -125,12 +125,12 @@ def migrate_many(
     me = dist.get_rank(ep_group) if ep_group is not None else 0
     plans = []
     for j in jobs:
-        S = j.new.slots_per_rank
+        L = j.new.slots_per_rank
         if j.new.ep != R:
             raise ConfigError(f"migration: the placement has {j.new.ep} EP ranks, the EP group {R}")
         for name, t in j.tensors.items():
-            if t.dim() == 0 or t.shape[0] != S:
-                raise ConfigError(f"migration: {name} has shape {tuple(t.shape)}, not [S={S}, ...]")
+            if t.dim() == 0 or t.shape[0] != L:
+                raise ConfigError(f"migration: {name} has shape {tuple(t.shape)}, not [L={L}, ...]")
         plans.append(sources(j.old, j.new))
     # the byte count of every (source, destination) pair, known to every rank without a collective
     pair_bytes = [[0] * R for _ in range(R)]
@@ -142,9 +142,9 @@ def migrate_many(
                 pair_bytes[q][d] += b
     outs: list[dict] = []
     for j, src in zip(jobs, plans, strict=True):
-        S = j.new.slots_per_rank
+        L = j.new.slots_per_rank
         out = {k: torch.empty_like(t) for k, t in j.tensors.items()}
-        local = _recv_slots(src, S, me, me)
+        local = _recv_slots(src, L, me, me)
         if local:  # sources on this rank: a plain copy between slots
             device = next(iter(j.tensors.values())).device
             dst = torch.tensor([a for a, _ in local], dtype=torch.long, device=device)
@@ -195,7 +195,7 @@ def migrate_many(
 def migrate(
     tensors_by_param: dict[str, Tensor], old: Placement, new: Placement, ep_group: dist.ProcessGroup | None
 ) -> tuple[dict[str, Tensor], MigrationStats]:
-    """This EP rank's stacked tensors ([S, ...] each) under ``new``: every slot holds the rows of its
+    """This EP rank's stacked tensors ([L, ...] each) under ``new``: every slot holds the rows of its
     logical expert, copied bit for bit from one replica of it under ``old``."""
     outs, stats = migrate_many([Job(tensors_by_param, old, new)], ep_group)
     return outs[0], stats
@@ -205,7 +205,7 @@ class PlacedLayer(Protocol):
     """What ``migrate_layers`` assumes of an MoE layer (the layer's own placement API may differ)."""
 
     experts: nn.Module
-    """Every parameter stacked on dim 0 over this rank's S slots."""
+    """Every parameter stacked on dim 0 over this rank's L slots."""
     placement: Placement
 
     def set_placement(self, placement: Placement) -> None: ...
@@ -256,7 +256,7 @@ def migrate_layers(
     t0 = time.perf_counter()
     jobs, moving = [], []
     for layer, p_new in zip(layers, new, strict=True):
-        if layer.placement.slot_expert_RS != p_new.slot_expert_RS:
+        if layer.placement.slot_expert_RL != p_new.slot_expert_RL:
             jobs.append(Job(layer_tensors(layer, optimizer), layer.placement, p_new))
             moving.append((layer, p_new))
         elif layer.placement.version != p_new.version:
@@ -265,7 +265,7 @@ def migrate_layers(
     with torch.no_grad():
         for job, out, (layer, p_new) in zip(jobs, outs, moving, strict=True):
             for k, t in job.tensors.items():
-                t.copy_(out[k])  # why copy_: same shape (S is fixed), and the optimizer keeps its references
+                t.copy_(out[k])  # why copy_: same shape (L is fixed), and the optimizer keeps its references
             layer.set_placement(p_new)
     _sync(jobs)
     seconds = time.perf_counter() - t0

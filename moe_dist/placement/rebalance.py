@@ -1,9 +1,9 @@
 """Load-aware placement: which experts get the redundant slots, and which EP rank holds each replica.
 
-Shape legend: N logical experts, R EP ranks, S slots per rank, G = R * S global slots; counts_RN[r][i] is
-the number of rows EP rank r sent to logical expert i over the last window (load_N is its column sum).
+Shape legend: N logical experts, R EP ranks, L slots per rank, Q = R * L global slots; counts_RN[r][i] is the
+number of rows EP rank r sent to logical expert i over the last window (load_N is its column sum).
 
-    1. replicas (EPLB's rule): every expert starts with one replica; each of the G - N redundant slots goes
+    1. replicas (EPLB's rule): every expert starts with one replica; each of the Q - N redundant slots goes
        to the expert with the largest load_i / replicas_i (ties: lowest index), never past R replicas;
     2. packing: replicas by load_i / replicas_i, heaviest first (ties: lowest expert), each onto the rank
        with the smallest packed weight that has a free slot and does not hold that expert yet (ties:
@@ -33,7 +33,7 @@ from moe_dist.errors import ConfigError
 from moe_dist.moe.placement import Placement
 
 Rows = list[list[int]]
-"""rows[r]: the experts on EP rank r (a working copy of slot_expert_RS, slot order not yet fixed)."""
+"""rows[r]: the experts on EP rank r (a working copy of slot_expert_RL, slot order not yet fixed)."""
 
 
 def expert_loads(counts_RN: list[list[float]]) -> list[float]:
@@ -181,7 +181,7 @@ def align_slots(rows: Rows, prev: Placement | None) -> tuple[tuple[int, ...], ..
         slots: list[int | None] = [None] * len(row)
         rest = sorted(row)
         if prev is not None and prev.slots_per_rank == len(row):
-            for s, e in enumerate(prev.slot_expert_RS[r]):
+            for s, e in enumerate(prev.slot_expert_RL[r]):
                 if e in rest:
                     slots[s] = e
                     rest.remove(e)
@@ -217,14 +217,14 @@ def balanced_placement(
     redundant = slots_per_rank - N // ep
     load_N = expert_loads(counts_RN)
     if not any(load_N):
-        rows = Placement.contiguous(N, ep, redundant).slot_expert_RS
+        rows = Placement.contiguous(N, ep, redundant).slot_expert_RL
         return Placement(N, rows if prev is None else align_slots([list(r) for r in rows], prev), version)
     starts = [greedy_pack(load_N, replica_counts(load_N, ep, ep * slots_per_rank), ep, slots_per_rank)]
     if redundant == 0 or (ep >= 2 and redundant <= N - N // ep):
-        starts.append([list(r) for r in Placement.contiguous(N, ep, redundant).slot_expert_RS])
+        starts.append([list(r) for r in Placement.contiguous(N, ep, redundant).slot_expert_RL])
     same_shape = prev is not None and prev.shape == (N, ep, slots_per_rank)
     if same_shape:
-        starts.append([list(r) for r in prev.slot_expert_RS])
+        starts.append([list(r) for r in prev.slot_expert_RL])
     tol = 1e-9 * max(1.0, sum(load_N))  # why: equal peaks up to rounding count as a tie
     best: tuple[float, int, Placement] | None = None
     for rows in starts:
@@ -237,16 +237,16 @@ def balanced_placement(
 
 
 def moved_slots(old: Placement, new: Placement) -> list[int]:
-    """Global slot ids (r * S + s) whose logical expert differs between ``old`` and ``new``."""
+    """Global slot ids (r * L + s) whose logical expert differs between ``old`` and ``new``."""
     if (old.ep, old.slots_per_rank) != (new.ep, new.slots_per_rank):
         raise ConfigError(
             f"placements of different shapes: {old.ep}x{old.slots_per_rank} and {new.ep}x{new.slots_per_rank}"
         )
-    S = old.slots_per_rank
+    L = old.slots_per_rank
     return [
-        r * S + s
-        for r, (a, b) in enumerate(zip(old.slot_expert_RS, new.slot_expert_RS, strict=True))
-        for s in range(S)
+        r * L + s
+        for r, (a, b) in enumerate(zip(old.slot_expert_RL, new.slot_expert_RL, strict=True))
+        for s in range(L)
         if a[s] != b[s]
     ]
 
@@ -254,6 +254,6 @@ def moved_slots(old: Placement, new: Placement) -> list[int]:
 def keep_if_unchanged(old: Placement, new: Placement) -> Placement:
     """``old`` itself (with its version) when ``new`` has the same table, so that nothing migrates and the
     profiler sees no new version; else ``new`` as it is."""
-    if old.num_experts == new.num_experts and old.slot_expert_RS == new.slot_expert_RS:
+    if old.num_experts == new.num_experts and old.slot_expert_RL == new.slot_expert_RL:
         return old
     return new

@@ -2,12 +2,12 @@
 steps, re-place every MoE layer's experts from the counts measured since the last rebalance, and move the
 slots (weights and AdamW state, bit for bit) to their new ranks.
 
-Shape legend: L MoE layers, R EP ranks, N logical experts.
+Shape legend: M MoE layers, R EP ranks, N logical experts, L slots per rank.
 
     1. window: each layer counts, on the device, the kept pairs its rank sent to each logical expert
        (``MoELayer.sent_counts_N``); at a rebalance ONE all-reduce over the world turns every rank's counts
-       into the [L, R, N] block, row r summed over the ranks at EP position r of every EP group;
-    2. placement: per layer, ``balanced_placement(counts_RN, R, S, version, prev=old)`` and
+       into the [M, R, N] block, row r summed over the ranks at EP position r of every EP group;
+    2. placement: per layer, ``balanced_placement(counts_RN, R, L, version, prev=old)`` and
        ``keep_if_unchanged`` (no migration when nothing would change);
     3. migration: ``migrate_layers`` over this rank's EP group (one byte all-to-all for every layer).
 
@@ -51,7 +51,7 @@ class RebalanceLoop:
         self.since = 0
         """Optimizer step at which the window opened (the last rebalance, or 0)."""
         self.carry: Tensor | None = None
-        """[L, R, N] window counts restored from a checkpoint (rank 0 only: the all-reduce adds them once)."""
+        """[M, R, N] window counts restored from a checkpoint (rank 0 only: the all-reduce adds them once)."""
 
     @property
     def version(self) -> int:
@@ -65,7 +65,7 @@ class RebalanceLoop:
         return (step + 1) % self.every == 0 and step != last
 
     def window(self) -> Tensor:
-        """Collective: fp64 [L, R, N] kept pairs sent to each logical expert since ``since``, by sender EP
+        """Collective: fp64 [M, R, N] kept pairs sent to each logical expert since ``since``, by sender EP
         rank (summed over the EP groups). The layers' own counters are left as they are."""
         if not self.layers:
             return torch.zeros(0, 1, 1, dtype=torch.float64)
@@ -89,10 +89,10 @@ class RebalanceLoop:
         zero_grad with set_to_none). Returns the profiler's fields and the window's per-step mean counts per
         layer."""
         done = step + 1  # why a count: ``since`` (checkpointed, and a resume's reset) counts steps taken
-        counts_LRN = self.window()
+        counts_MRN = self.window()
         version = self.version + 1  # why one number: every layer that changes now gets the same version
         new, before, after = [], [], []
-        for m, c_RN in zip(self.layers, counts_LRN.tolist(), strict=True):
+        for m, c_RN in zip(self.layers, counts_MRN.tolist(), strict=True):
             old = m.placement
             p = keep_if_unchanged(old, balanced_placement(c_RN, old.ep, old.slots_per_rank, version, old))
             new.append(p)
@@ -118,12 +118,13 @@ class RebalanceLoop:
             "placement_version": self.version,
             "migration_ms": stats.seconds * 1e3,
             "migration_bytes": stats.bytes_total,
-            "tokens_per_expert_RN": (counts_LRN / steps).tolist(),
+            "tokens_per_expert_RN": (counts_MRN / steps).tolist(),
             "rebalance_window_steps": steps,
         }
 
     def state_dict(self) -> dict:
         """Collective: the window so far (what a resume needs to rebalance exactly as an unbroken run)."""
+        # why the key keeps its old letters: it is the checkpoint format
         return {"counts_LRN": self.window(), "since": self.since}
 
     def load_state_dict(self, state: dict) -> bool:

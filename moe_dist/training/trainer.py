@@ -393,7 +393,7 @@ class Trainer:
             raise ConfigError(refusal)
         stored = self._stored_placements(manifest)
         if stored is not None:  # the slots this rank will hold once the stored placements are set
-            needed = sorted({e for p in stored for e in p.slot_expert_RS[self.layout.ep_rank]})
+            needed = sorted({e for p in stored for e in p.slot_expert_RL[self.layout.ep_rank]})
         else:
             needed = sorted({e for m in moe_layers(self.model) for e in m.slot_experts})
         return files_to_read(

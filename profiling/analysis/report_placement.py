@@ -117,7 +117,7 @@ def placement_history(run_dir: Path, config: dict, straggler: list[dict], layers
 def rank_sets(p: Placement) -> list[frozenset[int]]:
     """Per logical expert, the EP ranks holding a slot of it."""
     held: list[set[int]] = [set() for _ in range(p.num_experts)]
-    for r, row in enumerate(p.slot_expert_RS):
+    for r, row in enumerate(p.slot_expert_RL):
         for e in row:
             held[e].add(r)
     return [frozenset(s) for s in held]

@@ -4,9 +4,9 @@
     [--rebalance-every 100]
         [--allreduce-gbps 1.0] [--a2a-gbps 1.0] [--expert-params P]
 
-Shape legend: N logical experts, R' target EP ranks, S = N / R' + K slots per rank (K redundant).
+Shape legend: N logical experts, R' target EP ranks, L = N / R' + ``redundant`` slots per rank.
 
-For one MoE layer l, a placement of R' x S slots and every recorded step:
+For one MoE layer l, a placement of R' x L slots and every recorded step:
 
     counts_RN   per-sender counts: the step's ``tokens_per_expert_RN`` from routing.jsonl when logged for R'
                 senders, else each global count split evenly over the R' senders; both x R' / R (weak
@@ -17,7 +17,7 @@ For one MoE layer l, a placement of R' x S slots and every recorded step:
     straggler   sum over l, p of (max_r E_r - mean_r E_r)
     sync        per layer, the bytes of one gradient of every replicated expert (4 B x P params each),
                 all-reduced once per step over the EP group: bytes / allreduce bandwidth
-    migration   per layer, the rows that move from ``Placement.contiguous(N, R', K)`` to the placement
+    migration   per layer, the rows that move from ``Placement.contiguous(N, R', redundant)`` to the placement
                 (moe_dist.placement.migrate's source rule):
                 weight + AdamW exp_avg + exp_avg_sq = 12 B x P per slot;
                 time = max over ranks of max(bytes sent, bytes received) / all-to-all bandwidth, paid once
@@ -30,7 +30,7 @@ with the
 contiguous layout as the previous placement (in-sample, as whatif's ``greedy``: optimistic for a future run).
 
 Assumptions beyond those of ``profiling.analysis.whatif``:
-    - the fitted cost a + c*n holds for S slots per rank (no extra per-slot overhead);
+    - the fitted cost a + c*n holds for L slots per rank (no extra per-slot overhead);
     - the replica gradients are summed by one all-reduce over the EP group per layer and step, of every
       replicated expert's gradient (fp32), at the given algorithm bandwidth (buffer bytes / time);
     - every rebalance moves as many bytes as the first (contiguous -> balanced), fp32 weights and state;
@@ -54,7 +54,7 @@ from profiling.runtime.analysis import PHASES
 log = logging.getLogger("moe_dist.whatif")
 
 ASSUMPTIONS = [
-    "balanced: fitted expert cost a + c*n holds for S = N/R' + K slots per rank",
+    "balanced: fitted expert cost a + c*n holds for L = N/R' + redundant slots per rank",
     "balanced: replica gradients summed by one fp32 all-reduce per layer and step over the EP group",
     "balanced: every rebalance moves as many bytes as contiguous -> balanced (fp32 weight + AdamW state)",
     "balanced: all-reduce and all-to-all bandwidths are assumed (--allreduce-gbps, --a2a-gbps)",
@@ -162,7 +162,7 @@ def project_placements(
                 "fwd_straggler_ms": acc["fwd"],
                 "bwd_straggler_ms": acc["bwd"],
                 "load_ratio": acc["ratio"],
-                "slots": [list(row) for row in p.slot_expert_RS],
+                "slots": [list(row) for row in p.slot_expert_RL],
                 "replica_sync_bytes": sync_bytes,
                 "replica_sync_ms": s_ms,
                 "migration_bytes": mig_bytes,

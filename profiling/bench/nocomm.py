@@ -14,18 +14,15 @@ Timing only: never use this layer for training.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from unittest import mock
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from moe_dist import MoEConfig, MoELayer
-from moe_dist.moe import dispatcher as dispatcher_module
 from moe_dist.moe.comm import all_to_all
-from moe_dist.moe.dispatcher import AllToAllDispatcher, DispatchMeta, RoutePlan
+from moe_dist.moe.dispatcher import AllToAllDispatcher, register_dispatcher
 
 
 def _same_size_copy(x_PD: Tensor, rows: int) -> Tensor:
@@ -41,55 +38,39 @@ def _same_size_copy(x_PD: Tensor, rows: int) -> Tensor:
 
 
 class _LocalCopy(torch.autograd.Function):
-    """In place of ``moe_dist.moe.comm._AllToAll``: same signature, same output sizes, no communication."""
+    """In place of ``moe_dist.moe.comm._AllToAll``: same output sizes, no communication."""
 
     @staticmethod
-    def forward(ctx, x_PD: Tensor, out_splits: list[int], in_splits: list[int], group, where: str) -> Tensor:
+    def forward(ctx, x_PD: Tensor, out_splits: list[int]) -> Tensor:
         ctx.rows_in = x_PD.shape[0]
         # why contiguous: the real all-to-all makes its input contiguous too
         return _same_size_copy(x_PD.contiguous(), sum(out_splits))
 
     @staticmethod
     def backward(ctx, grad_PD: Tensor):
-        return _same_size_copy(grad_PD.contiguous(), ctx.rows_in), None, None, None, None
-
-
-def local_all_to_all(
-    x_PD: Tensor, out_splits: list[int], in_splits: list[int], group, where: str = "all-to-all"
-) -> Tensor:
-    return _LocalCopy.apply(x_PD, out_splits, in_splits, group, where)
-
-
-@contextmanager
-def _no_all_to_all() -> Iterator[None]:
-    # why a patch for the duration of one call: the dispatcher calls moe_dist.moe.comm.all_to_all by name, and
-    # copying its dispatch/combine here would let the floor drift from the real layer when that changes
-    with mock.patch.object(dispatcher_module, "all_to_all", local_all_to_all):
-        yield
+        return _same_size_copy(grad_PD.contiguous(), ctx.rows_in), None
 
 
 class LocalCopyDispatcher(AllToAllDispatcher):
-    """``AllToAllDispatcher`` whose token all-to-alls are same-size local copies (see the module doc)."""
+    """``AllToAllDispatcher`` whose token exchange is a same-size local copy (see the module doc).
 
-    def dispatch(
-        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
-    ) -> tuple[Tensor, Tensor, DispatchMeta]:
-        with _no_all_to_all():
-            return super().dispatch(x_TD, plan, counts_RN)
+    why a subclass that replaces only ``exchange``: the splits, permutes, profiler ranges and timing records
+    stay the real dispatcher's, so the floor cannot drift from the layer it measures.
+    """
 
-    def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor:
-        with _no_all_to_all():
-            return super().combine(y_PD, gates_TK, meta)
+    def exchange(self, x_PD: Tensor, out_splits: list[int], in_splits: list[int], where: str) -> Tensor:
+        return _LocalCopy.apply(x_PD, out_splits)
+
+
+NOCOMM = "nocomm"
+register_dispatcher(NOCOMM, LocalCopyDispatcher)
 
 
 def nocomm_layer(cfg: MoEConfig, group) -> MoELayer:
     """Our layer on ``group`` (its EP and balance group), with local copies for its all-to-alls."""
-    layer = MoELayer(cfg, ep_group=group, balance_group=group)
-    if not isinstance(layer.dispatcher, AllToAllDispatcher):
+    if group is None or dist.get_world_size(group) < 2:
         raise ValueError("the no-communication layer needs an EP group of 2 or more ranks")
-    d = layer.dispatcher
-    layer.dispatcher = LocalCopyDispatcher(d.num_experts, d.group, d.layer, d.hook, d.count_rows)
-    return layer
+    return MoELayer(cfg, ep_group=group, balance_group=group, dispatcher=NOCOMM)
 
 
 def wire_only(top_k: int, group) -> Callable[[Tensor], Tensor]:

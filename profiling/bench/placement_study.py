@@ -1,23 +1,24 @@
 """Expert placement and replication under a forced routing skew (#14): when does a replica pay for its sync?
 
     torchrun --nproc-per-node 4 -m profiling.bench.placement_study --out runs/pstudy [--loads 1 1.5 2 3]
-        [--redundant 0 1 2] [--hot-experts H --top-k K] [--tokens 2048] [--steps 10]
+        [--redundant 0 1 2] [--hot-experts 1 --top-k 1] [--tokens 2048] [--steps 10]
 
-Shape legend: R EP ranks (the world), L experts per rank, N = L * R logical experts, K redundant slots per
-rank (S = L + K slots).
+Shape legend: R EP ranks (the world), N logical experts (N/R own per rank), L = N/R + ``redundant`` slots per
+rank, M MoE layers, K top-k.
 
 Routing is profiling.bench.sweep's, set exactly by a one-hot router: a fraction p of every rank's tokens
-goes to
-rank 0's first H experts (their top-K picks cycle over those H; H = L by default, so the excess is spread
-over all of rank 0's experts; H = 1 with top-1 puts it on ONE expert), the rest round-robin over the other
-ranks' experts, so under the contiguous placement rank 0's max/mean load is p * R. Per max/mean load:
+goes to rank 0's first ``hot`` experts (their top-K picks cycle over those; ``hot`` = N/R by default, so the
+excess is spread over all of rank 0's experts; ``hot`` = 1 with top-1 puts it on ONE expert), the rest
+round-robin over the other ranks' experts, so under the contiguous placement rank 0's max/mean load is p * R.
+Per max/mean load:
 
     1. counts: the contiguous layers run ``--count-steps`` forward passes, counting the pairs each rank
        sends to each logical expert of each layer; the [R, N] blocks are all-reduced, so every rank
        computes the same placements with no further collective;
-    2. placements: ``balanced_placement(counts_RN, R, L + K, prev=Placement.contiguous(N, R, K))`` per
-       layer and K in ``--redundant`` (prev: the layout a run with K redundant slots starts from);
-    3. migration: ``migrate_many`` from Placement.contiguous(N, R, K) to each balanced placement on real
+    2. placements: ``balanced_placement(counts_RN, R, N/R + red, prev=Placement.contiguous(N, R, red))``
+       per layer and ``red`` in ``--redundant`` (prev: the layout a run with ``red`` redundant slots starts
+       from);
+    3. migration: ``migrate_many`` from Placement.contiguous(N, R, red) to each balanced placement on real
        slot tensors (expert weights plus AdamW-shaped exp_avg and exp_avg_sq, every layer in one
        all-to-all), ``--migrate-reps`` times; the moved weights are checked bit for bit against the
        variant's own freshly built layers (experts are initialised by logical id, so every variant holds
@@ -84,7 +85,7 @@ GPU_FACTOR = 10.0
 class StudyOptions:
     loads: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])
     redundant: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """K of each balanced variant (redundant slots per rank)."""
+    """Redundant slots per rank of each balanced variant."""
     spec: SweepSpec = field(default_factory=SweepSpec)
     """Sizes, steps, top-K and hot experts of every experiment (its ``load`` is replaced per load)."""
     count_steps: int = 2
@@ -124,17 +125,17 @@ class PlacedExperiment:
         rows, all-reduced)."""
         N = self.layers[0].cfg.num_experts
         rank = dist.get_rank() if self.world > 1 else 0
-        c_LRN = torch.zeros(len(self.layers), self.world, N, dtype=torch.float64)
+        c_MRN = torch.zeros(len(self.layers), self.world, N, dtype=torch.float64)
         for _ in range(steps):
             h = self.x
             for li, layer in enumerate(self.layers):
                 topk_TK = layer.router(h.reshape(-1, h.shape[-1])).topk_idx_TK
-                c_LRN[li, rank] += torch.bincount(topk_TK.reshape(-1), minlength=N).to(torch.float64)
+                c_MRN[li, rank] += torch.bincount(topk_TK.reshape(-1), minlength=N).to(torch.float64)
                 h = layer(h).hidden + h
         if self.world > 1:
-            dist.all_reduce(c_LRN)
+            dist.all_reduce(c_MRN)
         self.timer.discard()  # why: the counting passes are not timed steps
-        return (c_LRN / steps).tolist()
+        return (c_MRN / steps).tolist()
 
     def step(self) -> None:
         step = self.done
@@ -176,7 +177,7 @@ def migration_slot_tensors(layers: list, rank: int) -> list[dict[str, torch.Tens
 def measure_migration(
     spec: SweepSpec, rank: int, world: int, new: list[Placement], target: PlacedExperiment, reps: int
 ) -> dict:
-    """Migrate every layer from Placement.contiguous(N, R, K) to ``new`` (one all-to-all), ``reps`` times on
+    """Migrate every layer from Placement.contiguous(N, R, red) to ``new`` (one all-to-all), ``reps`` times on
     the same source tensors; check the moved weights against ``target``'s layers, which hold ``new``."""
     old = Placement.contiguous(new[0].num_experts, world, new[0].redundant)
     torch.manual_seed(0)  # why: the same expert init as every PlacedExperiment
@@ -207,8 +208,8 @@ def measure_migration(
 
 def study(rank: int, world: int, opts: StudyOptions) -> dict | None:
     """Every load and variant on this rank (module doc); rank 0 returns the raw results, the others None."""
-    L = opts.spec.experts_per_rank
-    N = L * world
+    per_rank = opts.spec.experts_per_rank
+    N = per_rank * world
     loads = [x for x in opts.loads if x <= world]
     cells: list[dict] = []  # one per (load, variant): its experiment and what rank 0 reports
     for load in loads:
@@ -219,13 +220,13 @@ def study(rank: int, world: int, opts: StudyOptions) -> dict | None:
         cells.append(
             {"load": load, "redundant": None, "exp": base, "placements": contiguous, "counts": counts}
         )
-        for K in opts.redundant:
-            prev = Placement.contiguous(N, world, K)
-            places = [balanced_placement(c, world, L + K, prev=prev) for c in counts]
+        for red in opts.redundant:
+            prev = Placement.contiguous(N, world, red)
+            places = [balanced_placement(c, world, per_rank + red, prev=prev) for c in counts]
             exp = PlacedExperiment(rank, world, spec, places, opts.lr)
             mig = measure_migration(spec, rank, world, places, exp, opts.migrate_reps)
             cells.append(
-                {"load": load, "redundant": K, "exp": exp, "placements": places, "counts": counts, **mig}
+                {"load": load, "redundant": red, "exp": exp, "placements": places, "counts": counts, **mig}
             )
     total = max(c["exp"].spec.warmup + c["exp"].spec.steps for c in cells)
     for _ in range(total):

@@ -74,23 +74,23 @@ class StragglerAnalyzer:
     world: int
     fits: dict[tuple[int, str], LinearFit] = field(default_factory=dict)
 
-    def update(self, step: int, step_ms: float, data_RLF: torch.Tensor) -> dict:
-        """One step's record; ``data_RLF`` is [ranks, layers, FIELDS] from ``StragglerTimer.collect``."""
+    def update(self, step: int, step_ms: float, data_RMX: torch.Tensor) -> dict:
+        """One step's record; ``data_RMX`` is [ranks, MoE layers, FIELDS] from ``StragglerTimer.collect``."""
         rec: dict = {"step": step, "step_ms": step_ms, "layers": []}
         S = explained = 0.0
         worst = (-1.0, -1, -1)
         for li, layer in enumerate(self.layers):
-            n = data_RLF[:, li, _N].tolist()
-            a_com = data_RLF[:, li, _ACOM].tolist()
+            n = data_RMX[:, li, _N].tolist()
+            a_com = data_RMX[:, li, _ACOM].tolist()
             entry: dict = {
                 "layer": layer,
                 "n": n,
-                "A_dis": data_RLF[:, li, _ADIS].tolist(),
+                "A_dis": data_RMX[:, li, _ADIS].tolist(),
                 "A_com": a_com,
                 "A_com_skew": [a - min(a_com) for a in a_com],
             }
             for phase in PHASES:
-                E = data_RLF[:, li, _E[phase]].tolist()
+                E = data_RMX[:, li, _E[phase]].tolist()
                 fit = self.fits.setdefault((layer, phase), LinearFit())
                 fit.add(n, E)
                 lp = layer_phase(E, n, fit)

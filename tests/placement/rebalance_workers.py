@@ -55,11 +55,11 @@ def migration_cases(world: int) -> list[dict]:
                 }
             )
     old = random_placement(rng, N, world, N // world + 1)
-    rows = [list(r) for r in old.slot_expert_RS]
+    rows = [list(r) for r in old.slot_expert_RL]
     for row in rows:
         row.reverse()
     cases.append({"name": "reorder", "old": old, "new": Placement(N, tuple(tuple(r) for r in rows), 1)})
-    cases.append({"name": "no-op", "old": old, "new": Placement(N, old.slot_expert_RS, 1)})
+    cases.append({"name": "no-op", "old": old, "new": Placement(N, old.slot_expert_RL, 1)})
     return cases
 
 
@@ -71,7 +71,7 @@ def migrate_worker(rank: int, world: int, seed: int) -> dict:
     for case in migration_cases(world):
         old, new = case["old"], case["new"]
         table = logical_table(seed, old.num_experts)
-        idx = torch.tensor(old.slot_expert_RS[rank])
+        idx = torch.tensor(old.slot_expert_RL[rank])
         mine = {k: v.index_select(0, idx) for k, v in table.items()}
         moved, stats = migrate(mine, old, new, group)
         out.append(
@@ -145,7 +145,7 @@ def adamw_worker(rank: int, world: int, seed: int) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     for li, layer in enumerate(layers):
         vals = expert_values(seed + li, N)
-        idx = torch.tensor(layer.placement.slot_expert_RS[rank])
+        idx = torch.tensor(layer.placement.slot_expert_RL[rank])
         with torch.no_grad():
             layer.experts.w1.copy_(vals["w1"][idx])
             layer.experts.w2.copy_(vals["w2"][idx])

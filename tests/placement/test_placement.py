@@ -98,7 +98,7 @@ def test_random_placement_matches_oracle(world: int, idx: int, name: str) -> Non
     per_rank = [r["cases"][idx] for r in results_for(world)]
     placement = Placement.from_dict(case.extra["placement"])
     for r, got in enumerate(per_rank):
-        assert got["slot_experts"] == list(placement.slot_expert_RS[r])
+        assert got["slot_experts"] == list(placement.slot_expert_RL[r])
         close(got["hidden"], ref["hidden"][r], f"rank {r} output")
         close(got["grad_x"], ref["grad_x"][r], f"rank {r} input grad")
         close(got["f"], ref["f"], f"rank {r} f (per logical expert)")
@@ -153,7 +153,7 @@ def test_replicas_stay_bitwise_equal_after_sync_and_adamw(sync_results: list, wh
     ref = oracle(SYNC_CASE, t)
     world = len(per_rank)
     for r, got in enumerate(per_rank):
-        assert got["slot_experts"] == list(placement.slot_expert_RS[got["ep_rank"]])
+        assert got["slot_experts"] == list(placement.slot_expert_RL[got["ep_rank"]])
         # broadcast_parameters: every replica took its first copy's weights
         assert torch.equal(got["w1_after_broadcast"], t["w1"][got["slot_experts"]]), r
         # the synced grad of every slot: its logical expert's full gradient over the world / world
@@ -285,7 +285,7 @@ def test_slot_and_rank_loads_by_hand() -> None:
 
 def test_contiguous_owners_and_round_trip() -> None:
     p = Placement.contiguous(8, 2, 1)
-    assert p.slot_expert_RS == ((0, 1, 2, 3, 4), (4, 5, 6, 7, 0))
+    assert p.slot_expert_RL == ((0, 1, 2, 3, 4), (4, 5, 6, 7, 0))
     assert p.replicated_experts() == [0, 4] and p.owner(4) == (0, 4) and p.owner(0) == (0, 0)
     assert p.owned_slots(0) == [0, 1, 2, 3, 4] and p.owned_slots(1) == [1, 2, 3]
     assert Placement.from_dict(json.loads(json.dumps(p.to_dict()))) == p

@@ -90,8 +90,8 @@ def test_valid_deterministic_and_never_worse_than_contiguous(N: int, R: int, S: 
         counts = skewed_counts(rng, R, N)
         p = balanced_placement(counts, R, S, version=3)
         assert (p.ep, p.slots_per_rank, p.version) == (R, S, 3)
-        assert sorted({e for row in p.slot_expert_RS for e in row}) == list(range(N))
-        assert all(len(set(row)) == S for row in p.slot_expert_RS)
+        assert sorted({e for row in p.slot_expert_RL for e in row}) == list(range(N))
+        assert all(len(set(row)) == S for row in p.slot_expert_RL)
         again = balanced_placement([list(row) for row in counts], R, S, version=3)
         assert again == p
         cont = Placement.contiguous(N, R, S - N // R)
@@ -109,7 +109,7 @@ def test_one_expert_per_rank() -> None:
 @pytest.mark.parametrize("S", [2, 3])
 def test_zero_loads_give_contiguous(S: int) -> None:
     p = balanced_placement([[0.0] * 8 for _ in range(4)], ep=4, slots_per_rank=S, version=2)
-    assert p.slot_expert_RS == Placement.contiguous(8, 4, S - 2).slot_expert_RS and p.version == 2
+    assert p.slot_expert_RL == Placement.contiguous(8, 4, S - 2).slot_expert_RL and p.version == 2
 
 
 def test_search_uses_the_exact_replica_rule() -> None:
@@ -119,7 +119,7 @@ def test_search_uses_the_exact_replica_rule() -> None:
         for _ in range(10):
             p = random_placement(rng, 8, R, S)
             counts = skewed_counts(rng, R, 8)
-            assert _loads([list(r) for r in p.slot_expert_RS], counts) == pytest.approx(p.rank_loads(counts))
+            assert _loads([list(r) for r in p.slot_expert_RL], counts) == pytest.approx(p.rank_loads(counts))
 
 
 def test_moved_slots_and_unchanged_version() -> None:
@@ -134,12 +134,12 @@ def test_moved_slots_and_unchanged_version() -> None:
     moved = moved_slots(old, hot)
     assert moved and keep_if_unchanged(old, hot) is hot
     S = 3
-    assert all(old.slot_expert_RS[g // S][g % S] != hot.slot_expert_RS[g // S][g % S] for g in moved)
+    assert all(old.slot_expert_RL[g // S][g % S] != hot.slot_expert_RL[g // S][g % S] for g in moved)
     # prev keeps experts that stay on a rank in their slot
     for r in range(4):
-        for s, e in enumerate(hot.slot_expert_RS[r]):
-            if e in old.slot_expert_RS[r]:
-                assert old.slot_expert_RS[r][s] == e
+        for s, e in enumerate(hot.slot_expert_RL[r]):
+            if e in old.slot_expert_RL[r]:
+                assert old.slot_expert_RL[r][s] == e
 
 
 def test_bad_shapes_are_refused() -> None:
@@ -180,19 +180,19 @@ def test_migrate_matches_the_oracle(world: int) -> None:
     table = logical_table(SEED, 8)
     for ci, case in enumerate(migration_cases(world)):
         old, new = case["old"], case["new"]
-        remote = [[e not in old.slot_expert_RS[r] for e in new.slot_expert_RS[r]] for r in range(world)]
+        remote = [[e not in old.slot_expert_RL[r] for e in new.slot_expert_RL[r]] for r in range(world)]
         for r in range(world):
             got = results[r]["cases"][ci]
             assert got["name"] == case["name"]
             for k, full in table.items():
-                want = full[torch.tensor(new.slot_expert_RS[r])]
+                want = full[torch.tensor(new.slot_expert_RL[r])]
                 assert_bitwise(got["tensors"][k], want, f"{case['name']} rank {r} {k}")
             assert got["bytes_received"] == ROW_BYTES * sum(remote[r])
             assert got["bytes_total"] == ROW_BYTES * sum(map(sum, remote))
             src_first = [  # bytes rank r sends: slots elsewhere whose first old replica is on r
                 1
                 for d in range(world)
-                for e, far in zip(new.slot_expert_RS[d], remote[d], strict=True)
+                for e, far in zip(new.slot_expert_RL[d], remote[d], strict=True)
                 if far and old.replicas(e)[0][0] == r
             ]
             assert got["bytes_sent"] == ROW_BYTES * len(src_first)
@@ -221,7 +221,7 @@ def test_migrate_layers_moves_weights_and_adamw_state_exactly(world: int) -> Non
         for r in range(world):
             assert results[r]["placements"][li] == new.to_dict()
             for k, v in results[r]["after"][li].items():
-                for s, e in enumerate(new.slot_expert_RS[r]):
+                for s, e in enumerate(new.slot_expert_RL[r]):
                     assert_bitwise(v if v.dim() == 0 else v[s], table[k][e], f"L{li} rank {r} slot {s} {k}")
             assert set(results[r]["after"][li]) == {
                 f"{w}{k}" for w in ("w1", "w2") for k in ("", ".exp_avg", ".exp_avg_sq", ".step")
@@ -237,5 +237,5 @@ def test_no_gain_keeps_the_previous_table() -> None:
     counts = [[1.0, 2.0, 3.0, 9.0]] * 4
     prev = Placement(4, ((2,), (3,), (0,), (1,)), version=4)
     p = balanced_placement(counts, ep=4, slots_per_rank=1, version=5, prev=prev)
-    assert p.slot_expert_RS == prev.slot_expert_RS and keep_if_unchanged(prev, p) is prev
-    assert balanced_placement(counts, ep=4, slots_per_rank=1).slot_expert_RS[0] == (3,)
+    assert p.slot_expert_RL == prev.slot_expert_RL and keep_if_unchanged(prev, p) is prev
+    assert balanced_placement(counts, ep=4, slots_per_rank=1).slot_expert_RL[0] == (3,)

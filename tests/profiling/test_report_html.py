@@ -95,7 +95,7 @@ def test_heatmaps_follow_the_stored_placement(moved_run: tuple[Path, list[str]])
         # the table in effect during a step is the one the checkpoint before that step stored
         expected = manifest_tables(run, seg.first_step) if seg.first_step else [contiguous] * 2
         assert seg.tables is not None
-        assert [p.slot_expert_RS for p in seg.tables] == [p.slot_expert_RS for p in expected]
+        assert [p.slot_expert_RL for p in seg.tables] == [p.slot_expert_RL for p in expected]
         moved |= any(boundaries(p) != boundaries(contiguous) for p in seg.tables)
     assert moved, "no layer's rank boundaries changed: the run does not test what it should"
 
