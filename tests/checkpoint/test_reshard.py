@@ -18,7 +18,7 @@ from moe_dist.training.config import config_from_dict
 from moe_dist.training.preflight import preflight
 from tests.checkpoint.reshard_workers import preflighted_run, probed_run
 from tests.helpers.launch import deepspeed_cmd, launch, run_ranks
-from tests.helpers.shared_runs import SHARED_STEPS, SharedRun, write_ds_config
+from tests.helpers.shared_runs import SHARED_STEPS, SharedRun, cut_back, write_ds_config
 from tests.training.train_workers import tiny, train_worker
 
 
@@ -85,10 +85,7 @@ def _copy_until(src: Path, dst: Path, step: int) -> None:
     """A copy of ``src`` whose newest checkpoint is the one of ``step`` (as if the job had stopped
     after writing it)."""
     shutil.copytree(src, dst)
-    ckpts = dst / "checkpoints"
-    for d in ckpts.iterdir():
-        if d.is_dir() and int(d.name.split("_")[1]) > step:
-            shutil.rmtree(d)
+    cut_back(dst, step)
 
 
 @pytest.mark.parametrize(

@@ -48,3 +48,12 @@ def assert_layer_matches_oracle(case: Case, per_rank: list[dict], ref: dict) -> 
         else:
             close(got["aux"], ref["local_aux"][r], f"rank {r} aux loss (local value)")
     close(sum(g["grad_router"] for g in per_rank), ref["grad_router"], "router grad summed over ranks")
+
+
+def assert_fp32_paths_match(gmm: dict, loop: dict, ref: dict) -> None:
+    """Two fp32 runs of one case (``workers.fp32_run``: F.grouped_mm, then the per-expert matmul fallback)
+    agree to 1e-6 and each tensor matches the fp64 oracle to fp32 accuracy (norm-relative 1e-4)."""
+    for key in gmm:
+        want = ref[key][0] if key in ("hidden", "grad_x") else ref[key]
+        assert float((gmm[key] - loop[key]).norm() / loop[key].norm()) < 1e-6, key
+        assert float((gmm[key].double() - want).norm() / want.norm()) < 1e-4, key
