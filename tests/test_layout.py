@@ -12,7 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 SOURCES = ("moe_dist", "profiling", "launch")
 MAX_LINES = 500
 

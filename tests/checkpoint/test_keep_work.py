@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,15 @@ import yaml
 from moe_dist.checkpoint.files import CheckpointError, checkpoint_dirs, verify
 from moe_dist.errors import ConfigError
 from moe_dist.training.config import config_from_dict
-from tests.helpers.launch import run_ranks
+from tests.helpers.launch import launch, python_cmd, run_ranks
 from tests.helpers.shared_runs import snapshot
 from tests.training.train_workers import tiny
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _single(cfg: dict, path: Path, *overrides: str) -> subprocess.CompletedProcess:
     """``python -m moe_dist.train`` as one process (no launcher), on ``cfg`` written to ``path``."""
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "moe_dist.train", str(path), *overrides]
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    return launch(python_cmd(path, *overrides), timeout=200)
 
 
 def _one_process(tmp: Path, **train) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import time
@@ -19,10 +18,8 @@ from hypothesis import strategies as st
 
 from moe_dist.errors import ConfigError
 from moe_dist.training.config import config_from_dict, load_config
-from tests.helpers.launch import run_ranks
-from tests.training.train_workers import tiny, torchrun_cmd
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.launch import run_ranks, start, torchrun_cmd
+from tests.training.train_workers import tiny
 
 
 def _steps(run: Path) -> dict[int, dict]:
@@ -56,14 +53,7 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 def _torchrun(cfg: Path, name: str, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = torchrun_cmd(cfg, name, *extra)
-    # why a file, not a pipe: nobody reads a pipe while the job runs, and a full pipe blocks the job
-    path = cfg.parent / f"{name}.log"
-    with open(path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    proc.log_path = path  # type: ignore[attr-defined]
-    return proc
+    return start(torchrun_cmd(cfg, name, *extra), cfg.parent / f"{name}.log")
 
 
 def _tail(proc: subprocess.Popen) -> str:

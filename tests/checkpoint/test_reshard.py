@@ -4,9 +4,7 @@ global (per-expert) checkpoints resumed at another (world, EP), the resume self-
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,11 +17,9 @@ from moe_dist.errors import ConfigError
 from moe_dist.training.config import config_from_dict
 from moe_dist.training.preflight import preflight
 from tests.checkpoint.reshard_workers import preflighted_run, probed_run
-from tests.helpers.launch import run_ranks
-from tests.helpers.shared_runs import SHARED_STEPS, SharedRun, write_ds_config
-from tests.training.train_workers import deepspeed_cmd, tiny, train_worker
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.launch import deepspeed_cmd, launch, run_ranks
+from tests.helpers.shared_runs import SHARED_STEPS, SharedRun, cut_back, write_ds_config
+from tests.training.train_workers import tiny, train_worker
 
 
 def test_global_batch_does_not_depend_on_the_world_size() -> None:
@@ -89,10 +85,7 @@ def _copy_until(src: Path, dst: Path, step: int) -> None:
     """A copy of ``src`` whose newest checkpoint is the one of ``step`` (as if the job had stopped
     after writing it)."""
     shutil.copytree(src, dst)
-    ckpts = dst / "checkpoints"
-    for d in ckpts.iterdir():
-        if d.is_dir() and int(d.name.split("_")[1]) > step:
-            shutil.rmtree(d)
+    cut_back(dst, step)
 
 
 @pytest.mark.parametrize(
@@ -188,9 +181,7 @@ def test_deepspeed_checkpoint_at_another_layout_is_refused_in_one_line(
     pytest.importorskip("deepspeed")
     cfg = write_ds_config(tmp_path)
     ds_zero2_run.copy(tmp_path / "d")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = deepspeed_cmd(cfg, "d", "parallel.ep=1", f"train.steps={SHARED_STEPS + 2}")
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    p = launch(deepspeed_cmd(cfg, "d", "parallel.ep=1", f"train.steps={SHARED_STEPS + 2}"), timeout=400)
     out = p.stdout + p.stderr
     assert p.returncode != 0
     lines = [line for line in out.splitlines() if "ConfigError" in line and "[rank " in line]

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.training.train_workers import deepspeed_cmd, tiny
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.launch import child_env, deepspeed_cmd, launch
+from tests.training.train_workers import tiny
 
 SHARED_STEPS = 6  # a checkpoint after every step, all kept: tests cut a copy back to step 2 or 3
 RESUMED_FROM = 3  # the step the shared DeepSpeed resume starts from
@@ -120,9 +119,7 @@ torch.load = _audited
 
 
 def launch_deepspeed(cfg: Path, name: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    cmd = deepspeed_cmd(cfg, name)
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    return launch(deepspeed_cmd(cfg, name), env=child_env(**(env or {})), timeout=400)
 
 
 def shm_buffers_left(p: subprocess.CompletedProcess) -> list[str]:
@@ -148,7 +145,7 @@ def ds_resumed(run: SharedRun, root: Path) -> AuditedRun:
     audit_dir = root / "audit"
     audit_dir.mkdir()
     (audit_dir / "sitecustomize.py").write_text(AUDIT)
-    pythonpath = os.pathsep.join([str(audit_dir), os.environ.get("PYTHONPATH", str(ROOT))])
+    pythonpath = os.pathsep.join([str(audit_dir), child_env()["PYTHONPATH"]])
     p = launch_deepspeed(cfg, "b", {"PYTHONPATH": pythonpath, "LOAD_AUDIT": str(root / "loads.txt")})
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-5000:])
     loads = tuple((root / "loads.txt").read_text().splitlines())

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+import moe_dist.moe.experts as moe_experts
 from moe_dist import MoEConfig, MoELayer
 from tests.helpers.oracle import Case, make_tensors
 
@@ -158,6 +159,38 @@ def layer_results(layer: MoELayer, out, x: torch.Tensor) -> dict:
         "grad_w1": layer.experts.w1.grad,
         "grad_w2": layer.experts.w2.grad,
     }
+
+
+def fp32_run(case: Case, t: dict) -> tuple[dict[str, torch.Tensor], bool]:
+    """One fp32 process (no group): forward + backward of <h, cot> + aux on rank 0's tokens. Returns the
+    output and every gradient (the shared experts' and their gate's where the case has them), and whether
+    the experts took F.grouped_mm (read through the module, so a monkeypatched ``grouped_mm_ok`` counts)."""
+    layer = MoELayer(MoEConfig(**case.cfg))
+    shared = layer.shared_experts
+    with torch.no_grad():
+        layer.router.weight.copy_(t["router"])
+        layer.experts.w1.copy_(t["w1"])
+        layer.experts.w2.copy_(t["w2"])
+        if shared is not None:
+            shared.w1.copy_(t["ws1"])
+            shared.w2.copy_(t["ws2"])
+            if shared.gate is not None:
+                shared.gate.copy_(t["wg"])
+    x = t["xs"][0].float().requires_grad_()
+    out = layer(x)
+    ((out.hidden * t["cot"][0].float()).sum() + out.aux_loss).backward()
+    got = {
+        "hidden": out.hidden.detach(),
+        "grad_x": x.grad,
+        "grad_w1": layer.experts.w1.grad,
+        "grad_w2": layer.experts.w2.grad,
+        "grad_router": layer.router.weight.grad,
+    }
+    if shared is not None:
+        got.update(grad_ws1=shared.w1.grad, grad_ws2=shared.w2.grad)
+        if shared.gate is not None:
+            got["grad_wg"] = shared.gate.grad
+    return got, moe_experts.grouped_mm_ok(x, layer.experts.w1)
 
 
 def folded_counts_worker(rank: int, world: int, case: Case) -> dict:

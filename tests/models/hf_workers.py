@@ -16,6 +16,23 @@ NO_AUX = dict(aux_loss_coef=0.0, seq_aux_loss_coef=0.0, z_loss_coef=0.0)
 """Balancing off: the block's own gradients are compared (the aux terms are tested against HF apart)."""
 
 
+HF_TINY = {
+    "model_type": "qwen3_moe",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "max_position_embeddings": 64,
+}
+"""A tiny Qwen3-MoE ``model.hf_config`` for the trainer (model.kind=hf), as a user writes it inline."""
+
+
 def tiny_config(kind: str):
     """A tiny config of each supported model type, experts_implementation eager (works in fp64)."""
     import transformers as tf

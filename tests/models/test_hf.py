@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,24 +19,20 @@ import torch
 pytest.importorskip("transformers")
 
 from moe_dist.models.hf import from_hf_block, hf_block_config  # noqa: E402
-from tests.helpers.launch import run_ranks  # noqa: E402
+from tests.helpers.asserts import close_to_largest as close  # noqa: E402
+from tests.helpers.launch import deepspeed_cmd, launch, run_ranks, torchrun_cmd  # noqa: E402
 from tests.models.hf_workers import (  # noqa: E402
     BLOCKS,
+    HF_TINY,
     block_case_worker,
     block_inputs,
     make_block,
     tiny_config,
     world4_worker,
 )
-from tests.training.train_workers import deepspeed_cmd, tiny, torchrun_cmd  # noqa: E402
+from tests.training.train_workers import tiny  # noqa: E402
 
-TOL = 1e-6
 TOKENS = [24, 17, 9, 30]  # unequal tokens per rank
-
-
-def close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    err = float((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
-    assert err < TOL, f"{what}: max error {err:.2e} relative to the largest entry"
 
 
 def reference(kind: str, seed: int, tokens: list[int]) -> dict:
@@ -180,35 +174,6 @@ def test_qwen3_lm_ep2_dp2_matches_transformers(world4: list[dict]) -> None:
             close(grad, want, f"rank {r} {name}")
 
 
-def _env() -> dict:
-    root = str(Path(__file__).resolve().parents[2])
-    return dict(
-        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-
-
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-HF_TINY = {
-    "model_type": "qwen3_moe",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "num_experts": 4,
-    "num_experts_per_tok": 2,
-    "norm_topk_prob": True,
-    "max_position_embeddings": 64,
-}
-
-
 def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
     """torchrun, 2 ranks, EP=2, model.kind=hf: steps 4-6 after a resume from step 3 equal the uninterrupted
     run's; the deepspeed launcher with engine=deepspeed (ZeRO-2) gives the same losses; the exported directory
@@ -227,11 +192,11 @@ def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
     cfg["model"].pop("moe")
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    _run(torchrun_cmd(path, "full"), tmp_path)
+    launch(torchrun_cmd(path, "full"), cwd=tmp_path, timeout=540, check=True)
     runs = tmp_path / "runs"
     shutil.copytree(runs / "full", runs / "cut")
     shutil.rmtree(runs / "cut" / "checkpoints" / "step_00000006")  # the copy resumes from step 3
-    _run(torchrun_cmd(path, "cut"), tmp_path)
+    launch(torchrun_cmd(path, "cut"), cwd=tmp_path, timeout=540, check=True)
 
     def rows(name: str) -> dict[int, dict]:
         lines = (runs / name / "metrics.jsonl").read_text().splitlines()
@@ -245,7 +210,12 @@ def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
 
     if importlib.util.find_spec("deepspeed") is not None:
         # the DeepSpeed engine (ZeRO-2) trains the same HF model to the same losses, step by step
-        _run(deepspeed_cmd(path, "ds", "engine=deepspeed", "deepspeed.zero_stage=2"), tmp_path)
+        launch(
+            deepspeed_cmd(path, "ds", "engine=deepspeed", "deepspeed.zero_stage=2"),
+            cwd=tmp_path,
+            timeout=540,
+            check=True,
+        )
         ds = rows("ds")
         assert sorted(ds) == list(range(6))
         for step in range(6):

@@ -20,8 +20,10 @@ from moe_dist.models.transformer import MoETransformer, active_params
 from moe_dist.moe.sync import dense_params, expert_params
 from moe_dist.training.config import load_config
 from moe_dist.training.preflight import config_changes
+from tests.helpers.asserts import assert_fp32_paths_match, assert_layer_matches_oracle, close
 from tests.helpers.launch import run_ranks
 from tests.helpers.oracle import Case, make_tensors, oracle
+from tests.helpers.workers import fp32_run
 from tests.moe.arch_workers import arch_case_worker
 
 BASE = dict(num_experts=8, d_model=16, d_ff=32, aux_loss_coef=1e-2, z_loss_coef=1e-3, cv_importance_coef=1e-2)
@@ -164,32 +166,14 @@ def ep_cases(world: int) -> list[Case]:
     ]
 
 
-def close(a, b, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
-
-
 def check_against_oracle(case: Case, per_rank: list[dict]) -> dict:
     """Every rank's output and input/expert grads; router and shared grads summed over ranks (what the
     data-parallel mean turns into the single-process gradient); the global stats and loss terms."""
     ref = oracle(case, make_tensors(case))
-    L = case.cfg["num_experts"] // len(per_rank)
-    for r, got in enumerate(per_rank):
-        close(got["hidden"], ref["hidden"][r], f"rank {r} output")
-        close(got["grad_x"], ref["grad_x"][r], f"rank {r} input grad")
-        close(got["grad_w1"], ref["grad_w1"][r * L : (r + 1) * L], f"rank {r} expert W1 grad")
-        close(got["grad_w2"], ref["grad_w2"][r * L : (r + 1) * L], f"rank {r} expert W2 grad")
-        close(got["f"], ref["f"], f"rank {r} global f")
-        close(got["P"], ref["P"], f"rank {r} global P")
-        assert torch.equal(got["counts"], ref["counts"]), f"rank {r} global counts"
-        assert got["dropped"] == ref["dropped"], f"rank {r} dropped"
-        if ref["local_aux"] is None:
-            close(got["aux"], ref["aux"], f"rank {r} aux loss (global value)")
+    assert_layer_matches_oracle(case, per_rank, ref)
+    if ref["local_aux"] is None:
+        for r, got in enumerate(per_rank):
             assert set(got["terms"]) == set(ref["terms"]), f"rank {r} term names"
-            for k, v in ref["terms"].items():
-                close(got["terms"][k], v, f"rank {r} term {k}")
-        else:
-            close(got["aux"], ref["local_aux"][r], f"rank {r} aux loss (local value)")
-    close(sum(g["grad_router"] for g in per_rank), ref["grad_router"], "router grad summed over ranks")
     if "grad_ws1" in ref:
         close(sum(g["grad_ws1"] for g in per_rank), ref["grad_ws1"], "shared W1 grad summed over ranks")
         close(sum(g["grad_ws2"] for g in per_rank), ref["grad_ws2"], "shared W2 grad summed over ranks")
@@ -277,30 +261,6 @@ def test_expert_parallel_matches_oracle(world: int) -> None:
         check_against_oracle(case, [r[i] for r in results])
 
 
-def _fp32_run(case: Case, t: dict) -> dict:
-    layer = MoELayer(MoEConfig(**case.cfg))
-    with torch.no_grad():
-        layer.router.weight.copy_(t["router"])
-        layer.experts.w1.copy_(t["w1"])
-        layer.experts.w2.copy_(t["w2"])
-        layer.shared_experts.w1.copy_(t["ws1"])
-        layer.shared_experts.w2.copy_(t["ws2"])
-        layer.shared_experts.gate.copy_(t["wg"])
-    x = t["xs"][0].float().requires_grad_()
-    out = layer(x)
-    ((out.hidden * t["cot"][0].float()).sum() + out.aux_loss).backward()
-    return {
-        "hidden": out.hidden.detach(),
-        "grad_x": x.grad,
-        "grad_w1": layer.experts.w1.grad,
-        "grad_w2": layer.experts.w2.grad,
-        "grad_router": layer.router.weight.grad,
-        "grad_ws1": layer.shared_experts.w1.grad,
-        "grad_ws2": layer.shared_experts.w2.grad,
-        "grad_wg": layer.shared_experts.gate.grad,
-    }
-
-
 def test_swiglu_grouped_mm_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 SwiGLU takes F.grouped_mm with the fused [L, D, 2F] weight (asserted); it matches the per-expert
     fallback to 1e-6 and the fp64 oracle to fp32 accuracy (norm-relative 1e-4)."""
@@ -309,14 +269,11 @@ def test_swiglu_grouped_mm_path(monkeypatch: pytest.MonkeyPatch) -> None:
     case = Case("gmm-swiglu", dict(DEEPSEEK, seq_aux_loss_coef=0.0, shared_expert_gate=True), [64], seed=9)
     t = make_tensors(case)
     assert moe_experts.grouped_mm_ok(t["xs"][0].float(), t["w1"].float())
-    gmm = _fp32_run(case, t)
+    gmm, _ = fp32_run(case, t)
     monkeypatch.setattr("moe_dist.moe.experts.grouped_mm_ok", lambda x, w: False)
-    loop = _fp32_run(case, t)
+    loop, _ = fp32_run(case, t)
     ref = oracle(case, t)
-    for key in gmm:
-        want = ref[key][0] if key in ("hidden", "grad_x") else ref[key]
-        assert float((gmm[key] - loop[key]).norm() / loop[key].norm()) < 1e-6, key
-        assert float((gmm[key].double() - want).norm() / want.norm()) < 1e-4, key
+    assert_fp32_paths_match(gmm, loop, ref)
 
 
 def test_shared_experts_are_dense_params() -> None:

@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 
+from tests.helpers.asserts import assert_layer_matches_oracle, close
 from tests.helpers.launch import run_ranks
 from tests.helpers.oracle import Case, make_tensors, oracle
 from tests.helpers.workers import accumulation_worker, folded_counts_worker, layer_case_worker
@@ -79,10 +80,6 @@ def results_for(world: int) -> list:
     return _RESULTS[world]
 
 
-def close(a, b, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
-
-
 PARAMS = [(w, i, c.name) for w in (1, 2, 4) for i, c in enumerate(cases(w))]
 
 
@@ -92,24 +89,7 @@ def test_matches_oracle(world: int, idx: int, name: str) -> None:
     ref = oracle(case, make_tensors(case))
     per_rank = [r[idx] for r in results_for(world)]
     N = case.cfg["num_experts"]
-    L = N // world
-    for r, got in enumerate(per_rank):
-        close(got["hidden"], ref["hidden"][r], f"rank {r} output")
-        close(got["grad_x"], ref["grad_x"][r], f"rank {r} input grad")
-        close(got["grad_w1"], ref["grad_w1"][r * L : (r + 1) * L], f"rank {r} expert W1 grad")
-        close(got["grad_w2"], ref["grad_w2"][r * L : (r + 1) * L], f"rank {r} expert W2 grad")
-        close(got["f"], ref["f"], f"rank {r} global f")
-        close(got["P"], ref["P"], f"rank {r} global P")
-        assert torch.equal(got["counts"], ref["counts"]), f"rank {r} global counts"
-        assert got["dropped"] == ref["dropped"], f"rank {r} dropped"
-        if ref["local_aux"] is None:
-            close(got["aux"], ref["aux"], f"rank {r} aux loss (global value)")
-            for k, v in ref["terms"].items():
-                close(got["terms"][k], v, f"rank {r} term {k}")
-        else:
-            close(got["aux"], ref["local_aux"][r], f"rank {r} aux loss (local value)")
-    # after the data-parallel mean, router grads equal the oracle's: the sum over ranks of S's grads
-    close(sum(g["grad_router"] for g in per_rank), ref["grad_router"], "router grad summed over ranks")
+    assert_layer_matches_oracle(case, per_rank, ref)
     assert float(ref["f"].sum()) == pytest.approx(N if sum(case.tokens) else 0)
     if case.cfg.get("capacity_factor") == 0.5:
         assert ref["dropped"] > 0, "the tight-capacity case must actually drop"

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,8 @@ import pytest
 import torch
 
 from moe_dist import MoEConfig, MoELayer
-from tests.helpers.launch import run_ranks
+from tests.helpers.asserts import close
+from tests.helpers.launch import ROOT, child_env, run_ranks
 from tests.helpers.oracle import Case, make_tensors, oracle
 from tests.moe.library_workers import (
     EXAMPLE,
@@ -34,7 +34,6 @@ from tests.moe.library_workers import (
 )
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
 CFG = dict(
     num_experts=8,
     d_model=16,
@@ -58,10 +57,6 @@ def results(world: int) -> list[dict]:
     if world not in _RESULTS:
         _RESULTS[world] = run_ranks(example_worker, world, case(world), EP, LR, timeout=300)
     return _RESULTS[world]
-
-
-def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
 def test_readme_shows_the_tested_script() -> None:
@@ -149,7 +144,7 @@ def test_readme_pattern_with_an_explicit_destroy_exits_zero_20_times() -> None:
     torch once (tests/exit_launches.py), 5 launches at a time, so the 40 ranks fit in seconds."""
     p = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "runtime" / "exit_launches.py"), "20", "5", "destroy"],
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=240,
@@ -178,7 +173,7 @@ ENDS_ON_A_COLLECTIVE = textwrap.dedent(
 
 
 def _torchrun(script: Path) -> tuple[int, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    env = child_env(CUDA_VISIBLE_DEVICES="")
     cmd = [
         sys.executable,
         "-m",

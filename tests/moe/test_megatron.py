@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from moe_dist import MoEConfig, MoELayer
+from tests.helpers.asserts import close_in_dtype as close
 from tests.helpers.launch import run_ranks
 from tests.helpers.oracle import Case
 from tests.moe.megatron_workers import megatron_case_worker
@@ -84,12 +85,6 @@ def cases(world: int) -> list[Case]:
         Case(name, cfg, [TOKENS] * world, seed=11 + i, bias_scale=0.3, seq_len=SEQ_LEN)
         for i, (name, cfg) in enumerate(CASES.items())
     ]
-
-
-def close(a, b, what: str, rtol: float = 1e-12) -> None:
-    """Relative closeness in ``a``'s dtype (Megatron returns fp32 where it computes in fp32; ``rtol`` says
-    what rounding the comparison allows)."""
-    torch.testing.assert_close(a, b.to(a.dtype), rtol=rtol, atol=0.0, msg=lambda m: f"{what}: {m}")
 
 
 class _Group:

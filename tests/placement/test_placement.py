@@ -19,6 +19,7 @@ import torch
 from moe_dist.errors import ConfigError
 from moe_dist.moe.placement import Placement
 from moe_dist.training.config import config_from_dict
+from tests.helpers.asserts import close
 from tests.helpers.launch import run_ranks
 from tests.helpers.oracle import Case, make_tensors, oracle
 from tests.placement.placement_workers import launch_worker
@@ -72,10 +73,6 @@ def results_for(world: int) -> list[dict]:
         sync = (SYNC_CASE, SYNC_LAYOUTS, 2) if world == 4 else None
         _RESULTS[world] = run_ranks(launch_worker, world, cases(world), contiguous, sync, timeout=300)
     return _RESULTS[world]
-
-
-def close(a, b, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
 def logical_grads(per_rank: list[dict], key: str) -> torch.Tensor:

@@ -8,7 +8,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import pytest
 
 from profiling.bench import layer as bench_layer
 from profiling.bench import timer_overhead as bench_overhead
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.launch import launch
 
 
 def test_bench_layer_smoke(tmp_path: Path) -> None:
@@ -27,10 +25,7 @@ def test_bench_layer_smoke(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
     cmd = [sys.executable, "-m", "profiling.bench.layer", "--ranks", "1", "--experts", "4", "--topk", "2"]
     cmd += ["--tokens", "64", "--d-model", "32", "--d-ff", "64", "--warmup", "1", "--iters", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run(
-        [*cmd, "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    p = launch([*cmd, "--out", str(out)], timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     console = p.stdout + p.stderr
     assert "| R | E | K |" in console  # the output the markers were drowning is still there
@@ -65,8 +60,7 @@ def two_rank_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict]
     cmd = [sys.executable, "-m", "profiling.bench.layer", "--ranks", "2", "--experts", "4", "--topk", "2"]
     cmd += ["--tokens", "64", "--d-model", "32", "--d-ff", "64", "--warmup", "1", "--iters", "2"]
     cmd += ["--dtype", "bf16", "--activation", "swiglu", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = launch(cmd, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     head, rule, line, *rest = out.with_suffix(".md").read_text().splitlines()
     assert not rest, rest  # one configuration, one line

@@ -24,12 +24,11 @@ from typing import Any
 import pytest
 
 from profiling.analysis.tensorboard import patch_plugin
-from tests.helpers.launch import free_port, run_ranks
+from tests.helpers.launch import ROOT, child_env, free_port, run_ranks
 from tests.profiling.profiler_trace_workers import profiled_all_to_all_worker
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parents[2]
 RUN = "moe"  # run name = the traces' directory relative to --logdir
 API = "/data/plugin/pytorch_profiler"
 STEPS = 3  # schedule(wait=0, warmup=1, active=2): 2 recorded steps, so 2 calls of each collective
@@ -47,8 +46,7 @@ def _get(base: str, route: str, **params: str) -> Any:
 def _server(cmd: list[str], logdir: Path, name: str) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """Run a TensorBoard command on a free port; always kill its whole process group afterwards."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = child_env()
     argv = [*cmd, "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"]
     log = logdir / f"{name}.log"
     with open(log, "w") as out:

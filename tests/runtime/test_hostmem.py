@@ -13,10 +13,9 @@ import pytest
 import yaml
 
 from moe_dist.runtime import hostmem
-from moe_dist.runtime.spawn import free_port
+from tests.helpers.launch import ROOT, child_env, free_port, launch, python_cmd
 from tests.training.train_workers import tiny
 
-ROOT = Path(__file__).resolve().parents[2]
 # where pyproject installs cmeel-mimalloc; elsewhere the mechanism falls back to glibc's mallopt
 MIMALLOC_PLATFORM = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
 needs_mimalloc = pytest.mark.skipif(
@@ -29,8 +28,7 @@ FRESH_64MB_MIN_FAULTS = 32
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", hostmem.MARKER)}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return child_env(drop=("LD_PRELOAD", hostmem.MARKER))
 
 
 def _probe(*args: str) -> tuple[int, dict, str]:
@@ -76,14 +74,7 @@ def test_trainer_entry_point_runs_under_mimalloc(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny(out_dir=str(tmp_path), train={"steps": 1, "eval_every": 1})))
     env = dict(_clean_env(), RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    p = subprocess.run(
-        [sys.executable, "-m", "moe_dist.train", str(cfg), "name=m"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = launch(python_cmd(cfg, "name=m"), env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stderr.count("host allocator: mimalloc") == 1, p.stderr[-3000:]
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["steps"] == 1

@@ -4,7 +4,6 @@ resume, a corrupt checkpoint, replayed steps, no launcher, numbers in YAML, the 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,35 +15,19 @@ import yaml
 
 from moe_dist.errors import ConfigError
 from moe_dist.training.config import config_from_dict, load_config
+from tests.helpers.launch import ROOT, launch, python_cmd, torchrun_cmd
 from tests.helpers.shared_runs import snapshot
-from tests.training.train_workers import tiny, torchrun_cmd
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _env(launcher: bool = True) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if not launcher:
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)
-    return env
+from tests.models.hf_workers import HF_TINY
+from tests.training.train_workers import tiny
 
 
 def _single(cfg: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """``python -m moe_dist.train`` with no launcher in the environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "moe_dist.train", str(cfg), *overrides],
-        env=_env(launcher=False),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return launch(python_cmd(cfg, *overrides), timeout=timeout)
 
 
 def _torchrun(cfg: Path, name: str, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [*torchrun_cmd(cfg, name, nproc=nproc), *overrides]
-    return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return launch([*torchrun_cmd(cfg, name, nproc=nproc), *overrides])
 
 
 def _rows(path: Path) -> list[dict]:
@@ -274,19 +257,7 @@ def test_an_inline_hf_config_field_of_the_wrong_type_is_a_config_error(field: st
     """transformers validates its config fields with its own exception types; the user gets one ConfigError
     line naming the field, from the check that runs before any process group (``check_world``)."""
     pytest.importorskip("transformers")
-    hf = {
-        "model_type": "qwen3_moe",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        field: value,
-    }
+    hf = {**HF_TINY, field: value}
     cfg = config_from_dict(tiny(model={"kind": "hf", "hf_config": hf}))
     with pytest.raises(ConfigError, match=f"model.hf_config: .*{field}") as err:
         cfg.check_world(1)

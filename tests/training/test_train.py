@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +15,9 @@ from moe_dist.checkpoint.files import checkpoint_dirs
 from moe_dist.errors import ConfigError
 from moe_dist.models.transformer import MoETransformer
 from moe_dist.training.config import config_from_dict, load_config
-from tests.helpers.launch import run_ranks
+from tests.helpers.launch import ROOT, child_env, deepspeed_cmd, launch, python_cmd, run_ranks, torchrun_cmd
 from tests.helpers.shared_runs import RESUMED_FROM, SHARED_STEPS, SharedRun, ep2_config, write_ds_config
-from tests.training.train_workers import deepspeed_cmd, grad_sync_worker, tiny, torchrun_cmd, train_worker
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.training.train_workers import grad_sync_worker, tiny, train_worker
 
 
 @pytest.mark.parametrize("world,ep,accum", [(4, 2, 1), (2, 2, 2), (2, 1, 1)])
@@ -178,17 +173,9 @@ def test_config_errors_are_clear(overrides: list[str], needle: str, tmp_path: Pa
     """Through the real entry point with WORLD_SIZE=2 and no launcher: every error comes before any
     process group exists (the command exits 2 at once instead of waiting for peers), and nothing is written
     (runs/.. would be tmp_path itself)."""
-    env = dict(os.environ, WORLD_SIZE="2", RANK="0", OMP_NUM_THREADS="1")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny(out_dir=str(tmp_path / "runs"))))
-    p = subprocess.run(
-        [sys.executable, "-m", "moe_dist.train", str(cfg), *overrides],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    p = launch(python_cmd(cfg, *overrides), env=child_env(WORLD_SIZE="2", RANK="0"), timeout=60)
     assert p.returncode == 2, p.stderr[-2000:]
     assert needle in p.stderr
     assert [q.name for q in tmp_path.iterdir()] == ["c.yaml"]
@@ -199,18 +186,11 @@ def test_ep_must_divide_experts() -> None:
         load_config(None, ["model.moe.num_experts=6", "parallel.ep=4"]).check_world(8)
 
 
-def _launch(cmd: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-5000:])
-    return p
-
-
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared runs' config (``shared_runs.write_ds_config``) launched by torchrun with engine=torch."""
     root = tmp_path_factory.mktemp("torchrun")
-    _launch([*torchrun_cmd(write_ds_config(root), "t"), "engine=torch"], root)
+    launch([*torchrun_cmd(write_ds_config(root), "t"), "engine=torch"], check=True)
     return root / "t"
 
 
@@ -240,7 +220,7 @@ def test_deepspeed_launch_matches_torch_engine(
     runs = {0: tmp_path / "d0", 1: tmp_path / "d1", 2: ds_zero2_run.path}
     for zero, run in runs.items():
         if zero != 2:
-            _launch(deepspeed_cmd(cfg, run.name, f"deepspeed.zero_stage={zero}"), tmp_path)
+            launch(deepspeed_cmd(cfg, run.name, f"deepspeed.zero_stage={zero}"), check=True)
         d = [r["loss"] for r in _read_metrics(run) if "loss" in r]
         assert len(d) == SHARED_STEPS, f"ZeRO stage {zero}"
         assert d[:compared] == pytest.approx(t[:compared], rel=1e-6), f"ZeRO stage {zero}"

@@ -43,42 +43,6 @@ def tiny(**sections) -> dict:
     return base
 
 
-def torchrun_cmd(cfg_path, name: str, *extra: str, nproc: int = 2) -> list[str]:
-    """``torchrun`` on a free port running the trainer entry point on ``cfg_path`` as run ``name``."""
-    from moe_dist.runtime.spawn import free_port
-
-    return [
-        "torchrun",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        *extra,
-        "-m",
-        "moe_dist.train",
-        str(cfg_path),
-        f"name={name}",
-    ]
-
-
-def deepspeed_cmd(cfg_path, name: str, *overrides: str, nproc: int = 2) -> list[str]:
-    """The deepspeed launcher on a free port running the trainer entry point on ``cfg_path``."""
-    from moe_dist.runtime.spawn import free_port
-
-    return [
-        "deepspeed",
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "moe_dist.train",
-        str(cfg_path),
-        f"name={name}",
-        *overrides,
-    ]
-
-
 def grad_sync_worker(rank: int, world: int, cfg_dict: dict) -> dict:
     """One step's synced grads (fp64) from the torch engine, plus this rank's batches."""
     cfg = config_from_dict(cfg_dict)
