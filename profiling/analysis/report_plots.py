@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from profiling.analysis.report_placement import PlacementHistory, boundaries, placement_history
 
 if TYPE_CHECKING:
-    from profiling.analysis.report import Run
+    from profiling.analysis.run_dir import Run
 
 
 def _pyplot():

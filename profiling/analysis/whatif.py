@@ -51,7 +51,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from profiling.analysis.report import Run, RunDirError, fit_costs, load_ratio, load_run, mean
+from profiling.analysis.report import fit_costs, load_ratio, mean
+from profiling.analysis.run_dir import Run, RunDirError, load_run
 from profiling.analysis.whatif_placement import ASSUMPTIONS as PLACEMENT_ASSUMPTIONS
 from profiling.analysis.whatif_placement import (
     CommModel,

@@ -48,7 +48,8 @@ from moe_dist.moe.experts import hidden_width
 from moe_dist.moe.placement import Placement
 from moe_dist.placement.migrate import transfer_bytes
 from moe_dist.placement.rebalance import balanced_placement
-from profiling.analysis.report import Run, load_ratio, mean, read_jsonl
+from profiling.analysis.report import load_ratio, mean
+from profiling.analysis.run_dir import Run, read_jsonl
 from profiling.runtime.analysis import PHASES
 
 log = logging.getLogger("moe_dist.whatif")

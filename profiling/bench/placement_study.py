@@ -67,7 +67,8 @@ from moe_dist.moe.sync import sync_gradients
 from moe_dist.placement.migrate import Job, migrate_many
 from moe_dist.placement.rebalance import balanced_placement
 from moe_dist.training.preflight import claim_out_dir
-from profiling.analysis.report import Run, load_ratio, load_run
+from profiling.analysis.report import load_ratio
+from profiling.analysis.run_dir import Run, load_run
 from profiling.analysis.whatif import cost_models, recorded
 from profiling.analysis.whatif_placement import CommModel, expert_params, project_placements, replica_sync_ms
 from profiling.bench.placement_table import markdown

@@ -30,7 +30,8 @@ import torch
 from moe_dist.runtime.spawn import free_port
 from moe_dist.training.preflight import claim_out_dir
 from moe_dist.training.trainer import load_stats
-from profiling.analysis.report import load_run, plot_heatmaps, read_jsonl
+from profiling.analysis.report import plot_heatmaps
+from profiling.analysis.run_dir import load_run, read_jsonl
 
 log = logging.getLogger("moe_dist.study")
 

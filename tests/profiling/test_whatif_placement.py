@@ -13,7 +13,7 @@ import yaml
 
 from moe_dist.moe.placement import Placement
 from profiling.analysis import whatif
-from profiling.analysis.report import load_run
+from profiling.analysis.run_dir import load_run
 from profiling.analysis.whatif_placement import (
     CommModel,
     expert_params,
