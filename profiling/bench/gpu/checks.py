@@ -144,8 +144,8 @@ def slope(xs: list[float], ys: list[float]) -> float:
 def straggler(smoke: bool, out: Path) -> dict:
     """A delay d in rank 1's expert stage of layer 0 (EP 2, one device): rank 0's wait grows by d."""
     device = device_for(smoke)
-    delays = [0.0, 10.0, 20.0, 30.0] if smoke else [0.0, 4.0, 8.0, 12.0]
-    tokens, steps = (256, 4) if smoke else (4096, 12)
+    delays = [0.0, 15.0, 30.0] if smoke else [0.0, 4.0, 8.0, 12.0]
+    tokens, steps = (128, 3) if smoke else (4096, 12)
     specs = [SweepSpec(tokens=tokens, steps=steps, injection=Injection(d, layer=0, rank=1)) for d in delays]
     waits = run_ranks(straggler_worker, 2, str(device), specs, timeout=200)[0]
     wait_ms = [statistics.median(w) for w in waits]

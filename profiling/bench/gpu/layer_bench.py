@@ -11,12 +11,14 @@ import itertools
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer
+from moe_dist.moe.experts import GroupedExperts
 from profiling.bench.gpu.common import device_for, matmul_tflops, peak_tflops, sync
 
 
@@ -70,6 +72,21 @@ def timed_steps(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> f
     return statistics.median(times)
 
 
+def device_layer(cfg: MoEConfig, device: torch.device) -> MoELayer:
+    """The layer built on ``device`` with uniform expert weights drawn there.
+
+    why not the layer's own init: it draws each expert on the CPU from a generator of its own (seeded per
+    expert, so that EP sizes agree), about 13 s for E=128, F=4096; a benchmark needs only the scale.
+    """
+    with mock.patch.object(GroupedExperts, "init_experts", lambda *a, **k: None), torch.device(device):
+        layer = MoELayer(cfg)
+    with torch.no_grad():
+        for w in (layer.experts.w1, layer.experts.w2):
+            bound = 1 / w.shape[1] ** 0.5
+            w.uniform_(-bound, bound)
+    return layer
+
+
 def layer_bench(smoke: bool, out: Path) -> dict:
     """Every (d_ff, E, K): the MoE layer's ms, TFLOP/s and ratio to the dense FFN of equal active FLOPs."""
     device = device_for(smoke)
@@ -85,7 +102,7 @@ def layer_bench(smoke: bool, out: Path) -> dict:
             torch.manual_seed(0)
             x = torch.randn(T, D, device=device, requires_grad=True)
             cfg = MoEConfig(num_experts=E, d_model=D, d_ff=Fd, top_k=K, activation="swiglu", residual=False)
-            moe = MoELayer(cfg).to(device)
+            moe = device_layer(cfg, device)
             row["moe_ms"] = timed_steps(moe, x, warmup, iters)
             del moe
             dense = DenseSwiGLU(D, K * Fd).to(device)

@@ -62,11 +62,11 @@ def numeric_rows(run_dir: Path) -> dict[int, dict]:
 
 
 def trainer_resume(smoke: bool, out: Path) -> dict:
-    """30 steps (6 in a smoke run) with a checkpoint in the middle; a copy of the run with its last
+    """30 steps (4 in a smoke run) with a checkpoint in the middle; a copy of the run with its last
     checkpoint removed resumes from the middle one. Its rows must equal the first run's, bit for bit. On a
     GPU a second fresh run says whether the run is deterministic at all (a resume cannot beat that)."""
     device_for(smoke)  # a full run without a GPU stops here with one line
-    steps = 6 if smoke else 30
+    steps = 4 if smoke else 30
     model = {
         "d_model": 64 if smoke else 256,
         "n_layers": 2,
