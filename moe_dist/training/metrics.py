@@ -52,7 +52,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # why: a GPU machine without the tensorboard package must still train
-                log.warning("tensorboard is not installed: no events in %s (JSONL rows are complete)", self.tb_dir)
+                log.warning("tensorboard is not installed: no events in %s (JSONL is complete)", self.tb_dir)
                 self._tb = _NoEvents()
                 return self._tb
             # why purge_step: TensorBoard hides the events a crashed attempt wrote past the checkpoint
