@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-part", help=argparse.SUPPRESS)  # internal: run one part in this process
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("OMP_NUM_THREADS", "1" if args.smoke else os.environ.get("OMP_NUM_THREADS", "8"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1" if args.smoke else "8")  # before torch is imported
     args.out.mkdir(parents=True, exist_ok=True)
     if args.run_part:
         run_part(args.run_part, args.out, args.smoke)
