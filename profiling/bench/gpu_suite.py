@@ -104,8 +104,9 @@ def launch_part(name: str, out: Path, smoke: bool) -> dict:
     proc.join(timeout)
     status = None
     if proc.is_alive():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the part and every process it started
+        proc.kill()  # a child killed before its setsid has no group of its own yet
         proc.join(10)
         status = f"timeout after {timeout:.0f} s"
     elif not path.exists():

@@ -73,13 +73,13 @@ def timed_steps(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> f
 
 
 def device_layer(cfg: MoEConfig, device: torch.device) -> MoELayer:
-    """The layer built on ``device`` with uniform expert weights drawn there.
+    """The layer moved to ``device`` uninitialised, then given uniform expert weights drawn there.
 
     why not the layer's own init: it draws each expert on the CPU from a generator of its own (seeded per
     expert, so that EP sizes agree), about 13 s for E=128, F=4096; a benchmark needs only the scale.
     """
-    with mock.patch.object(GroupedExperts, "init_experts", lambda *a, **k: None), torch.device(device):
-        layer = MoELayer(cfg)
+    with mock.patch.object(GroupedExperts, "init_experts", lambda *a, **k: None):
+        layer = MoELayer(cfg).to(device)  # the untouched CPU pages of torch.empty cost little to copy
     with torch.no_grad():
         for w in (layer.experts.w1, layer.experts.w2):
             bound = 1 / w.shape[1] ** 0.5
