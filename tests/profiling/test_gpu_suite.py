@@ -45,7 +45,7 @@ def test_smoke_suite_writes_every_part(tmp_path: Path) -> None:
         assert rec["status"] == "ok", (name, rec.get("error"), rec.get("traceback"))
         missing = [k for k in ENV + FIELDS[name] if k not in rec]
         assert not missing, f"{name}.json lacks {missing}"
-        assert rec["passed"] is True, (name, rec.get("checks"))
+        assert rec["passed"] is (True if rec["checks"] else None), (name, rec.get("checks"))
     assert recs["layer_oracle"]["errors"]["fp32"]["grad_w1"] <= 1e-4
     assert recs["layer_oracle"]["errors"]["bf16"]["hidden"] <= 3e-2
     assert recs["trainer_resume"]["differing_steps"] == []

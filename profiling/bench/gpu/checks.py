@@ -155,7 +155,7 @@ def straggler(smoke: bool, out: Path) -> dict:
         "delays_ms": delays,
         "wait_ms": wait_ms,
         "slope": s,
-        "checks": {"slope": smoke or 0.9 <= s <= 1.1},
+        "checks": {} if smoke else {"slope": 0.9 <= s <= 1.1},
     }
 
 
