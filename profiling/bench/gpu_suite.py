@@ -157,8 +157,32 @@ def headline(rec: dict) -> str:
         worst = max((r["ratio_to_dense"] for r in ok), default=float("nan"))
         return f"{len(ok)}/{len(rec['rows'])} sizes; ratio to dense {best:.2f}-{worst:.2f}"
     if name == "trainer_bench":
-        return f"{rec['tokens_per_s']:.0f} tok/s, MFU {rec['mfu']:.1%}, peak mem {rec['peak_memory_gb']} GB"
+        mem = rec["peak_memory_gb"]
+        return f"{rec['tokens_per_s']:.0f} tok/s, MFU {rec['mfu']:.1%}, peak mem {mem and round(mem, 1)} GB"
     return ""
+
+
+def summary_line(rec: dict) -> str:
+    try:
+        figures = headline(rec)
+    except (KeyError, TypeError, ValueError) as e:  # the JSON is written; a summary slip must not hide it
+        figures = f"(no summary: {type(e).__name__} {e})"
+    return f"{rec['part']:<15} {rec['status']:<8} {str(rec['passed']):<6} {rec['seconds']:>6.1f}  {figures}"
+
+
+def layer_table(rec: dict) -> list[str]:
+    """The layer benchmark's rows: ms, TFLOP/s and the ratio to dense of each size."""
+    lines = ["", "layer_bench (bf16 fwd+bwd, EP 1):", "   F    E  K   moe ms  dense ms  x dense  moe TFLOP/s"]
+    for r in rec.get("rows", []):
+        size = f"{r['d_ff']:>4} {r['experts']:>4} {r['top_k']:>2}"
+        if "error" in r:
+            lines.append(f"{size}  {r['error'][:80]}")
+        else:
+            lines.append(
+                f"{size} {r['moe_ms']:>8.2f} {r['dense_ms']:>9.2f} {r['ratio_to_dense']:>8.2f} "
+                f"{r['moe_tflops']:>12.1f}"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         recs.append(launch_part(name, args.out, args.smoke))
         log.info("part %s: %s in %.1f s", name, recs[-1]["status"], recs[-1]["seconds"])
     lines = [f"{'part':<15} {'status':<8} {'passed':<6} {'s':>6}  figures"]
-    lines += [
-        f"{r['part']:<15} {r['status']:<8} {str(r['passed']):<6} {r['seconds']:>6.1f}  {headline(r)}"
-        for r in recs
-    ]
+    lines += [summary_line(r) for r in recs]
+    for r in recs:
+        if r["part"] == "layer_bench" and r["status"] == "ok":
+            lines += layer_table(r)
     device = next((r.get("device") for r in recs if r.get("device")), "?")
     log.info(
         "GPU suite on %s, %.0f s in all, JSON in %s\n%s",
