@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.autograd.grad_mode import set_multithreading_enabled
 
 from moe_dist import MoEConfig, MoELayer
 from moe_dist.runtime.spawn import run_ranks
@@ -175,7 +176,8 @@ def _warned_syncs(fn, device: torch.device) -> tuple[int | None, list[str]]:
         return None, []
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        # why single-threaded autograd: the backward's syncs are then warned on this thread, at their own line
+        with warnings.catch_warnings(record=True) as caught, set_multithreading_enabled(False):
             warnings.simplefilter("always")
             fn()
     finally:
