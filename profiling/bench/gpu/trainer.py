@@ -51,13 +51,13 @@ def train_subprocess(cfg_path: Path, overrides: list[str], timeout: float) -> No
         raise RuntimeError(f"train exited {proc.returncode}: {proc.stderr[-1500:]}")
 
 
-def numeric_rows(run_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl training rows by step, without the timing keys."""
+def numeric_rows(run_dir: Path, drop: tuple[str, ...] = TIMING_KEYS) -> dict[int, dict]:
+    """metrics.jsonl training rows by step, without the keys in ``drop`` (by default the timing keys)."""
     rows = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
-            rows[rec["step"]] = {k: v for k, v in rec.items() if k not in TIMING_KEYS}
+            rows[rec["step"]] = {k: v for k, v in rec.items() if k not in drop}
     return rows
 
 
@@ -161,7 +161,7 @@ def trainer_bench(smoke: bool, out: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     main([str(cfg_path)])
-    rows = [r for s, r in sorted(numeric_rows_all(work / "bench").items()) if s >= train["steps"] // 3]
+    rows = [r for s, r in sorted(numeric_rows(work / "bench", drop=()).items()) if s >= train["steps"] // 3]
     tok_s = statistics.median(r["tokens_per_s"] for r in rows)
     total, active, flops_tok = model_flops_per_token(model)
     achieved = tok_s * flops_tok / 1e12
@@ -179,13 +179,3 @@ def trainer_bench(smoke: bool, out: Path) -> dict:
     }
     shutil.rmtree(work, ignore_errors=True)
     return res
-
-
-def numeric_rows_all(run_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl training rows by step, timing keys included."""
-    rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            rows[rec["step"]] = rec
-    return rows
