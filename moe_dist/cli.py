@@ -59,6 +59,9 @@ COMMANDS: dict[str, Command] = {
     "bench-layer": Command(
         "profiling.bench.layer:main", "layer benchmark against peers and dense FFNs", nproc_flag="--ranks"
     ),
+    "gpu-suite": Command(
+        "profiling.bench.gpu_suite:main", "every CUDA check and benchmark in one run (--smoke: on the CPU)"
+    ),
 }
 
 

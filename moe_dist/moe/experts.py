@@ -43,12 +43,12 @@ def grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     """Whether F.grouped_mm takes these operands (fp64 and misaligned strides are not)."""
     if not hasattr(F, "grouped_mm"):
         return False
+    # why: the kernel needs every row stride to be a multiple of 16 bytes (on CUDA too, torch 2.11-2.13)
+    if any(n * x.element_size() % 16 for n in (w.shape[1], w.shape[2])):
+        return False
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    # why: the kernel needs every row stride to be a multiple of 16 bytes
-    return all(n * x.element_size() % 16 == 0 for n in (w.shape[1], w.shape[2]))
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _CachedCast(torch.autograd.Function):

@@ -23,6 +23,19 @@ def _jsonable(v: Any) -> Any:
 JSONL_FILES = ("metrics.jsonl", "straggler.jsonl", "routing.jsonl")
 
 
+class _NoEvents:
+    """The SummaryWriter calls we make, doing nothing (tensorboard is not installed)."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricsLogger:
     """Creates nothing on disk until the first record (a refused launch leaves the run directory alone)."""
 
@@ -36,8 +49,12 @@ class MetricsLogger:
     @property
     def tb(self):
         if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # why: a GPU machine without the tensorboard package must still train
+                log.warning("tensorboard is not installed: no events in %s (JSONL is complete)", self.tb_dir)
+                self._tb = _NoEvents()
+                return self._tb
             # why purge_step: TensorBoard hides the events a crashed attempt wrote past the checkpoint
             self._tb = SummaryWriter(str(self.tb_dir), purge_step=self._purge_step)
         return self._tb

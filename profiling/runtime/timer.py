@@ -41,10 +41,36 @@ class Injection:
     where: str = "experts"
 
 
+_CLOCK_HZ: dict[int, float] = {}
+
+
+def cuda_clock_hz(device: torch.device) -> float:
+    """Cycles per second of ``torch.cuda._sleep`` on this device, measured once with CUDA events (the best
+    of three 10M-cycle spins).
+
+    why measured: the spin counts clock cycles, and GPU clocks differ (about 1.4 GHz to 2 GHz), so a fixed
+    rate would make an injected delay 30% short on one GPU and long on another.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CLOCK_HZ:
+        cycles, rates = 10_000_000, []
+        with torch.cuda.device(index):
+            torch.cuda._sleep(1000)  # the kernel's first launch is not timed
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                torch.cuda._sleep(cycles)
+                end.record()
+                end.synchronize()
+                rates.append(cycles / (start.elapsed_time(end) / 1e3))
+        _CLOCK_HZ[index] = max(rates)  # another process sharing the GPU can only slow a spin down
+    return _CLOCK_HZ[index]
+
+
 def _sleep(seconds: float, device: torch.device) -> None:
     if device.type == "cuda":
         # why: a host sleep would not delay the GPU stream; spin the device for about that long
-        torch.cuda._sleep(int(seconds * 1.4e9))
+        torch.cuda._sleep(int(seconds * cuda_clock_hz(device)))
     else:
         time.sleep(seconds)
 
@@ -57,6 +83,8 @@ class StragglerTimer:
         self.index = {layer: i for i, layer in enumerate(layers)}
         self.rank, self.device = rank, device
         self.injection = injection if injection and injection.delay_ms > 0 else None
+        if self.injection is not None and device.type == "cuda":
+            cuda_clock_hz(device)  # measured now, at set-up, not inside a timed step
         self.cuda = device.type == "cuda"
         self._marks: dict[tuple[int, str, str], list] = defaultdict(list)
         self._tokens = [0] * len(layers)
