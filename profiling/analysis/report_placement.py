@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_dist.checkpoint.names import MANIFEST, STEP_GLOB
 from moe_dist.moe.placement import Placement
 
 log = logging.getLogger("moe_dist.report")
@@ -62,7 +63,7 @@ class PlacementHistory:
 def stored_tables(run_dir: Path) -> dict[int, list[Placement]]:
     """Run version -> per-layer placements, from every checkpoint manifest of the run."""
     out: dict[int, list[Placement]] = {}
-    for manifest in sorted((run_dir / "checkpoints").glob("step_*/manifest.json")):
+    for manifest in sorted((run_dir / "checkpoints").glob(f"{STEP_GLOB}/{MANIFEST}")):
         try:
             stored = json.loads(manifest.read_text()).get("placements")
             tables = [Placement.from_dict(d) for d in (stored or {}).values()]
