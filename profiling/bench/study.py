@@ -28,8 +28,8 @@ from statistics import fmean as mean
 import torch
 
 from moe_dist.runtime.spawn import free_port
+from moe_dist.training.monitors import load_stats
 from moe_dist.training.preflight import claim_out_dir
-from moe_dist.training.trainer import load_stats
 from profiling.analysis.report import load_run, plot_heatmaps, read_jsonl
 
 log = logging.getLogger("moe_dist.study")
