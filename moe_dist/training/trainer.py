@@ -36,7 +36,7 @@ from moe_dist.training.config import RunConfig, config_yaml, keep_global_batch
 from moe_dist.training.engine import build_engine
 from moe_dist.training.metrics import MetricsLogger, NullLogger
 from moe_dist.training.monitors import CollapseMonitor, RunFacts, build_summary, load_stats, logged_history
-from moe_dist.training.rebalance_loop import RebalanceLoop
+from moe_dist.training.rebalance_loop import Rebalanced, RebalanceLoop
 from profiling.runtime.record import (
     LayerLoad,
     PlacementRecord,
@@ -351,7 +351,7 @@ class Trainer:
         lr = self.engine.lr
         counts = update_expert_biases(self.model)  # the step's global counts per layer
         alphas = self.controller.update(counts) if self.controller is not None else None
-        placed: dict = {}
+        placed: Rebalanced | None = None
         if self.rebalancer is not None and self.rebalancer.due(self.step, last=t.steps - 1):
             placed = self.rebalancer.rebalance(self.step, self.engine.optimizer)
         loss, aux, self.stop_flag, *local_maxvio = self.mean_over_ranks(
@@ -382,9 +382,9 @@ class Trainer:
         )
         self.metrics.log(self.step, record.to_jsonl(), record.scalars())
         routing = RoutingRecord(record.tokens_per_expert)
-        if placed:  # the window's mean per-sender counts, for profiling.analysis.whatif_placement
-            routing.tokens_per_expert_RN = placed["tokens_per_expert_RN"]
-            routing.rebalance_window_steps = placed["rebalance_window_steps"]
+        if placed is not None:  # the window's mean per-sender counts, for profiling.analysis.whatif_placement
+            routing.tokens_per_expert_RN = placed.tokens_per_expert_RN
+            routing.rebalance_window_steps = placed.window_steps
         self.metrics.log(self.step, routing.to_jsonl(), {}, jsonl="routing.jsonl")
         extras = StepExtras(dropped, self._padding(counts))
         replicated = any(m.placement.is_replicated() for m in moe_layers(self.model))
@@ -392,8 +392,8 @@ class Trainer:
             extras.placement = PlacementRecord(
                 replica_sync_ms=self.engine.replica_sync_s * 1e3,
                 placement_version=max(m.placement.version for m in moe_layers(self.model)),
-                migration_ms=placed.get("migration_ms", 0.0),
-                migration_bytes=placed.get("migration_bytes", 0),
+                migration_ms=placed.migration_ms if placed is not None else 0.0,
+                migration_bytes=placed.migration_bytes if placed is not None else 0,
             )
         self.profiler.step_end(self.step, step_time, extras)
         return record
