@@ -40,6 +40,7 @@ from profiling.analysis.report_html import markdown_to_html
 from profiling.analysis.report_placement import md_placement, placement_history, recorded
 from profiling.analysis.report_plots import plot_breakdown, plot_heatmaps, plot_straggler_vs_load
 from profiling.runtime.analysis import PHASES, LinearFit
+from profiling.runtime.record import RoutingRecord, StepExtras
 
 log = logging.getLogger("moe_dist.report")
 
@@ -95,7 +96,10 @@ def load_run(run_dir: Path) -> Run:
         )
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     straggler = read_jsonl(run_dir / "straggler.jsonl")
-    routing = {r["step"]: r["tokens_per_expert"] for r in read_jsonl(run_dir / "routing.jsonl")}
+    routing = {
+        r["step"]: RoutingRecord.from_jsonl(r).tokens_per_expert
+        for r in read_jsonl(run_dir / "routing.jsonl")
+    }
     if straggler:
         layers = [e["layer"] for e in straggler[0]["layers"]]
     else:
@@ -165,9 +169,10 @@ def layer_summary(run: Run, li: int, fits: dict[tuple[int, str], LinearFit]) -> 
     out["skew_wait_r"] = pearson(skew, wait)
     out["skew_minus_wait_ms"] = mean([s - w for s, w in zip(skew, wait, strict=True)])
     out["load_ratio"] = mean([load_ratio(e["n"]) for e in entries])
-    if "capacity_padding" in run.straggler[0]:
-        out["dropped"] = mean([rec["dropped"][li] for rec in run.straggler])
-        out["padding"] = mean([rec["capacity_padding"][li] for rec in run.straggler])
+    extras = [StepExtras.from_jsonl(rec) for rec in run.straggler]
+    if extras[0].capacity_padding is not None:
+        out["dropped"] = mean([x.dropped[li] for x in extras])
+        out["padding"] = mean([x.capacity_padding[li] for x in extras if x.capacity_padding is not None])
     return out
 
 
@@ -242,7 +247,7 @@ def summarize(run: Run) -> dict:
         "load_fit": line.coef(),
         "load_r": pearson(xs, ys),
         "skew_wait_r": pearson(skew, wait),
-        "capacity": "capacity_padding" in run.straggler[0],
+        "capacity": StepExtras.from_jsonl(run.straggler[0]).capacity_padding is not None,
     }
 
 

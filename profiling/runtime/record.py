@@ -207,6 +207,12 @@ class StepExtras:
     """Capacity mode: rows a fixed-capacity buffer would carry beyond the kept tokens, per layer."""
     placement: PlacementRecord | None = None
 
+    @classmethod
+    def from_jsonl(cls, row: dict[str, Any]) -> StepExtras:
+        """A straggler.jsonl row's trainer fields."""
+        placed = PlacementRecord.from_jsonl(row) if PlacementRecord.in_row(row) else None
+        return cls(row.get("dropped", []), row.get("capacity_padding"), placed)
+
     def to_jsonl(self) -> dict[str, Any]:
         row: dict[str, Any] = {"dropped": self.dropped}
         if self.capacity_padding is not None:
