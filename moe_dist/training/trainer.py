@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moe_dist.checkpoint.files import atomic_write_text
 from moe_dist.data.corpus import Corpus
-from moe_dist.errors import ConfigError, NonFiniteError
+from moe_dist.errors import NonFiniteError
 from moe_dist.models.transformer import MoETransformer, active_params
 from moe_dist.moe.layer import moe_layers, update_expert_biases
 from moe_dist.moe.parallel import ParallelLayout
@@ -50,7 +50,6 @@ from profiling.runtime.straggler import StragglerProfiler
 __all__ = [  # with the names tests and tools have imported from here
     "RESUME_CHECK_RTOL",
     "CollapseMonitor",
-    "ConfigError",
     "ResumeCheckError",
     "Trainer",
     "load_stats",

@@ -130,7 +130,7 @@ def test_commit_is_durable(tmp_path: Path, monkeypatch) -> None:
     rename is followed by an fsync of checkpoints/; summary.json and config.yaml (the trainer's text
     writes) likewise: file before the rename, directory after."""
     from moe_dist.checkpoint import files as checkpoint
-    from moe_dist.training.trainer import _atomic_write_text
+    from moe_dist.checkpoint.files import atomic_write_text as _atomic_write_text  # the trainer's text writes
 
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
