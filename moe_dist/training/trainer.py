@@ -153,7 +153,7 @@ class Trainer:
     def _placement(self) -> Placement:
         """Every MoE layer's expert placement at start: contiguous, with ``parallel.redundant_experts``
         replicas per rank (placement=balanced starts there too; ``RebalanceLoop`` re-places it; a resume
-        switches to the checkpoint's placements, ``_stored_placements``)."""
+        switches to the checkpoint's placements, ``CheckpointManager._stored_placements``)."""
         p = self.cfg.parallel
         if self.cfg.model.kind == "hf":
             from moe_dist.models.hf_config import hf_num_experts
