@@ -4,12 +4,20 @@ placement in effect, the per-rank time breakdown and straggler time against load
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from profiling.analysis.report_placement import PlacementHistory, boundaries, placement_history
 
-if TYPE_CHECKING:
-    from profiling.analysis.report import Run
+
+class Run(Protocol):
+    """What the heatmaps read of ``profiling.analysis.report.Run`` (a protocol, so that this module does
+    not import the report back: no import circle)."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    straggler: list[dict]
+    layers: list
+    routing: dict[int, list]
 
 
 def _pyplot():
