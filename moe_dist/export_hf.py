@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moe_dist.checkpoint.files import CheckpointError, checkpoint_dirs, load_obj, verify
+from moe_dist.checkpoint.names import DENSE, experts_file, step_of
 from moe_dist.errors import ConfigError
 from moe_dist.training.config import RunConfig, config_from_dict, load_config
 
@@ -29,7 +30,7 @@ log = logging.getLogger("moe_dist.export_hf")
 def _checkpoint(run_dir: Path, step: int | None) -> Path:
     dirs = checkpoint_dirs(run_dir / "checkpoints")
     if step is not None:
-        dirs = [d for d in dirs if int(d.name.split("_")[1]) == step]
+        dirs = [d for d in dirs if step_of(d.name) == step]
     if not dirs:
         raise CheckpointError(f"no checkpoint{'' if step is None else f' at step {step}'} under {run_dir}")
     return dirs[-1]
@@ -45,9 +46,9 @@ def checkpoint_state(ckpt: Path, model: nn.Module) -> dict[str, torch.Tensor]:
         experts: dict[str, torch.Tensor] = {}
         for name in manifest["experts"]:
             experts.update(load_obj(ckpt / name)["model"])
-        return join_model(model, load_obj(ckpt / "dense.pt")["model"], experts)
-    state = dict(load_obj(ckpt / "dense.pt"))
-    shards = [load_obj(ckpt / f"experts_ep{e}.pt") for e in range(int(manifest["ep"]))]
+        return join_model(model, load_obj(ckpt / DENSE)["model"], experts)
+    state = dict(load_obj(ckpt / DENSE))
+    shards = [load_obj(ckpt / experts_file(e)) for e in range(int(manifest["ep"]))]
     for key in shards[0]:
         state[key] = torch.cat([s[key] for s in shards])  # why cat on dim 0: EP ranks hold contiguous experts
     return state

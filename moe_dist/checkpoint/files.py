@@ -44,8 +44,6 @@ import io
 import json
 import logging
 import os
-import pickle
-import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -54,28 +52,51 @@ from typing import Any
 
 import torch
 
-from moe_dist.errors import CheckpointError, ConfigError
-from moe_dist.runtime.unpickle import refused_name
+from moe_dist.checkpoint.names import MANIFEST, STEP_DIR, step_dir_name
+from moe_dist.checkpoint.verify import (
+    FORMAT,
+    UnsafeCheckpointError,
+    _fsync_dir,
+    _sha256,
+    _verified,
+    _verifies,
+    checkpoint_dirs,
+    files_to_read,
+    layout_refusal,
+    load_obj,
+    rotate,
+    set_aside,
+    stray_entries,
+    verified_checkpoints,
+    verify,
+)
+from moe_dist.errors import CheckpointError
+
+__all__ = [  # the writers here, and the readers re-exported (``moe_dist.checkpoint.verify``)
+    "FORMAT",
+    "STEP_DIR",
+    "AsyncSave",
+    "CheckpointError",
+    "SaveError",
+    "UnsafeCheckpointError",
+    "atomic_write_text",
+    "begin_save",
+    "checkpoint_dirs",
+    "commit_save",
+    "files_to_read",
+    "layout_refusal",
+    "load_obj",
+    "nonfinite_tensor",
+    "save_checkpoint",
+    "save_obj",
+    "set_aside",
+    "step_dir_name",
+    "stray_entries",
+    "verified_checkpoints",
+    "verify",
+]
 
 log = logging.getLogger(__name__)
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint file holds something other than plain data (a global that could run code on load);
-    it was refused without running anything."""
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (a rename into it) durable (POSIX; a no-op where a
-    directory cannot be opened, as on Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -95,41 +116,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(path, text.encode())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_obj(path: Path, obj: Any) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     _atomic_write(path, buf.getvalue())
-
-
-STEP_DIR = re.compile(r"step_\d{8}")
-"""The only directory names that are checkpoints."""
-# names of our own in checkpoints/ that are not checkpoints: half-written saves, set-aside corrupt ones,
-# and the pointer file earlier versions wrote (no longer read nor written)
-_OWN = re.compile(r"step_\d{8}\.(tmp|corrupt(\.\d+)?)|latest")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def stray_entries(root: Path) -> list[str]:
-    """Entries of ``root`` that are neither checkpoints nor names of our own (``step_6.bak``, notes, ...):
-    ignored, and named once in a warning by the launch preflight."""
-    if not root.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in root.iterdir()
-        if not (p.is_dir() and STEP_DIR.fullmatch(p.name)) and not _OWN.fullmatch(p.name)
-    )
 
 
 class SaveError(CheckpointError):
@@ -217,55 +207,6 @@ def write_files(tmp: Path, files: dict[str, Any]) -> dict[str, dict]:
     return entries
 
 
-_verified: set[tuple[str, int]] = set()
-"""(checkpoint path, manifest mtime) that this process wrote or verified in full: rotation does not read
-them again."""
-
-
-def _verifies(ckpt: Path) -> bool:
-    try:
-        key = (str(ckpt), (ckpt / "manifest.json").stat().st_mtime_ns)
-    except OSError:
-        return False
-    if key in _verified:
-        return True
-    try:
-        verify(ckpt)
-    except CheckpointError as e:
-        log.warning("%s", e)
-        return False
-    _verified.add(key)
-    return True
-
-
-def set_aside(ckpt: Path) -> Path:
-    """Rename a checkpoint that does not verify to ``step_X.corrupt`` (never deleted: a user may want to
-    look at it); it is no longer a checkpoint."""
-    dst = ckpt.with_name(ckpt.name + ".corrupt")
-    n = 0
-    while dst.exists():
-        n += 1
-        dst = ckpt.with_name(f"{ckpt.name}.corrupt.{n}")
-    os.replace(ckpt, dst)
-    _fsync_dir(ckpt.parent)
-    log.warning("checkpoint %s does not verify: set aside as %s (not deleted, never resumed)", ckpt, dst.name)
-    return dst
-
-
-def _rotate(root: Path, keep_last: int, protect: Sequence[str] = ()) -> None:
-    """Keep the newest ``keep_last`` checkpoints that verify and those named in ``protect`` (the one this
-    launch resumed from); set aside the newer ones that do not verify; delete the older rest."""
-    kept = 0
-    for ckpt in reversed(checkpoint_dirs(root)):
-        if kept < keep_last:
-            if _verifies(ckpt):
-                kept += 1
-            else:
-                set_aside(ckpt)
-        elif ckpt.name not in protect:
-            shutil.rmtree(ckpt, ignore_errors=True)
-
-
 def commit_save(
     root: Path,
     step: int,
@@ -291,7 +232,7 @@ def commit_save(
                     if not p.name.endswith(".part")
                 }
             manifest = dict(meta, step=step, files=dict(sorted(entries.items())))
-            _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+            _atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
             if final.exists():  # a step saved again (a replay): a good older copy is replaced, a bad one
                 if _verifies(final):  # set aside
                     shutil.rmtree(final)
@@ -299,13 +240,13 @@ def commit_save(
                     set_aside(final)
             os.replace(tmp, final)
             _fsync_dir(root)  # why: the rename is the commit; durable before any older one is deleted
-            _verified.add((str(final), (final / "manifest.json").stat().st_mtime_ns))
+            _verified.add((str(final), (final / MANIFEST).stat().st_mtime_ns))
         except OSError as e:
             error = _describe(e)
     _agree(gather, error, step, tmp, rank)  # why: nobody may exit before the checkpoint is complete
     if rank == 0:
         try:
-            _rotate(root, keep_last, protect)
+            rotate(root, keep_last, protect)
         except OSError as e:  # the new checkpoint is committed; an old one left behind costs only disk
             log.warning("checkpoint rotation under %s failed: %s", root, _describe(e))
     return final
@@ -395,132 +336,3 @@ class AsyncSave:
         return commit_save(
             self.root, self.step, self.rank, gather, self.meta, self.keep_last, entries, self.protect
         )
-
-
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Checkpoint directories under ``root`` (names ``step_<8 digits>``), oldest first; everything else
-    (``.tmp`` half-written saves, ``.corrupt`` set-aside ones, a user's ``step_6.bak``) is not one."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
-
-
-def verify(ckpt: Path, names: list[str] | None = None) -> dict:
-    """Check the manifest and the named files (all if None); raise CheckpointError naming the bad file."""
-    mpath = ckpt / "manifest.json"
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt}: manifest {mpath} is missing or unreadable ({e})") from None
-    for name in names if names is not None else list(manifest["files"]):
-        entry = manifest["files"].get(name)
-        path = ckpt / name
-        if entry is None:
-            raise CheckpointError(f"checkpoint {ckpt}: {name} is not in the manifest")
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {ckpt}: file {path} is missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(
-                f"checkpoint file {path} is truncated or altered: {size} bytes, "
-                f"manifest says {entry['bytes']}"
-            )
-        if _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint file {path} is corrupt: sha256 does not match the manifest")
-    return manifest
-
-
-FORMAT = 2
-"""Written into every manifest; a manifest without it is format 1 (stacked experts, layout-bound)."""
-
-
-def layout_refusal(manifest: dict, world: int, ep: int, engine: str) -> str | None:
-    """Why the checkpoint of ``manifest`` cannot resume at (world, ep), or None if it can."""
-    w, e = manifest.get("world"), manifest.get("ep")
-    if (w, e) == (world, ep):
-        return None
-    was = f"was written with world={w}, ep={e}; this launch has world={world}, ep={ep}"
-    if manifest.get("format", 1) < FORMAT:
-        return (
-            f"{was}, and it predates per-expert checkpoints, so it resumes only at its own layout: relaunch "
-            f"with {w} ranks and parallel.ep={e}, or start a new run (another name=..., or "
-            "train.resume=false train.overwrite=true, which moves this run aside)"
-        )
-    if engine == "deepspeed":
-        return (
-            f"{was}. engine=deepspeed checkpoints hold ZeRO optimizer partitions of the layout that wrote "
-            f"them and are not resharded here: relaunch with {w} ranks and parallel.ep={e}. DeepSpeed's "
-            "own route to another layout, its universal-checkpoint conversion "
-            "(python -m deepspeed.checkpoint.ds_to_universal), needs a checkpoint written by "
-            "engine.save_checkpoint, which we do not write (its loader unpickles anything); engine=torch "
-            "checkpoints reshard"
-        )
-    return None
-
-
-def files_to_read(
-    manifest: dict, rank: int, world: int, ep: int, num_experts: int, needed: list[int] | None = None
-) -> list[str]:
-    """The files of a checkpoint that rank ``rank`` of a (world, ep) launch reads (and verifies).
-
-    ``needed``: the expert ids this rank's slots hold (None: the contiguous share of its EP rank). A file
-    is read when its covering range [lo, hi) holds one of them (a cover may read a file more, never less).
-    """
-    ep_rank = rank % ep
-    if manifest.get("format", 1) < FORMAT:
-        return [f"rank{rank}.pt", "dense.pt", f"experts_ep{ep_rank}.pt"]
-    if needed is None:
-        per = num_experts // ep
-        needed = list(range(ep_rank * per, (ep_rank + 1) * per))
-    experts = [n for n, (a, b) in sorted(manifest["experts"].items()) if any(a <= e < b for e in needed)]
-    # why rank % saved world: a rank beyond the old world takes an old rank's RNG (same layout: its own)
-    return ["dense.pt", *experts, f"rank{rank % int(manifest['world'])}.pt"]
-
-
-def verified_checkpoints(
-    root: Path, names_for: Callable[[dict], list[str]]
-) -> tuple[dict[int, tuple[Path, dict]], dict[int, str]]:
-    """Checkpoints under ``root`` whose manifest and the files ``names_for(manifest)`` verify for this rank,
-    by step (with their manifests), and the reason each other one failed, by step. The caller intersects
-    the steps over ranks and resumes from the newest common one, so a bad shard on any rank sends every
-    rank back to the same older checkpoint.
-
-    ``names_for`` raises ConfigError for a checkpoint this launch may not resume (the launch preflight
-    normally refuses it first): that is a clear error naming the newest such checkpoint, not a fallback.
-    """
-    good: dict[int, tuple[Path, dict]] = {}
-    errors: dict[int, str] = {}
-    for ckpt in reversed(checkpoint_dirs(root)):
-        step = int(ckpt.name.split("_")[1])
-        try:
-            manifest = verify(ckpt, [])
-            manifest = verify(ckpt, names_for(manifest))
-        except CheckpointError as e:
-            errors[step] = str(e)
-            continue
-        except ConfigError as e:
-            raise ConfigError(f"checkpoint {ckpt} {e}") from None
-        good[int(manifest["step"])] = (ckpt, manifest)
-    return good, errors
-
-
-def load_obj(path: Path, allowed: Sequence[Callable] = ()) -> Any:
-    """Read one checkpoint file without running code from it.
-
-    torch's weights-only unpickler accepts tensors, numbers, strings, None and containers, plus the types
-    in ``allowed`` for this call only. Anything else raises UnsafeCheckpointError, one line naming the file
-    and the refused type; a file that cannot be read at all raises CheckpointError.
-    """
-    try:
-        # why scoped: an allowlist added for good would also apply to every other torch.load in the process
-        with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"refused checkpoint file {path}: it holds {refused_name(str(e))}, but a checkpoint may hold "
-            "only tensors, numbers, strings and containers; nothing from it was run (was it written by "
-            "another program or tampered with?)"
-        ) from None
-    except Exception as e:  # a zip or storage error deep in torch: name the file instead
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint file {path} cannot be read: {type(e).__name__}: {first}") from None

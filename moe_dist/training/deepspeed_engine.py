@@ -21,7 +21,7 @@ from moe_dist.moe.parallel import ParallelLayout
 from moe_dist.moe.placement import DEEPSPEED_REFUSES_BALANCED, DEEPSPEED_REFUSES_REPLICAS
 from moe_dist.moe.sync import expert_params
 from moe_dist.training.config import RunConfig
-from moe_dist.training.engine import autocast_ctx, lr_lambda, param_groups
+from moe_dist.training.engine import EngineCheckpoint, autocast_ctx, lr_lambda, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,13 @@ def release_shm_buffer(rank: int) -> None:
 
 
 class DeepSpeedEngine:
+    norm_is_global = False
+    """DeepSpeed's norm comes from its own reductions: the trainer agrees on its finiteness."""
+    can_skip_step = False
+    """DeepSpeed steps its optimizer inside backward, before any check of ours could skip it."""
+    reshards = False
+    """Its rank files hold ZeRO partitions of the layout that wrote them."""
+
     def __init__(
         self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
     ) -> None:
@@ -169,6 +176,7 @@ class DeepSpeedEngine:
         )
         self.model = model
         self._last_norm = 0.0
+        self.replica_sync_s = 0.0  # replicas are refused above: nothing to sync
         self.grad_norm_known = False
         """Whether the last ``step`` read a grad norm from DeepSpeed (only then is a NaN one non-finite)."""
         # why only now: initialize() broadcast the parameters, so every peer has mapped our buffer already
@@ -204,3 +212,14 @@ class DeepSpeedEngine:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def checkpoint_state(self) -> EngineCheckpoint:
+        return EngineCheckpoint(own={"engine": self.state_dict()})  # ZeRO partitions: bound to this layout
+
+    def load_checkpoint_state(
+        self, dense: dict[str, Any], experts_opt: dict[str, Any], own: dict[str, Any]
+    ) -> None:
+        self.load_state_dict(own["engine"])
+
+    def checkpoint_globals(self) -> list[type]:
+        return checkpoint_globals()

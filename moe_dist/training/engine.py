@@ -5,18 +5,24 @@ Gradient semantics (both engines): the objective is the mean over all ranks of e
 rule is ``moe_dist.moe.sync.sync_gradients`` (public, so library users apply the same one). DeepSpeed's
 engine does the same (``_reduce_expert_gradients`` divides the expert-data-parallel sum by the
 data-parallel world size).
+
+The trainer sees an engine only through the ``Engine`` protocol below; ``build_engine`` picks the class by
+``engine:`` from ``ENGINES``. A new engine is one class behind the protocol and one row in the table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moe_dist.checkpoint.global_state import join_optimizer, split_optimizer
 from moe_dist.moe.parallel import ParallelLayout
 from moe_dist.moe.sync import dense_params, expert_params, owned_expert_grads, sync_gradients
 from moe_dist.training.config import RunConfig
@@ -51,9 +57,81 @@ def autocast_ctx(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+@dataclass
+class EngineCheckpoint:
+    """The parts of a checkpoint an engine contributes, by file (format 2, ``moe_dist.checkpoint.files``)."""
+
+    dense: dict[str, Any] = field(default_factory=dict)
+    """Merged into dense.pt (rank 0)."""
+    experts: dict[str, Any] = field(default_factory=dict)
+    """Merged into this EP rank's experts file (its first replica writes it)."""
+    own: dict[str, Any] = field(default_factory=dict)
+    """Merged into this rank's rank file."""
+
+
+class Engine(Protocol):
+    """What the trainer and the checkpoint manager need from an engine; it owns optimizer and scheduler."""
+
+    optimizer: torch.optim.Optimizer
+    grad_norm_known: bool
+    """Whether the last ``step`` measured a grad norm (only then is a NaN one non-finite)."""
+    norm_is_global: bool
+    """Whether ``step``'s norm is the same number on every rank already (else the trainer agrees on it)."""
+    can_skip_step: bool
+    """Whether a step with non-finite values can be dropped before anything is updated."""
+    reshards: bool
+    """Whether its checkpoints load at another layout (and rebuild the stored expert placements)."""
+    replica_sync_s: float
+    """Seconds the last step spent summing replicated experts' grads (0 without replicas)."""
+
+    def forward(self, idx: Tensor) -> Any: ...
+
+    def backward(self, loss: Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Update; the global grad norm before clipping."""
+        ...
+
+    @property
+    def lr(self) -> float: ...
+
+    def checkpoint_state(self) -> EngineCheckpoint: ...
+
+    def load_checkpoint_state(
+        self, dense: dict[str, Any], experts_opt: dict[str, Any], own: dict[str, Any]
+    ) -> None:
+        """Restore from a format-2 checkpoint: its dense.pt, the expert optimizer state this rank's
+        experts files hold (by expert id), and its rank file."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a format-1 rank file's ``engine`` entry (the layout that wrote it)."""
+        ...
+
+    def checkpoint_globals(self) -> list[type]:
+        """The non-container types its rank files may hold (allowlisted when they are read)."""
+        ...
+
+
+ENGINES: dict[str, tuple[str, str]] = {
+    "torch": ("moe_dist.training.engine", "TorchEngine"),
+    "deepspeed": ("moe_dist.training.deepspeed_engine", "DeepSpeedEngine"),  # imported only when named
+}
+"""``engine:`` -> (module, class)."""
+
+
+def build_engine(model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Engine:
+    module, name = ENGINES[cfg.engine]
+    return getattr(importlib.import_module(module), name)(model, cfg, layout, device)
+
+
 class TorchEngine:
     grad_norm_known = True
     """``step`` always measures the global grad norm (DeepSpeed's engine may not report one)."""
+    norm_is_global = True
+    """The norm is the same number on every rank (see ``step``): no agreement needed."""
+    can_skip_step = True
+    reshards = True
 
     def __init__(
         self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
@@ -129,3 +207,21 @@ class TorchEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def checkpoint_state(self) -> EngineCheckpoint:
+        """AdamW state split by parameter name: dense in dense.pt, each expert's by id in its experts file."""
+        d_opt, e_opt, groups = split_optimizer(self.model, self.optimizer)
+        dense = {"optimizer": d_opt, "param_groups": groups, "scheduler": self.scheduler.state_dict()}
+        return EngineCheckpoint(dense=dense, experts={"optimizer": e_opt})
+
+    def load_checkpoint_state(
+        self, dense: dict[str, Any], experts_opt: dict[str, Any], own: dict[str, Any]
+    ) -> None:
+        opt = join_optimizer(
+            self.model, self.optimizer, dense["optimizer"], experts_opt, dense["param_groups"]
+        )
+        self.optimizer.load_state_dict(opt)
+        self.scheduler.load_state_dict(dense["scheduler"])
+
+    def checkpoint_globals(self) -> list[type]:
+        return []

@@ -1,4 +1,19 @@
-"""One small metrics sink: TensorBoard scalars plus a JSONL line per record. Only rank 0 holds one."""
+"""One small metrics sink: TensorBoard scalars plus a JSONL line per record. Only rank 0 holds one.
+
+The one step convention (what ``step`` means; the JSONL formats are unchanged):
+
+- a step's own record carries the **0-based index of that step**, which is also the number of steps
+  completed before it: metrics.jsonl step records (``loss``, ...) and skipped steps, straggler.jsonl,
+  routing.jsonl, TensorBoard's per-step scalars. Log lines about one step say ``step N: ...`` with the
+  same N (the rebalance, the collapse warning, a skipped step, the profiler's summary line).
+- what happens **between** steps carries the **number of steps completed**: metrics.jsonl evaluations
+  (``val_loss``; ``step`` 0 is the untrained model), ``checkpoint_stall_s`` and ``resume_check`` rows, and
+  the checkpoint directories ``step_XXXXXXXX``. Log lines say ``after N steps: ...`` (a checkpoint is still
+  named by its directory: ``checkpoint of step N``, ``resumed from ... at step N``).
+
+So the step record with ``step`` N and the evaluation with ``step`` N + 1 describe the same step: the
+evaluation follows it.
+"""
 
 from __future__ import annotations
 

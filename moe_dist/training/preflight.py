@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_dist.checkpoint.files import checkpoint_dirs, layout_refusal, stray_entries
+from moe_dist.checkpoint.names import MANIFEST
 from moe_dist.errors import ConfigError
 from moe_dist.training.config import RunConfig, keep_global_batch
 
@@ -125,7 +126,7 @@ def newest_manifest(root: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint whose manifest reads, with that manifest (files are verified later)."""
     for ckpt in reversed(checkpoint_dirs(root)):
         try:
-            return ckpt, json.loads((ckpt / "manifest.json").read_text())
+            return ckpt, json.loads((ckpt / MANIFEST).read_text())
         except (OSError, ValueError):
             continue
     return None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,19 @@ from moe_dist.placement.migrate import migrate_layers
 from moe_dist.placement.rebalance import balanced_placement, keep_if_unchanged
 
 log = logging.getLogger("moe_dist.placement.rebalance")
+
+
+@dataclass
+class Rebalanced:
+    """What one rebalance did (the trainer writes it to straggler.jsonl and routing.jsonl)."""
+
+    version: int
+    """The run's placement version after it."""
+    migration_ms: float
+    migration_bytes: int
+    tokens_per_expert_RN: list
+    """The window's mean per-sender counts, per layer [R][N]."""
+    window_steps: int
 
 
 class RebalanceLoop:
@@ -84,7 +98,7 @@ class RebalanceLoop:
             m.sent_counts_N.zero_()
         self.carry, self.since = None, step
 
-    def rebalance(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict:
+    def rebalance(self, step: int, optimizer: torch.optim.Optimizer | None) -> Rebalanced:
         """Collective: re-place and migrate every layer after step ``step`` (0-based, as ``due``; after
         zero_grad with set_to_none). Returns the profiler's fields and the window's per-step mean counts per
         layer."""
@@ -114,13 +128,13 @@ class RebalanceLoop:
                 stats.seconds * 1e3,
                 stats.bytes_total,
             )
-        return {
-            "placement_version": self.version,
-            "migration_ms": stats.seconds * 1e3,
-            "migration_bytes": stats.bytes_total,
-            "tokens_per_expert_RN": (counts_MRN / steps).tolist(),
-            "rebalance_window_steps": steps,
-        }
+        return Rebalanced(
+            version=self.version,
+            migration_ms=stats.seconds * 1e3,
+            migration_bytes=stats.bytes_total,
+            tokens_per_expert_RN=(counts_MRN / steps).tolist(),
+            window_steps=steps,
+        )
 
     def state_dict(self) -> dict:
         """Collective: the window so far (what a resume needs to rebalance exactly as an unbroken run)."""

@@ -37,6 +37,7 @@ from profiling.analysis.report_placement import md_placement, placement_history,
 from profiling.analysis.report_plots import plot_breakdown, plot_heatmaps, plot_straggler_vs_load
 from profiling.analysis.run_dir import Run, RunDirError, load_run
 from profiling.runtime.analysis import PHASES, LinearFit
+from profiling.runtime.record import StepExtras
 
 log = logging.getLogger("moe_dist.report")
 
@@ -102,9 +103,10 @@ def layer_summary(run: Run, li: int, fits: dict[tuple[int, str], LinearFit]) -> 
     out["skew_wait_r"] = pearson(skew, wait)
     out["skew_minus_wait_ms"] = mean([s - w for s, w in zip(skew, wait, strict=True)])
     out["load_ratio"] = mean([load_ratio(e["n"]) for e in entries])
-    if "capacity_padding" in run.straggler[0]:
-        out["dropped"] = mean([rec["dropped"][li] for rec in run.straggler])
-        out["padding"] = mean([rec["capacity_padding"][li] for rec in run.straggler])
+    extras = [StepExtras.from_jsonl(rec) for rec in run.straggler]
+    if extras[0].capacity_padding is not None:
+        out["dropped"] = mean([x.dropped[li] for x in extras])
+        out["padding"] = mean([x.capacity_padding[li] for x in extras if x.capacity_padding is not None])
     return out
 
 
@@ -179,7 +181,7 @@ def summarize(run: Run) -> dict:
         "load_fit": line.coef(),
         "load_r": pearson(xs, ys),
         "skew_wait_r": pearson(skew, wait),
-        "capacity": "capacity_padding" in run.straggler[0],
+        "capacity": StepExtras.from_jsonl(run.straggler[0]).capacity_padding is not None,
     }
 
 

@@ -21,7 +21,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_dist.checkpoint.names import MANIFEST, STEP_GLOB
 from moe_dist.moe.placement import Placement
+from profiling.runtime.record import PlacementRecord
 
 log = logging.getLogger("moe_dist.report")
 
@@ -62,7 +64,7 @@ class PlacementHistory:
 def stored_tables(run_dir: Path) -> dict[int, list[Placement]]:
     """Run version -> per-layer placements, from every checkpoint manifest of the run."""
     out: dict[int, list[Placement]] = {}
-    for manifest in sorted((run_dir / "checkpoints").glob("step_*/manifest.json")):
+    for manifest in sorted((run_dir / "checkpoints").glob(f"{STEP_GLOB}/{MANIFEST}")):
         try:
             stored = json.loads(manifest.read_text()).get("placements")
             tables = [Placement.from_dict(d) for d in (stored or {}).values()]
@@ -101,15 +103,12 @@ def placement_history(run_dir: Path, config: dict, straggler: list[dict], layers
             segments.append(Segment(version, step, step, tables.get(version)))
         seg = segments[-1]
         seg.last_step = step
-        if "replica_sync_ms" in rec:
-            seg.replica_sync_ms.append(float(rec["replica_sync_ms"]))
-        after = int(rec.get("placement_version", version))
-        if after != version or rec.get("migration_ms", 0.0) > 0:
-            rebalances.append(
-                Rebalance(
-                    step, after, float(rec.get("migration_ms", 0.0)), int(rec.get("migration_bytes", 0))
-                )
-            )
+        placed = PlacementRecord.from_jsonl(rec, version)
+        if PlacementRecord.in_row(rec):
+            seg.replica_sync_ms.append(placed.replica_sync_ms)
+        after = placed.placement_version
+        if after != version or placed.migration_ms > 0:
+            rebalances.append(Rebalance(step, after, placed.migration_ms, placed.migration_bytes))
         version = after
     return PlacementHistory(segments, rebalances)
 
@@ -131,7 +130,7 @@ def boundaries(p: Placement) -> list[float]:
 
 
 def recorded(straggler: list[dict]) -> bool:
-    return bool(straggler) and "placement_version" in straggler[0]
+    return bool(straggler) and PlacementRecord.in_row(straggler[0])
 
 
 def md_placement(history: PlacementHistory) -> list[str]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from profiling.runtime.record import RoutingRecord
+
 
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file sorted by step; a step logged twice (a resumed run appends) keeps the last."""
@@ -59,7 +61,10 @@ def load_run(run_dir: Path) -> Run:
         )
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     straggler = read_jsonl(run_dir / "straggler.jsonl")
-    routing = {r["step"]: r["tokens_per_expert"] for r in read_jsonl(run_dir / "routing.jsonl")}
+    routing = {
+        r["step"]: RoutingRecord.from_jsonl(r).tokens_per_expert
+        for r in read_jsonl(run_dir / "routing.jsonl")
+    }
     if straggler:
         layers = [e["layer"] for e in straggler[0]["layers"]]
     else:

@@ -62,6 +62,7 @@ from profiling.analysis.whatif_placement import (
     redundant_message,
 )
 from profiling.runtime.analysis import PHASES
+from profiling.runtime.record import StepExtras
 
 log = logging.getLogger("moe_dist.whatif")
 
@@ -264,7 +265,7 @@ def project_run(
     placements: list[str],
     slots: SlotOptions | None = None,
 ) -> list[dict]:
-    if "capacity_padding" in run.straggler[0]:
+    if StepExtras.from_jsonl(run.straggler[0]).capacity_padding is not None:
         log.warning(
             "capacity mode run: the projection uses the routing counts before the capacity drop (no cap), "
             "while the recorded loads are after it"

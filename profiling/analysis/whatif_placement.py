@@ -51,6 +51,7 @@ from moe_dist.placement.rebalance import balanced_placement
 from profiling.analysis.report import load_ratio, mean
 from profiling.analysis.run_dir import Run, read_jsonl
 from profiling.runtime.analysis import PHASES
+from profiling.runtime.record import RoutingRecord
 
 log = logging.getLogger("moe_dist.whatif")
 
@@ -110,7 +111,7 @@ def sender_counts(run: Run, ranks: int) -> dict[int, list[list[list[float]]] | N
     """step -> per layer [R'][N] counts as logged (``tokens_per_expert_RN``), when logged for R' senders."""
     out: dict[int, list | None] = {}
     for rec in read_jsonl(run.run_dir / "routing.jsonl"):
-        rn = rec.get("tokens_per_expert_RN")
+        rn = RoutingRecord.from_jsonl(rec).tokens_per_expert_RN
         out[int(rec["step"])] = rn if rn is not None and len(rn[0]) == ranks else None
     return out
 

@@ -28,10 +28,11 @@ from statistics import fmean as mean
 import torch
 
 from moe_dist.runtime.spawn import free_port
+from moe_dist.training.monitors import load_stats
 from moe_dist.training.preflight import claim_out_dir
-from moe_dist.training.trainer import load_stats
 from profiling.analysis.report import plot_heatmaps
 from profiling.analysis.run_dir import load_run, read_jsonl
+from profiling.runtime.record import StepRecord
 
 log = logging.getLogger("moe_dist.study")
 
@@ -95,25 +96,27 @@ def analyse(run_dir: Path) -> dict:
     own micro-batch ("batch"), and on the counts summed over the whole half ("global", Wang et al.'s
     MaxVio_global). Collapsed: under half the mean load in more than half of all steps."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    steps = [
+        StepRecord.from_jsonl(r) for r in read_jsonl(run_dir / "metrics.jsonl") if StepRecord.is_step_row(r)
+    ]
     late = steps[len(steps) // 2 :]
     layers = len(summary["mean_maxvio_per_layer"])
-    step_mv = [[r[f"load/L{i}/maxvio"] for r in late] for i in range(layers)]
-    batch_mv = [[r[f"load/L{i}/maxvio_local"] for r in late] for i in range(layers)]
-    summed = [torch.tensor([r["tokens_per_expert"][i] for r in late]).sum(0) for i in range(layers)]
+    step_mv = [[r.layers[i].maxvio for r in late] for i in range(layers)]
+    batch_mv = [[r.layers[i].maxvio_local for r in late] for i in range(layers)]
+    summed = [torch.tensor([r.tokens_per_expert[i] for r in late]).sum(0) for i in range(layers)]
     global_mv = [load_stats(counts)["maxvio"] for counts in summed]
     collapsed = 0
     for i in range(layers):
-        per_expert = list(zip(*[r["tokens_per_expert"][i] for r in steps], strict=True))
+        per_expert = list(zip(*[r.tokens_per_expert[i] for r in steps], strict=True))
         for counts in per_expert:
             under = sum(
-                c < 0.5 * sum(r["tokens_per_expert"][i]) / len(per_expert)
+                c < 0.5 * sum(r.tokens_per_expert[i]) / len(per_expert)
                 for c, r in zip(counts, steps, strict=True)
             )
             collapsed += under > len(steps) / 2
-    n_experts = layers * len(steps[0]["tokens_per_expert"][0])
+    n_experts = layers * len(steps[0].tokens_per_expert[0])
     strag = [r["straggler_frac"] for r in read_jsonl(run_dir / "straggler.jsonl")]
-    alphas = [r.get("aux/alpha/L0") for r in steps if "aux/alpha/L0" in r]
+    alphas = [r.alphas[0] for r in steps if r.alphas]
     return {
         "val_loss": summary["final_val_loss"],
         "val_bpb": summary["final_val_bpb"],

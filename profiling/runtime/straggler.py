@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from profiling.runtime.analysis import StragglerAnalyzer, scalars, summary_line
 from profiling.runtime.quiet import without_kineto_markers
+from profiling.runtime.record import StepExtras
 from profiling.runtime.timer import Injection, StragglerTimer
 
 log = logging.getLogger("moe_dist.profile")
@@ -73,7 +74,7 @@ class StragglerProfiler:
         if self.timer is not None:
             self.timer.enabled = not paused
 
-    def step_end(self, step: int, step_s: float, extra: dict | None = None) -> dict | None:
+    def step_end(self, step: int, step_s: float, extra: StepExtras | None = None) -> dict | None:
         if self.prof is not None:
             with without_kineto_markers():  # the schedule starts and stops kineto inside step()
                 self.prof.step()
@@ -88,7 +89,8 @@ class StragglerProfiler:
         if self.rank != 0:
             return None
         rec = self.analyzer.update(step, step_s * 1e3, torch.stack(gathered).cpu())
-        rec.update(extra or {})
+        if extra is not None:
+            rec.update(extra.to_jsonl())
         self.metrics.log(step, rec, scalars(rec), jsonl="straggler.jsonl")
         self.recent.append(rec)
         if len(self.recent) >= self.log_every:

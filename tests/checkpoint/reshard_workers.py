@@ -38,10 +38,11 @@ def probed_run(
 ) -> dict:
     """Train as the entry point does; probe at the save of ``step`` (probe_at="save") or right after the
     resume (probe_at="resume"). ``swap``: exchange experts 0 and 1 of the first MoE layer while loading."""
+    import moe_dist.training.checkpointing as checkpointing_mod
     import moe_dist.training.trainer as trainer_mod
 
     if swap:
-        join = trainer_mod.join_model
+        join = checkpointing_mod.join_model
 
         def swapped(model, dense, experts):
             experts = dict(experts)
@@ -50,7 +51,7 @@ def probed_run(
                 experts[a], experts[b] = experts[b], experts[a]
             return join(model, dense, experts)
 
-        trainer_mod.join_model = swapped
+        checkpointing_mod.join_model = swapped
     cfg = config_from_dict(cfg_dict)
     layout = ParallelLayout.build(cfg.parallel.ep)
     trainer = trainer_mod.Trainer(cfg, layout, torch.device("cpu"))

@@ -124,7 +124,7 @@ def test_commit_is_durable(tmp_path: Path, monkeypatch) -> None:
     rename is followed by an fsync of checkpoints/; summary.json and config.yaml (the trainer's text
     writes) likewise: file before the rename, directory after."""
     from moe_dist.checkpoint import files as checkpoint
-    from moe_dist.training.trainer import _atomic_write_text
+    from moe_dist.checkpoint.files import atomic_write_text as _atomic_write_text  # the trainer's text writes
 
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -192,7 +192,7 @@ def _cases_worker(rank: int, world: int, root: str) -> dict:
     import torch.distributed as dist
 
     from moe_dist.checkpoint import files as checkpoint
-    from moe_dist.training import trainer
+    from moe_dist.training import checkpointing, trainer
     def cfg(name: str, **train) -> dict:
         t = {"steps": 2, "ckpt_every": 1, "keep_last": 3, "eval_every": 1, "val_sequences": 8, **train}
         return tiny(out_dir=root, name=name, parallel={"ep": 2, "timeout_s": 20}, train=t)
@@ -227,16 +227,16 @@ def _cases_worker(rank: int, world: int, root: str) -> dict:
     dist.barrier()
 
     # 4. resuming "stop" (newest: step 1), rank 1 cannot load its experts: every rank, the same line
-    real_join = trainer.join_model
+    real_join = checkpointing.join_model
 
     def join(model, dense, experts):
         if rank == 1:
             raise KeyError("blocks.0.ffn.experts.e2.w1")
         return real_join(model, dense, experts)
 
-    trainer.join_model = join
+    checkpointing.join_model = join
     out["load"] = _outcome(lambda: _trainer(cfg("stop", steps=3)).train())
-    trainer.join_model = real_join
+    checkpointing.join_model = real_join
     dist.barrier()
 
     # 5. each rank in a directory of its own with a relative out_dir: two nodes without a shared out_dir

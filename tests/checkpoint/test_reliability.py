@@ -207,7 +207,7 @@ def _nan_grad_worker(rank: int, world: int, cfg: dict) -> dict:
     def watched() -> dict:
         before = _state(trainer)
         record = step_fn()
-        if "gradient norm" in record.get("reason", ""):
+        if "gradient norm" in getattr(record, "reason", ""):
             out["norm_skips"] += 1
             out["unchanged"].append(_same(before, _state(trainer)))
         return record
@@ -247,7 +247,7 @@ def test_resume_check_names_a_nonfinite_stored_val_loss(
     """A checkpoint whose stored val loss is NaN: the self-check says so, not "not restored as written"."""
     from types import SimpleNamespace
 
-    from moe_dist.training.trainer import ResumeCheckError, Trainer
+    from moe_dist.training.checkpointing import CheckpointManager, ResumeCheckError
 
     records: list = []
     fake = SimpleNamespace(
@@ -263,11 +263,11 @@ def test_resume_check_names_a_nonfinite_stored_val_loss(
     manifest = {"world": 1, "ep": 1}
     if mode == "error":
         with pytest.raises(ResumeCheckError) as err:
-            Trainer._resume_check(fake, tmp_path / "step_00000006", manifest, saved)
+            CheckpointManager._resume_check(fake, tmp_path / "step_00000006", manifest, saved, fake.step)
         msg = str(err.value)
     else:
         with caplog.at_level("WARNING"):
-            Trainer._resume_check(fake, tmp_path / "step_00000006", manifest, saved)
+            CheckpointManager._resume_check(fake, tmp_path / "step_00000006", manifest, saved, fake.step)
         msg = caplog.text
     assert "stored in" in msg and "nan (non-finite)" in msg and "not restored as written" not in msg
     assert records[-1]["resume_check"] == "unchecked"
