@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="moe-dist gpu-suite",
         description=__doc__.split("\n\n")[0],
-        epilog="example: python -m profiling.bench.gpu_suite --out bench/gpu",
+        epilog="example: moe-dist gpu-suite --out bench/gpu   (or: python -m profiling.bench.gpu_suite ...)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--out", type=Path, required=True, help="directory for one JSON per part")
