@@ -324,10 +324,10 @@ class AllToAllDispatcher(LocalDispatcher):
             x_PD = self.exchange(
                 x_PD, meta.recv_splits, meta.send_splits, f"MoE layer {self.layer}: dispatch all-to-all"
             )
-        meta.wire_rows = sum(meta.send_splits) - meta.send_splits[self.rank]
-        meta.wire_bytes = meta.wire_rows * x_PD.shape[1] * x_PD.element_size()
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_end")
+        meta.wire_rows = sum(meta.send_splits) - meta.send_splits[self.rank]
+        meta.wire_bytes = meta.wire_rows * x_PD.shape[1] * x_PD.element_size()
         with stage_range(self.layer, "permute"):
             # rows arrive grouped (source rank, local slot); experts want (local slot, source rank)
             counts_L = [sum(recv_RL[r][s] for r in range(R)) for s in range(L)]
