@@ -14,7 +14,7 @@ MEANING = {
     "T": "token", "D": "model", "F": "ffn", "H": "shared|hidden", "N": "expert", "K": "top", "R": "rank",
     "L": "slot", "Q": "global slot", "P": "row|pair", "B": "sequence|batch", "S": "per sequence",
     "V": "vocab", "A": "head", "G": "group", "J": "group", "E": "per group", "M": "layer", "Y": "byte",
-    "X": "",
+    "U": "token row", "X": "",
 }  # fmt: skip
 
 

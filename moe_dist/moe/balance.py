@@ -49,6 +49,10 @@ class MoEStats:
     """int64 scalar: tokens seen by the balance group in this call."""
     tokens_per_expert_local: Tensor
     """int64 [N]: this rank's assignments per expert (its micro-batch alone)."""
+    wire_rows: int = 0
+    """D-wide rows this rank sent to other EP ranks in the dispatch all-to-all (``MoEConfig.dispatch``)."""
+    wire_bytes: int = 0
+    """Bytes of those rows, plus dedup's (row, gate) pair lists; the small count exchange is not counted."""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ from moe_dist.errors import ConfigError
 SCORE_FUNCS = ("softmax", "sigmoid", "exp")
 BALANCE_SCOPES = ("global", "local", "global_batch")
 AUX_LOSS_COUNTS = ("routed", "unbiased")
+DISPATCHES = ("pairs", "dedup")
 ACTIVATIONS = ("gelu", "silu", "relu", "swiglu", "geglu")
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
 """Gated activations and the nonlinearity on their gate half: FFN(u) = (act(u W_gate) * u W_up) W_down."""
@@ -112,6 +114,12 @@ class MoEConfig:
     """Std of the normal init of the expert centroids e_i."""
     check_finite: bool = True
     """Raise NonFiniteError (naming the layer) on NaN/Inf router logits; every rank raises together."""
+    dispatch: str = "pairs"
+    """How tokens cross the EP group: "pairs" sends one row per kept (token, expert) pair (DeepSpeed's and
+    Megatron's all-to-all dispatcher); "dedup" sends each token once per destination rank with its list of
+    (local slot, gate) pairs, expands it there and reduces the gate-weighted expert outputs into one row
+    before the combine (DeepEP-style). Same math; fewer bytes when a token's experts share a rank. One EP
+    rank: no communication either way."""
 
     def __post_init__(self) -> None:
         owner = "moe"
@@ -126,10 +134,13 @@ class MoEConfig:
             ("balance_scope", BALANCE_SCOPES),
             ("aux_loss_counts", AUX_LOSS_COUNTS),
             ("activation", ACTIVATIONS),
+            ("dispatch", DISPATCHES),
         ):
             value = getattr(self, name)
             if value not in choices:
-                raise ConfigError(f"{owner}.{name} must be one of {choices}, got {value!r}")
+                near = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ConfigError(f"{owner}.{name} must be one of {choices}, got {value!r}{hint}")
         for name in (
             *(() if self.aux_loss_coef == "auto" else ("aux_loss_coef",)),
             "auto_aux_init",

@@ -44,6 +44,8 @@ class RoutePlan:
     dropped: Tensor
     """int64 scalar: pairs dropped by capacity on this rank."""
     any_dropped: bool
+    gates_TK: Tensor | None = None
+    """The routing gates, for a dispatcher that weights on the receiving side ("dedup"); None elsewhere."""
 
 
 @dataclass
@@ -54,6 +56,10 @@ class DispatchMeta:
     recv_splits: list[int] | None = None
     regroup_idx: Tensor | None = None
     regroup_inv: Tensor | None = None
+    wire_rows: int = 0
+    """D-wide rows this rank sent to other ranks in the dispatch all-to-all (rows to itself stay local)."""
+    wire_bytes: int = 0
+    """Bytes of those rows and of any per-pair lists sent with them (the count exchange aside)."""
 
 
 def plan_routes(
@@ -62,6 +68,7 @@ def plan_routes(
     num_slots: int,
     capacity_factor: float | None,
     num_experts: int | None = None,
+    gates_TK: Tensor | None = None,
 ) -> RoutePlan:
     """Sort pairs by global slot; with a capacity, keep each slot's top-C pairs by score on this rank.
 
@@ -78,7 +85,7 @@ def plan_routes(
         order = torch.argsort(slot_P, stable=True)
         row = torch.empty_like(order)
         row[order] = torch.arange(order.numel(), device=order.device)
-        return RoutePlan(order, row.view(T, K), counts_Q, counts_Q.new_zeros(()), False)
+        return RoutePlan(order, row.view(T, K), counts_Q, counts_Q.new_zeros(()), False, gates_TK)
     capacity = math.ceil(capacity_factor * K * T / (num_experts or num_slots))
     # why two stable sorts: by score (descending), then by slot, so each slot's pairs are best-first
     by_score = torch.argsort(topk_scores_TK.reshape(-1).detach(), descending=True, stable=True)
@@ -91,7 +98,7 @@ def plan_routes(
     row = torch.full((T * K,), kept.numel(), dtype=torch.int64, device=order.device)
     row[kept] = torch.arange(kept.numel(), device=order.device)
     dropped = counts_Q.sum() - kept_counts_Q.sum()
-    return RoutePlan(kept, row.view(T, K), kept_counts_Q, dropped, True)
+    return RoutePlan(kept, row.view(T, K), kept_counts_Q, dropped, True, gates_TK)
 
 
 class _GatherPairs(torch.autograd.Function):
@@ -184,9 +191,14 @@ def dispatcher_names() -> list[str]:
     return sorted(_DISPATCHERS)
 
 
-def default_dispatcher(ep_size: int) -> str:
-    """The dispatcher a layer uses when none is named: all local on one rank, all-to-all beyond."""
-    return "all_to_all" if ep_size > 1 else "local"
+DISPATCH_MODES = {"pairs": "all_to_all", "dedup": "dedup"}
+"""``MoEConfig.dispatch`` -> the registered dispatcher that implements it beyond one EP rank."""
+
+
+def default_dispatcher(ep_size: int, dispatch: str = "pairs") -> str:
+    """The dispatcher a layer uses when none is named: all local on one rank (nothing crosses a wire in
+    either mode), else the one ``dispatch`` names."""
+    return DISPATCH_MODES[dispatch] if ep_size > 1 else "local"
 
 
 def make_dispatcher(name: str, spec: DispatcherSpec) -> Dispatcher:
@@ -314,6 +326,8 @@ class AllToAllDispatcher(LocalDispatcher):
             )
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_end")
+        meta.wire_rows = sum(meta.send_splits) - meta.send_splits[self.rank]
+        meta.wire_bytes = meta.wire_rows * x_PD.shape[1] * x_PD.element_size()
         with stage_range(self.layer, "permute"):
             # rows arrive grouped (source rank, local slot); experts want (local slot, source rank)
             counts_L = [sum(recv_RL[r][s] for r in range(R)) for s in range(L)]

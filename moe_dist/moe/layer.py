@@ -19,6 +19,7 @@ from moe_dist.errors import ConfigError
 from moe_dist.moe.balance import BalanceResult, MoEStats, balance_terms
 from moe_dist.moe.comm import GroupRef
 from moe_dist.moe.config import MoEConfig
+from moe_dist.moe.dedup import DedupDispatcher  # noqa: F401  (registers "dedup")
 from moe_dist.moe.dispatcher import (
     Dispatcher,
     DispatcherSpec,
@@ -65,7 +66,8 @@ class MoELayer(nn.Module):
         the same
             on every rank of the group; None = ``Placement.contiguous(N, EP size)``, N/R experts per rank.
         dispatcher: the name of a registered dispatcher (``moe_dist.moe.dispatcher.register_dispatcher``);
-            None = "local" on one EP rank, "all_to_all" beyond.
+            None = "local" on one EP rank, beyond it the one ``cfg.dispatch`` names ("pairs": "all_to_all",
+            "dedup": "dedup").
 
     Placement-related attributes: ``placement``, ``slot_experts`` (the logical id of each local slot, i.e.
     of each row of ``experts.w1``/``w2``), ``owned_slots`` (local slots holding the first replica of their
@@ -131,7 +133,9 @@ class MoELayer(nn.Module):
         if ep_group is not None and ep_size > 1:
             count_rows = self._count_rows(ep_group, balance_group, cfg.num_experts)
         spec = DispatcherSpec(cfg.num_experts, placement, ep_group, layer_idx, timing_hook, count_rows)
-        self.dispatcher: Dispatcher = make_dispatcher(dispatcher or default_dispatcher(ep_size), spec)
+        self.dispatcher: Dispatcher = make_dispatcher(
+            dispatcher or default_dispatcher(ep_size, cfg.dispatch), spec
+        )
         self.timing_hook = timing_hook
         if ep_group is not None or balance_group is not None:
             # why: this layer will issue collectives; gloo groups left alive at interpreter exit can abort it
@@ -235,6 +239,7 @@ class MoELayer(nn.Module):
             # in the autocast dtype (half the bytes on the wire, and grouped_mm on CUDA needs bf16)
             x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         x_PD, counts_L, meta = self.dispatcher.dispatch(x_in, plan, bal.kept_counts_RN)
+        bal.stats.wire_rows, bal.stats.wire_bytes = meta.wire_rows, meta.wire_bytes
         y_PD = self._experts(x_PD, counts_L)
         shared_TD = self._shared(x_in)
         out_TD = self.dispatcher.combine(y_PD, route.gates_TK, meta)
@@ -250,7 +255,12 @@ class MoELayer(nn.Module):
             slot_TK = self.route_slot_N[route.topk_idx_TK]
             Q = self.ep_size * len(self.slot_experts)
             plan = plan_routes(
-                slot_TK, route.topk_scores_TK, Q, self.cfg.capacity_factor, self.cfg.num_experts
+                slot_TK,
+                route.topk_scores_TK,
+                Q,
+                self.cfg.capacity_factor,
+                self.cfg.num_experts,
+                route.gates_TK,  # why: "dedup" weights on the receiving rank, so the gates travel out
             )
             # kept pairs per logical expert: each maps to exactly one slot of this rank's route table
             kept_counts_N = plan.counts_Q[self.route_slot_N] if self.count_row is not None else None

@@ -154,6 +154,7 @@ def layer_results(layer: MoELayer, out, x: torch.Tensor) -> dict:
         "P": out.stats.P,
         "counts": out.stats.tokens_per_expert,
         "dropped": int(out.stats.dropped),
+        "wire_rows": out.stats.wire_rows,
         "grad_x": x.grad,
         "grad_router": layer.router.weight.grad,
         "grad_w1": layer.experts.w1.grad,

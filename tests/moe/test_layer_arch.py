@@ -118,9 +118,13 @@ def single_cases() -> list[Case]:
     ]
 
 
+DEDUP_TWINS = ("device-limited-bias", "device-limited-one", "deepseek-v3", "deepseek-v3-empty-rank")
+"""Cases run again with MoEConfig.dispatch="dedup" (issue 27), as ``dedup-<name>``."""
+
+
 def ep_cases(world: int) -> list[Case]:
     T = {2: [24, 40], 4: [16, 24, 8, 32]}[world]
-    return [
+    out = [
         _case("swiglu", dict(BASE, top_k=2, activation="swiglu"), T),
         _case("swiglu-capacity", dict(BASE, top_k=2, activation="swiglu", capacity_factor=1.0), T),
         _case(
@@ -163,6 +167,14 @@ def ep_cases(world: int) -> list[Case]:
         ),
         # one rank with zero tokens (no sequence, no rows to send) under every term and shared experts
         _case("deepseek-v3-empty-rank", DEEPSEEK, [0] + T[1:], seq_len=8, bias_scale=0.2),
+        # device-limited with topk_group 1: all K experts of a token on one rank (dropless: a capacity drop
+        # can leave a token one pair on a rank, where dedup saves nothing)
+        _case("device-limited-one", dict(BASE, top_k=2, n_group=world, topk_group=1), T),
+    ]
+    return out + [
+        dataclasses.replace(c, name=f"dedup-{c.name}", cfg=dict(c.cfg, dispatch="dedup"))
+        for c in out
+        if c.name in DEDUP_TWINS
     ]
 
 
@@ -253,12 +265,41 @@ def test_group_limit_bounds_groups_per_token() -> None:
     close(out.gates_TK, 2.5 * s / s.sum(1, keepdim=True), "gates: unbiased, renormalised, scaled")
 
 
+_EP_RESULTS: dict[int, list] = {}
+
+
+def ep_results(world: int) -> list:
+    """Every rank's results for ``ep_cases(world)``: one launch per world size, shared by the tests."""
+    if world not in _EP_RESULTS:
+        _EP_RESULTS[world] = run_ranks(arch_case_worker, world, ep_cases(world), timeout=400)
+    return _EP_RESULTS[world]
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_matches_oracle(world: int) -> None:
     cases = ep_cases(world)
-    results = run_ranks(arch_case_worker, world, cases, timeout=400)
+    results = ep_results(world)
     for i, case in enumerate(cases):
         check_against_oracle(case, [r[i] for r in results])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dedup_halves_the_wire_under_device_limited_routing(world: int) -> None:
+    """Device-limited routing (n_group = EP, topk_group 1, K = 2) puts a token's two experts on one rank:
+    "dedup" sends it there once, so at most 0.55x the rows of "pairs" cross ranks (each case is also
+    checked against the oracle above, and here against its "pairs" twin)."""
+    names = [c.name for c in ep_cases(world)]
+    results = ep_results(world)
+    i, j = names.index("device-limited-one"), names.index("dedup-device-limited-one")
+    pairs = sum(r[i]["wire_rows"] for r in results)
+    dedup = sum(r[j]["wire_rows"] for r in results)
+    assert pairs > 0 and dedup <= 0.55 * pairs, (dedup, pairs)
+    for twin in DEDUP_TWINS:
+        a, b = names.index(twin), names.index(f"dedup-{twin}")
+        for r, got in enumerate(results):
+            for key in ("hidden", "grad_x", "grad_router", "grad_w1", "grad_w2", "grad_ws1", "grad_ws2"):
+                if key in got[a]:
+                    close(got[b][key], got[a][key], f"{twin} rank {r} {key}")
 
 
 def test_swiglu_grouped_mm_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,6 +364,8 @@ def test_shared_experts_are_dense_params() -> None:
         (dict(n_group=4, topk_group=2, noisy_gating=True), "cannot be combined"),
         (dict(seq_aux_loss_coef=-1.0), "seq_aux_loss_coef"),
         (dict(aux_loss_counts="biased"), "aux_loss_counts must be one of .*got 'biased'"),
+        (dict(dispatch="dedupe"), "dispatch must be one of .*got 'dedupe'; did you mean 'dedup'"),
+        (dict(dispatch=None), "dispatch must be one of"),
         (dict(n_group=2.0, topk_group=1), "n_group must be int"),
     ],
 )

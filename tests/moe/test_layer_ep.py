@@ -5,6 +5,7 @@ Each world size is launched once (module-scoped) and runs every case; each case 
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
@@ -21,6 +22,16 @@ TOKENS = {1: [37], 2: [24, 40], 4: [20, 33, 16, 28]}
 EMPTY_RANK = {1: [0], 2: [0, 40], 4: [20, 0, 16, 28]}
 # every balancing term at once, and the selection bias
 ALL_TERMS = dict(BASE, top_k=2, seq_aux_loss_coef=1e-2, bias_update_rate=1e-3)
+DEDUP_TWINS = (
+    "softmax-k1-cap",
+    "sigmoid-k2-dropless",
+    "exp-k2-cap",
+    "tight-capacity",
+    "empty-rank-cap",
+    "empty-rank-dropless",
+    "k8-dropless",
+    "k8-cap",
+)
 
 
 def cases(world: int) -> list[Case]:
@@ -67,6 +78,15 @@ def cases(world: int) -> list[Case]:
             "empty-rank-cap", dict(ALL_TERMS, capacity_factor=1.0), EMPTY_RANK[world], seed=17, bias_scale=0.3
         ),
         Case("empty-rank-dropless", ALL_TERMS, EMPTY_RANK[world], seed=18, bias_scale=0.3),
+        # K = N: every token on every rank (dedup's best case); cf 0.5 drops half of each expert's pairs
+        Case("k8-dropless", dict(BASE, top_k=8, score_func="sigmoid"), TOKENS[world], seed=19),
+        Case("k8-cap", dict(BASE, top_k=8, capacity_factor=0.5), TOKENS[world], seed=20),
+    ]
+    # MoEConfig.dispatch="dedup" (issue 27): twins of the cases above, each token sent once per rank
+    out += [
+        dataclasses.replace(c, name=f"dedup-{c.name}", cfg=dict(c.cfg, dispatch="dedup"))
+        for c in out
+        if c.name in DEDUP_TWINS
     ]
     return out
 
@@ -92,7 +112,33 @@ def test_matches_oracle(world: int, idx: int, name: str) -> None:
     assert_layer_matches_oracle(case, per_rank, ref)
     assert float(ref["f"].sum()) == pytest.approx(N if sum(case.tokens) else 0)
     if case.cfg.get("capacity_factor") == 0.5:
-        assert ref["dropped"] > 0, "the tight-capacity case must actually drop"
+        assert ref["dropped"] > 0, "the capacity-0.5 cases must actually drop"
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_dedup_matches_pairs(world: int) -> None:
+    """dispatch="dedup" against "pairs" on the same case: outputs and every gradient to fp64 summation
+    order, the same global stats; never more rows on the wire, and fewer once a token has 2+ pairs on
+    another rank (K = 8 at EP 2 and 4); nothing on the wire at EP 1."""
+    names = [c.name for c in cases(world)]
+    res = results_for(world)
+    for twin in DEDUP_TWINS:
+        i, j = names.index(twin), names.index(f"dedup-{twin}")
+        for r in range(world):
+            pairs, dedup = res[r][i], res[r][j]
+            for key in ("hidden", "grad_x", "grad_router", "grad_w1", "grad_w2", "aux", "f", "P"):
+                close(dedup[key], pairs[key], f"{twin} rank {r} {key}")
+            assert torch.equal(dedup["counts"], pairs["counts"]) and dedup["dropped"] == pairs["dropped"]
+            assert dedup["wire_rows"] <= pairs["wire_rows"], twin
+            if world == 1:
+                assert pairs["wire_rows"] == dedup["wire_rows"] == 0
+    k8 = names.index("k8-dropless")
+    if world > 1:
+        for r in range(world):
+            if TOKENS[world][r]:
+                # K = N = 8: pairs sends each token's L = 8/R pairs per other rank, dedup one row
+                assert res[r][k8]["wire_rows"] == TOKENS[world][r] * (world - 1) * 8 // world
+                assert res[r][names.index("dedup-k8-dropless")]["wire_rows"] == TOKENS[world][r] * (world - 1)
 
 
 @pytest.mark.parametrize("world", [1, 2])

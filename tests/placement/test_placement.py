@@ -58,6 +58,10 @@ def cases(world: int) -> list[Case]:
                 cfg = dict(BASE, capacity_factor=cap, score_func="softmax" if p_seed == 1 else "sigmoid")
                 extra = {"placement": placement.to_dict(), "fold": fold}
                 out.append(Case(name, cfg, TOKENS[world], seed=10 * world + p_seed, extra=extra))
+            # MoEConfig.dispatch="dedup" (issue 27): replicas keep their meaning; counts always travel alone
+            name = f"p{p_seed}-{'cap' if cap else 'dropless'}-dedup"
+            cfg = dict(cfg, dispatch="dedup")
+            out.append(Case(name, cfg, TOKENS[world], seed=10 * world + p_seed, extra=dict(extra, fold=True)))
     return out
 
 
@@ -103,7 +107,10 @@ def test_random_placement_matches_oracle(world: int, idx: int, name: str) -> Non
         assert torch.equal(got["counts"], ref["counts"]), f"rank {r} counts per logical expert"
         assert got["dropped"] == ref["dropped"], f"rank {r} dropped"
         # the folded counts save the count all-to-all: rows out and back only
-        assert got["forward_a2a"] == (2 if case.extra["fold"] else 3)
+        if case.cfg.get("dispatch") == "dedup":  # counts, pair lists, token rows out, rows back
+            assert got["forward_a2a"] == 4
+        else:
+            assert got["forward_a2a"] == (2 if case.extra["fold"] else 3)
     close(sum(g["grad_router"] for g in per_rank), ref["grad_router"], "router grad summed over ranks")
     close(logical_grads(per_rank, "grad_w1"), ref["grad_w1"], "W1 grad per logical expert")
     close(logical_grads(per_rank, "grad_w2"), ref["grad_w2"], "W2 grad per logical expert")
