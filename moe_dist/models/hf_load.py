@@ -204,8 +204,8 @@ def pretrained_skeleton(path: str | Path, seq_len: int | None = None) -> nn.Modu
 
 def check_pretrained(path: str | Path, seq_len: int | None = None) -> None:
     """The launch's check (no tensor read): an MoE config, every shard and every key present."""
-    ckpt = Checkpoint(path)
-    plan(pretrained_skeleton(path, seq_len), ckpt)
+    model = pretrained_skeleton(path, seq_len)  # first: a dense config is refused as such, files or not
+    plan(model, Checkpoint(path))
 
 
 @dataclass
@@ -218,6 +218,17 @@ class LoadStats:
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
+
+
+def gather_stats(stats: LoadStats, world: int) -> list[dict]:
+    """Every rank's ``LoadStats`` as JSON rows, in rank order (a collective over the world when > 1)."""
+    import torch.distributed as dist
+
+    rows: list = [stats.to_json()]
+    if world > 1:
+        rows = [None] * world
+        dist.all_gather_object(rows, stats.to_json())
+    return rows
 
 
 def _expert_rows(
