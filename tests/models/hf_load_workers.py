@@ -77,3 +77,19 @@ def load_worker(rank: int, world: int, ep: int, cases: list[tuple[str, int]], to
             }
         )
     return out
+
+
+def trainer_worker(rank: int, world: int, cfg_dict: dict, tokens) -> dict:
+    """The trainer with model.hf_pretrained (as the entry point builds it): its model's logits on
+    ``tokens`` before any step, then a short run (which writes the load record)."""
+    from moe_dist.moe.parallel import ParallelLayout
+    from moe_dist.training.config import config_from_dict
+    from moe_dist.training.trainer import Trainer
+
+    cfg = config_from_dict(cfg_dict)
+    trainer = Trainer(cfg, ParallelLayout.build(cfg.parallel.ep), torch.device("cpu"))
+    trainer.model.eval()
+    with torch.no_grad():
+        logits = trainer.model(tokens).logits_BSV
+    trainer.model.train()
+    return {"logits": logits, "summary": trainer.train()}

@@ -124,3 +124,39 @@ def test_missing_shard_key_or_non_moe_is_one_config_error(ckpts: dict[str, Path]
         with pytest.raises(ConfigError, match=re.escape(pattern)) as err:
             _check(path)
         assert "\n" not in str(err.value), str(err.value)
+
+
+def test_trainer_starts_from_the_pretrained_weights_and_records_the_load(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    """The trainer (2 in-process ranks, EP=2, one replica per rank) with model.hf_pretrained: before any step
+    its logits are from_pretrained's; it trains; hf_load.json in the run directory holds each rank's
+    bytes_read (within the bound above), the checkpoint's bytes and the peak RSS after loading."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.models.hf_load_workers import trainer_worker
+
+    path = ckpts["qwen3_moe"]
+    cfg = tiny(
+        model={"kind": "hf", "hf_pretrained": str(path), "seq_len": 16},
+        parallel={"ep": 2, "redundant_experts": 1},
+        train={"steps": 2, "eval_every": 2, "ckpt_every": 0},
+        out_dir=str(tmp_path / "runs"),
+    )
+    cfg["model"].pop("moe")
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    results = run_ranks(trainer_worker, 2, cfg, tokens, timeout=240)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(input_ids=tokens, use_cache=False).logits
+    for r in results:
+        assert float((r["logits"] - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        assert r["summary"]["steps"] == 2
+    rows = json.loads((tmp_path / "runs" / "tiny" / "hf_load.json").read_text())["ranks"]
+    dense, per_expert = tensor_bytes(path)
+    assert [row["rank"] for row in rows] == [0, 1]
+    for ep_rank, row in enumerate(rows):  # contiguous with 1 replica: rank 0 holds 0-3 + 4, rank 1 4-7 + 0
+        own = dense + sum(per_expert[e] for e in ([0, 1, 2, 3, 4] if ep_rank == 0 else [0, 4, 5, 6, 7]))
+        assert own <= row["bytes_read"] <= 1.05 * own, (row, own)
+        assert row["checkpoint_bytes"] == sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        assert row["peak_rss_bytes"] > 0
