@@ -12,9 +12,9 @@ SHARD = "20KB"
 """max_shard_size of the fixtures: each spans several shards."""
 
 
-def save_fixture(kind: str, out: Path, seed: int = 0) -> Path:
+def save_fixture(kind: str, out: Path, seed: int = 0, shard: str = SHARD) -> Path:
     """A tiny ``kind`` model from ``from_config`` (seeded), saved with ``save_pretrained``: transformers
-    writes the published per-expert keys."""
+    writes the published per-expert keys (``shard``: max_shard_size; "1GB": one model.safetensors)."""
     from transformers import AutoModelForCausalLM
 
     from tests.models.hf_workers import tiny_config
@@ -24,7 +24,7 @@ def save_fixture(kind: str, out: Path, seed: int = 0) -> Path:
     if kind == "deepseek_v3":  # a nonzero selection bias must be read too
         for block in (m for m in model.modules() if type(m).__name__ == "DeepseekV3MoE"):
             block.gate.e_score_correction_bias.normal_(0, 0.1)
-    model.save_pretrained(out, max_shard_size=SHARD)
+    model.save_pretrained(out, max_shard_size=shard)
     return out
 
 
@@ -93,3 +93,10 @@ def trainer_worker(rank: int, world: int, cfg_dict: dict, tokens) -> dict:
         logits = trainer.model(tokens).logits_BSV
     trainer.model.train()
     return {"logits": logits, "summary": trainer.train()}
+
+
+def both_worker(rank: int, world: int, load_args: tuple, trainer_args: tuple) -> dict:
+    """``load_worker`` then ``trainer_worker`` in the same ranks (one spawn: each rank imports transformers
+    once for both tests)."""
+    loads = load_worker(rank, world, *load_args)
+    return {"load": loads, "trainer": trainer_worker(rank, world, *trainer_args)}

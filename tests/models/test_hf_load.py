@@ -17,7 +17,7 @@ pytest.importorskip("safetensors")
 
 from moe_dist import ConfigError  # noqa: E402
 from tests.helpers.launch import run_ranks  # noqa: E402
-from tests.models.hf_load_workers import load_worker, save_fixture, save_fused  # noqa: E402
+from tests.models.hf_load_workers import save_fixture, save_fused  # noqa: E402
 from tests.training.train_workers import tiny  # noqa: E402
 
 EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
@@ -31,7 +31,36 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     out["qwen3_fused"] = save_fused(out["qwen3_moe"], root / "qwen3_fused")
     for path in out.values():
         assert len(list(path.glob("*.safetensors"))) >= 3, path  # several shards, read through the index
+    out["mixtral_single"] = save_fixture("mixtral", root / "mixtral_single", seed=1, shard="1GB")
+    assert [f.name for f in out["mixtral_single"].glob("*.safetensors")] == ["model.safetensors"]
     return out
+
+
+NAMES = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen3_fused", "mixtral_single"]
+REDUNDANT = {"qwen3_fused": 1}
+"""Replicas per rank of each load case (the others: none)."""
+_G = torch.Generator().manual_seed(0)
+LOAD_TOKENS = [torch.randint(0, 256, (2, 12), generator=_G) for _ in range(2)]
+"""Each rank's tokens for the load cases."""
+TRAINER_TOKENS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def ranks(ckpts: dict[str, Path], tmp_path_factory) -> dict:
+    """One spawn of 2 ranks for both EP=2 tests: the loads of every case, then the trainer's run."""
+    from tests.models.hf_load_workers import both_worker
+
+    out_dir = tmp_path_factory.mktemp("hf_pretrained_runs")
+    cfg = tiny(
+        model={"kind": "hf", "hf_pretrained": str(ckpts["qwen3_moe"]), "seq_len": 16},
+        parallel={"ep": 2, "redundant_experts": 1},
+        train={"steps": 2, "eval_every": 2, "ckpt_every": 0, "val_sequences": 4},
+        out_dir=str(out_dir),
+    )
+    cfg["model"].pop("moe")
+    cases = [(str(ckpts[n]), REDUNDANT.get(n, 0)) for n in NAMES]
+    results = run_ranks(both_worker, 2, (2, cases, LOAD_TOKENS), (cfg, TRAINER_TOKENS), timeout=300)
+    return {"load": [r["load"] for r in results], "trainer": [r["trainer"] for r in results], "runs": out_dir}
 
 
 def tensor_bytes(path: Path) -> tuple[int, dict[int, int]]:
@@ -59,23 +88,22 @@ def tensor_bytes(path: Path) -> tuple[int, dict[int, int]]:
     return dense, per_expert
 
 
-def test_ep2_load_matches_from_pretrained_and_reads_only_own_experts(ckpts: dict[str, Path]) -> None:
+def test_ep2_load_matches_from_pretrained_and_reads_only_own_experts(
+    ckpts: dict[str, Path], ranks: dict
+) -> None:
     """EP=2, 2 ranks: Qwen3-MoE and Mixtral (the two per-expert key layouts), DeepSeek-V3 (shared experts,
-    a selection bias, a dense first layer) and Qwen3-MoE in the fused layout with one replica per rank;
-    logits equal from_pretrained's on the same tokens to 1e-5 (fp32), and each rank read the dense tensors
-    and its own experts (at least; at most 5% more), far less than the whole checkpoint."""
+    a selection bias, a dense first layer), Qwen3-MoE in the fused layout with one replica per rank, and a
+    one-file (no index) Mixtral; logits equal from_pretrained's on the same tokens to 1e-5 (fp32), and each
+    rank read the dense tensors and its own experts (at least; at most 5% more), far less than the whole
+    checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    g = torch.Generator().manual_seed(0)
-    tokens = [torch.randint(0, 256, (2, 12), generator=g) for _ in range(2)]
-    names = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen3_fused"]
-    cases = [(str(ckpts[n]), 1 if n == "qwen3_fused" else 0) for n in names]
-    results = run_ranks(load_worker, 2, 2, cases, tokens, timeout=240)
+    results, tokens, names = ranks["load"], LOAD_TOKENS, NAMES
     for i, name in enumerate(names):
         ref = AutoModelForCausalLM.from_pretrained(ckpts[name], dtype=torch.float32).eval()
         dense, per_expert = tensor_bytes(ckpts[name])
         if name == "qwen3_fused":
-            assert cases[i][1] == 1 and len(results[0][i]["experts"]) == 5  # 4 own + 1 replica
+            assert len(results[0][i]["experts"]) == 5  # 4 own + 1 replica
         for rank in range(2):
             got = results[rank][i]
             with torch.no_grad():
@@ -127,32 +155,21 @@ def test_missing_shard_key_or_non_moe_is_one_config_error(ckpts: dict[str, Path]
 
 
 def test_trainer_starts_from_the_pretrained_weights_and_records_the_load(
-    ckpts: dict[str, Path], tmp_path: Path
+    ckpts: dict[str, Path], ranks: dict
 ) -> None:
     """The trainer (2 in-process ranks, EP=2, one replica per rank) with model.hf_pretrained: before any step
     its logits are from_pretrained's; it trains; hf_load.json in the run directory holds each rank's
     bytes_read (within the bound above), the checkpoint's bytes and the peak RSS after loading."""
     from transformers import AutoModelForCausalLM
 
-    from tests.models.hf_load_workers import trainer_worker
-
-    path = ckpts["qwen3_moe"]
-    cfg = tiny(
-        model={"kind": "hf", "hf_pretrained": str(path), "seq_len": 16},
-        parallel={"ep": 2, "redundant_experts": 1},
-        train={"steps": 2, "eval_every": 2, "ckpt_every": 0},
-        out_dir=str(tmp_path / "runs"),
-    )
-    cfg["model"].pop("moe")
-    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-    results = run_ranks(trainer_worker, 2, cfg, tokens, timeout=240)
+    path, tokens, results = ckpts["qwen3_moe"], TRAINER_TOKENS, ranks["trainer"]
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         want = ref(input_ids=tokens, use_cache=False).logits
     for r in results:
         assert float((r["logits"] - want).abs().max()) <= 1e-5 * float(want.abs().max())
         assert r["summary"]["steps"] == 2
-    rows = json.loads((tmp_path / "runs" / "tiny" / "hf_load.json").read_text())["ranks"]
+    rows = json.loads((ranks["runs"] / "tiny" / "hf_load.json").read_text())["ranks"]
     dense, per_expert = tensor_bytes(path)
     assert [row["rank"] for row in rows] == [0, 1]
     for ep_rank, row in enumerate(rows):  # contiguous with 1 replica: rank 0 holds 0-3 + 4, rank 1 4-7 + 0
