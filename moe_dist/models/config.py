@@ -38,6 +38,10 @@ class ModelConfig:
     hf_config: str | dict | None = None
     """kind=hf: a local directory holding a transformers config.json, or the config's fields inline (with
     ``model_type``); vocab_size must be 256 (bytes) and is filled in if absent."""
+    hf_pretrained: str | None = None
+    """kind=hf: a local transformers checkpoint directory (config.json and *.safetensors, one file or shards
+    with model.safetensors.index.json) whose weights the model starts from (moe_dist/models/hf_load.py);
+    each rank reads the dense tensors and only its own experts. hf_config defaults to it."""
     hf_moe: dict = field(default_factory=dict)
     """kind=hf: MoEConfig fields for the swapped layers beyond the block's own routing (aux_loss_coef,
     z_loss_coef, balance_scope, bias_update_rate, capacity_factor, ...); unset ones come from the HF config
@@ -61,6 +65,16 @@ class ModelConfig:
             raise ConfigError(f"model.kind must be moe_dist or hf, got {self.kind!r}")
         check_type("model", "hf_config", self.hf_config, (str, dict), optional=True)
         check_type("model", "hf_moe", self.hf_moe, (dict,))
+        check_type("model", "hf_pretrained", self.hf_pretrained, (str,), optional=True)
+        if self.hf_pretrained is not None:
+            if self.kind != "hf":
+                raise ConfigError("model.hf_pretrained needs model.kind: hf")
+            if self.hf_config is None:
+                self.hf_config = self.hf_pretrained
+            elif self.hf_config != self.hf_pretrained:
+                raise ConfigError(
+                    "model.hf_pretrained reads its own config.json; leave model.hf_config unset"
+                )
         if self.kind != "hf":
             return
         if self.hf_config is None:

@@ -154,12 +154,14 @@ def from_hf_block(
     config: Any = None,
     timing_hook: TimingHook | None = None,
     placement: Placement | None = None,
+    slot_rows: bool = False,
     **overrides: Any,
 ) -> MoELayer:
     """A MoELayer (residual off) whose ``.hidden`` equals ``block(x)`` for x [B, S, D] or [T, D]; under EP
     each rank copies only the experts of its slots (``placement``; None = contiguous). ``config`` is the
     model's HF config (for ``router_aux_loss_coef``; default: the one the block's experts keep). See
-    ``hf_block_config`` for the balancing defaults.
+    ``hf_block_config`` for the balancing defaults. ``slot_rows``: the block's expert tensors hold this
+    rank's L slots in order, not all N experts (a pretrained load read only those, ``hf_load``).
     """
     fam = family_of(block)
     cfg = hf_block_config(block, config, **overrides)
@@ -172,8 +174,9 @@ def from_hf_block(
     transposed = bool(getattr(block.experts, "is_transposed", False))
     ids = layer.slot_experts  # slot s holds expert ids[s] (replicas copy the same expert)
     layer.router.weight.copy_(block.gate.weight)
-    layer.experts.w1.copy_(_ours(block.experts.gate_up_proj[ids], transposed))
-    layer.experts.w2.copy_(_ours(block.experts.down_proj[ids], transposed))
+    rows = slice(None) if slot_rows else ids
+    layer.experts.w1.copy_(_ours(block.experts.gate_up_proj[rows], transposed))
+    layer.experts.w2.copy_(_ours(block.experts.down_proj[rows], transposed))
     if fam.selection_bias:
         layer.router.expert_bias.copy_(getattr(block.gate, fam.selection_bias))
     shared = _shared_mlp(block, fam)

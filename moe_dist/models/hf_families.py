@@ -2,7 +2,8 @@
 that differs between them. ``moe_dist.models.hf`` reads the row; it has no per-family branch.
 
 A new family is one row of ``FAMILIES`` (and a case in ``tests/models/test_hf.py`` against transformers'
-own block). Pretrained loading will add columns (per-expert state-dict key names).
+own block). The ``disk_block``/``expert_weights`` columns name the per-expert keys of a pretrained checkpoint
+(``moe_dist.models.hf_load``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ class HFFamily:
     """What the Switch loss's f counts, should it be on (MoEConfig.aux_loss_counts)."""
     must_be_zero: tuple[str, ...] = ()
     """HF config fields we do not implement, accepted only at 0 (Mixtral's router_jitter_noise)."""
+    disk_block: str = "mlp"
+    """Attribute of the decoder layer holding the block in published checkpoints (Mixtral's
+    ``block_sparse_moe``; transformers 5.x keeps it as ``mlp`` in memory, and either is read)."""
+    expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    """Per-expert checkpoint names of the (gate, up, down) projections:
+    ``{layer}.{disk_block}.experts.{e}.{name}.weight`` ([F, D], [F, D], [D, F]); Mixtral's w1/w3/w2."""
 
 
 FAMILIES: tuple[HFFamily, ...] = (
@@ -59,6 +66,8 @@ FAMILIES: tuple[HFFamily, ...] = (
         "Mixtral",
         normalize_topk=True,
         must_be_zero=("router_jitter_noise",),
+        disk_block="block_sparse_moe",
+        expert_weights=("w1", "w3", "w2"),
     ),
     HFFamily(
         "qwen2_moe",
@@ -91,6 +100,10 @@ FAMILIES: tuple[HFFamily, ...] = (
         aux_loss_counts="unbiased",
     ),
 )
+
+FUSED_EXPERTS = ("gate_up_proj", "down_proj")
+"""The fused checkpoint layout (transformers 5.x in memory): ``{block}.experts.gate_up_proj`` [N, 2F, D] and
+``{block}.experts.down_proj`` [N, D, F], the same in every family."""
 
 BY_CLASS = {f.block_class: f for f in FAMILIES}
 BY_KIND = {f.kind: f for f in FAMILIES}

@@ -324,6 +324,10 @@ class RunConfig:
             from moe_dist.models.hf_config import hf_num_experts
 
             n = hf_num_experts(self.model.hf_config)
+            if self.model.hf_pretrained is not None:  # every shard and key, from the headers alone
+                from moe_dist.models.hf_load import check_pretrained
+
+                check_pretrained(self.model.hf_pretrained, self.model.seq_len)
         if world % ep:
             raise ConfigError(f"parallel.ep={ep} does not divide the world size {world}")
         if n % ep:

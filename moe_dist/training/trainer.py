@@ -82,10 +82,16 @@ class Trainer:
             MetricsLogger(self.run_dir) if self.rank == 0 else NullLogger()
         )
         hf_model = None
+        self.hf_load = None
+        """model.hf_pretrained: this rank's LoadStats."""
         if cfg.model.kind == "hf":  # a transformers LM; its sparse blocks are swapped below
             from moe_dist.models.hf import build_hf_model, sparse_layer_ids
+            from moe_dist.models.hf_load import pretrained_skeleton
 
-            hf_model = build_hf_model(cfg.model.hf_config, cfg.train.seed, cfg.model.seq_len)
+            if cfg.model.hf_pretrained is not None:  # on the meta device; _hf_lm reads this rank's part
+                hf_model = pretrained_skeleton(cfg.model.hf_pretrained, cfg.model.seq_len)
+            else:
+                hf_model = build_hf_model(cfg.model.hf_config, cfg.train.seed, cfg.model.seq_len)
             moe_ids = sparse_layer_ids(hf_model)
         else:
             moe_ids = [i for i in range(cfg.model.n_layers) if (i + 1) % cfg.model.moe_every == 0]
@@ -167,8 +173,15 @@ class Trainer:
         """model.kind=hf: the transformers LM with every sparse-MoE block made expert-parallel over the run's
         layout (global balancing, the straggler profiler's timing hook), behind the trainer's interface."""
         from moe_dist.models.hf import HFCausalLM, parallelize_hf_model
+        from moe_dist.models.hf_load import load_pretrained
 
-        parallelize_hf_model(hf_model, self.layout, self.profiler.hook, placement, **self.cfg.model.hf_moe)
+        m = self.cfg.model
+        if m.hf_pretrained is not None:
+            self.hf_load = load_pretrained(
+                hf_model, m.hf_pretrained, self.layout, placement, self.profiler.hook, self.device, **m.hf_moe
+            )
+        else:
+            parallelize_hf_model(hf_model, self.layout, self.profiler.hook, placement, **m.hf_moe)
         return HFCausalLM(hf_model)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -229,6 +242,12 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", config_yaml(cfg))
+        if self.hf_load is not None:  # model.hf_pretrained: every rank's bytes read and peak RSS, one file
+            from moe_dist.models.hf_load import LOAD_RECORD, gather_stats
+
+            rows = gather_stats(self.hf_load, self.world)
+            if self.rank == 0:
+                atomic_write_text(self.run_dir / LOAD_RECORD, json.dumps({"ranks": rows}, indent=1) + "\n")
         self.profiler.start()
         bar = tqdm(
             total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc=cfg.name

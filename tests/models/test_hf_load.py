@@ -1,0 +1,179 @@
+"""model.hf_pretrained: a transformers checkpoint directory loaded expert-parallel. The reference is
+transformers' own ``from_pretrained`` in one process; what each rank read is checked against the bytes of
+the checkpoint's dense tensors and of the experts its slots hold, counted from the safetensors headers."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from moe_dist import ConfigError  # noqa: E402
+from tests.helpers.launch import run_ranks  # noqa: E402
+from tests.models.hf_load_workers import save_fixture, save_fused  # noqa: E402
+from tests.training.train_workers import tiny  # noqa: E402
+
+EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
+FUSED_KEY = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_pretrained")
+    out = {kind: save_fixture(kind, root / kind) for kind in ("qwen3_moe", "mixtral", "deepseek_v3")}
+    out["qwen3_fused"] = save_fused(out["qwen3_moe"], root / "qwen3_fused")
+    for path in out.values():
+        assert len(list(path.glob("*.safetensors"))) >= 3, path  # several shards, read through the index
+    out["mixtral_single"] = save_fixture("mixtral", root / "mixtral_single", seed=1, shard="1GB")
+    assert [f.name for f in out["mixtral_single"].glob("*.safetensors")] == ["model.safetensors"]
+    return out
+
+
+NAMES = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen3_fused", "mixtral_single"]
+REDUNDANT = {"qwen3_fused": 1}
+"""Replicas per rank of each load case (the others: none)."""
+_G = torch.Generator().manual_seed(0)
+LOAD_TOKENS = [torch.randint(0, 256, (2, 12), generator=_G) for _ in range(2)]
+"""Each rank's tokens for the load cases."""
+TRAINER_TOKENS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def ranks(ckpts: dict[str, Path], tmp_path_factory) -> dict:
+    """One spawn of 2 ranks for both EP=2 tests: the loads of every case, then the trainer's run."""
+    from tests.models.hf_load_workers import both_worker
+
+    out_dir = tmp_path_factory.mktemp("hf_pretrained_runs")
+    cfg = tiny(
+        model={"kind": "hf", "hf_pretrained": str(ckpts["qwen3_moe"]), "seq_len": 16},
+        parallel={"ep": 2, "redundant_experts": 1},
+        train={"steps": 2, "eval_every": 2, "ckpt_every": 0, "val_sequences": 4},
+        out_dir=str(out_dir),
+    )
+    cfg["model"].pop("moe")
+    cases = [(str(ckpts[n]), REDUNDANT.get(n, 0)) for n in NAMES]
+    results = run_ranks(both_worker, 2, (2, cases, LOAD_TOKENS), (cfg, TRAINER_TOKENS), timeout=300)
+    return {"load": [r["load"] for r in results], "trainer": [r["trainer"] for r in results], "runs": out_dir}
+
+
+def tensor_bytes(path: Path) -> tuple[int, dict[int, int]]:
+    """(dense bytes, bytes of each expert id) of a checkpoint, from the safetensors headers."""
+    from safetensors import safe_open
+
+    dense, per_expert = 0, {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                s = sf.get_slice(key)
+                shape = s.get_shape()
+                nbytes = {"F32": 4, "BF16": 2, "F16": 2}[s.get_dtype()]
+                for d in shape:
+                    nbytes *= d
+                m, fused = EXPERT_KEY.search(key), FUSED_KEY.search(key)
+                if m:
+                    e = int(m.group(1))
+                    per_expert[e] = per_expert.get(e, 0) + nbytes
+                elif fused:  # N rows, one per expert
+                    for e in range(shape[0]):
+                        per_expert[e] = per_expert.get(e, 0) + nbytes // shape[0]
+                else:
+                    dense += nbytes
+    return dense, per_expert
+
+
+def test_ep2_load_matches_from_pretrained_and_reads_only_own_experts(
+    ckpts: dict[str, Path], ranks: dict
+) -> None:
+    """EP=2, 2 ranks: Qwen3-MoE and Mixtral (the two per-expert key layouts), DeepSeek-V3 (shared experts,
+    a selection bias, a dense first layer), Qwen3-MoE in the fused layout with one replica per rank, and a
+    one-file (no index) Mixtral; logits equal from_pretrained's on the same tokens to 1e-5 (fp32), and each
+    rank read the dense tensors and its own experts (at least; at most 5% more), far less than the whole
+    checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    results, tokens, names = ranks["load"], LOAD_TOKENS, NAMES
+    for i, name in enumerate(names):
+        ref = AutoModelForCausalLM.from_pretrained(ckpts[name], dtype=torch.float32).eval()
+        dense, per_expert = tensor_bytes(ckpts[name])
+        if name == "qwen3_fused":
+            assert len(results[0][i]["experts"]) == 5  # 4 own + 1 replica
+        for rank in range(2):
+            got = results[rank][i]
+            with torch.no_grad():
+                want = ref(input_ids=tokens[rank], use_cache=False).logits
+            err = float((got["logits"] - want).abs().max())
+            assert err <= 1e-5 * float(want.abs().max()), (name, rank, err)
+            own = dense + sum(per_expert[e] for e in got["experts"])
+            assert own <= got["bytes_read"] <= 1.05 * own, (name, rank, got["bytes_read"], own)
+            assert got["bytes_read"] < 0.8 * (dense + sum(per_expert.values())), (name, rank)
+            assert got["checkpoint_bytes"] == sum(f.stat().st_size for f in ckpts[name].glob("*.safetensors"))
+
+
+def _check(path: Path, world: int = 2) -> None:
+    from moe_dist.training.config import config_from_dict
+
+    cfg = tiny(model={"kind": "hf", "hf_pretrained": str(path), "seq_len": 16}, parallel={"ep": 2})
+    cfg["model"].pop("moe")
+    config_from_dict(cfg).check_world(world)
+
+
+def test_missing_shard_key_or_non_moe_is_one_config_error(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """Refused by the launch's check (before any process group, no tensor read): a shard named by the index
+    is missing, a key is missing, the config is not an MoE; each is one ConfigError line."""
+    _check(ckpts["mixtral"])  # the intact checkpoint passes
+    shard = tmp_path / "shard"
+    shutil.copytree(ckpts["mixtral"], shard)
+    victim = sorted(shard.glob("*.safetensors"))[1]
+    victim.unlink()
+    key = tmp_path / "key"
+    shutil.copytree(ckpts["mixtral"], key)
+    index = json.loads((key / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    (key / "model.safetensors.index.json").write_text(json.dumps(index))
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    cfg = json.loads((ckpts["qwen3_moe"] / "config.json").read_text())
+    for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"):
+        cfg.pop(k, None)
+    cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], intermediate_size=32)
+    (dense / "config.json").write_text(json.dumps(cfg))
+    for path, pattern in (
+        (shard, f"shard {victim.name} named by model.safetensors.index.json is missing"),
+        (key, "lacks model.layers.1.block_sparse_moe.experts.3.w3.weight"),
+        (dense, "(qwen3) is not a sparse-MoE model"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(pattern)) as err:
+            _check(path)
+        assert "\n" not in str(err.value), str(err.value)
+
+
+def test_trainer_starts_from_the_pretrained_weights_and_records_the_load(
+    ckpts: dict[str, Path], ranks: dict
+) -> None:
+    """The trainer (2 in-process ranks, EP=2, one replica per rank) with model.hf_pretrained: before any step
+    its logits are from_pretrained's; it trains; hf_load.json in the run directory holds each rank's
+    bytes_read (within the bound above), the checkpoint's bytes and the peak RSS after loading."""
+    from transformers import AutoModelForCausalLM
+
+    path, tokens, results = ckpts["qwen3_moe"], TRAINER_TOKENS, ranks["trainer"]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(input_ids=tokens, use_cache=False).logits
+    for r in results:
+        assert float((r["logits"] - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        assert r["summary"]["steps"] == 2
+    rows = json.loads((ranks["runs"] / "tiny" / "hf_load.json").read_text())["ranks"]
+    dense, per_expert = tensor_bytes(path)
+    assert [row["rank"] for row in rows] == [0, 1]
+    for ep_rank, row in enumerate(rows):  # contiguous with 1 replica: rank 0 holds 0-3 + 4, rank 1 4-7 + 0
+        own = dense + sum(per_expert[e] for e in ([0, 1, 2, 3, 4] if ep_rank == 0 else [0, 4, 5, 6, 7]))
+        assert own <= row["bytes_read"] <= 1.05 * own, (row, own)
+        assert row["checkpoint_bytes"] == sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        assert row["peak_rss_bytes"] > 0
