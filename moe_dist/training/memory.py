@@ -11,8 +11,8 @@ config, or a transformers model from ``model.hf_config`` (every ``HFFamily`` of
 moe_dist/models/hf_families.py; its routed experts are the parameters under a ``.experts.`` module, shared
 experts and routers are dense).
 
-Shape legend: T tokens per micro-batch per rank, D model dim, N routed experts, K experts per token,
-F expert ffn dim, V vocab.
+Shape legend: T tokens per micro-batch per rank, D model dim, N routed experts, K top-k,
+F expert ffn dim, V vocabulary.
 """
 
 from __future__ import annotations
