@@ -57,6 +57,19 @@ def test_plan_equals_measured_torch_engine(torch_ep2_run: SharedRun, tmp_path: P
     assert at_ep2.params < at_ep1.params  # EP 2 halves the experts a rank holds
 
 
+def test_plan_equals_measured_deepspeed_zero2(ds_zero2_run: SharedRun) -> None:
+    """The shared ZeRO-2 run (EP 2 on 2 ranks: dense AdamW state split over 2, experts' over their
+    expert-data-parallel group of 1): parameters and AdamW moments exactly. The planner does not model
+    DeepSpeed's alignment padding of its flat groups; these shapes need none. Gradients are not measured under
+    DeepSpeed (its ZeRO buckets hold them, not the parameters): ``null``."""
+    cfg = load_config(ds_zero2_run.path / "config.yaml")
+    planned = plan(cfg, world=2, ep=2, engine="deepspeed", zero=2)
+    measured = _measured(ds_zero2_run.path)
+    assert (measured["params"], measured["optimizer"]) == (planned.params, planned.optimizer)
+    assert planned.optimizer < plan(cfg, world=2, ep=2, engine="torch").optimizer
+    assert measured["grads"] is None and measured["peak_rss"] > planned.params
+
+
 def _qwen3_from_fields(c: dict) -> tuple[int, int]:
     """(dense, routed expert) parameters of a qwen3_moe config, written out from its fields."""
     d, hd, layers = c["hidden_size"], c["head_dim"], c["num_hidden_layers"]
