@@ -57,6 +57,23 @@ def test_plan_equals_measured_torch_engine(torch_ep2_run: SharedRun, tmp_path: P
     assert at_ep2.params < at_ep1.params  # EP 2 halves the experts a rank holds
 
 
+def test_plan_equals_measured_hf_model(tmp_path: Path) -> None:
+    """model.kind=hf (a tiny Qwen3-MoE): the planner's meta-device count of the transformers model equals what
+    the trainer's swapped model holds, at world 1."""
+    pytest.importorskip("transformers")
+    from tests.models.hf_workers import HF_TINY
+
+    cfg = tiny(
+        model={"kind": "hf", "hf_config": HF_TINY, "seq_len": 16},
+        train={"steps": 1, "eval_every": 1, "val_sequences": 4},
+        out_dir=str(tmp_path),
+        name="hf",
+    )
+    cfg["model"].pop("moe")
+    run_ranks(train_worker, 1, cfg)
+    _check(plan(config_from_dict(cfg), world=1, ep=1, engine="torch"), _measured(tmp_path / "hf"))
+
+
 def test_plan_equals_measured_deepspeed_zero2(ds_zero2_run: SharedRun) -> None:
     """The shared ZeRO-2 run (EP 2 on 2 ranks: dense AdamW state split over 2, experts' over their
     expert-data-parallel group of 1): parameters and AdamW moments exactly. The planner does not model
