@@ -61,16 +61,21 @@ class ModelCounts:
 
 def _hf_config(spec: str | dict):
     """The transformers config of ``model.hf_config`` as it is (any vocab: planning needs no corpus)."""
-    from transformers import AutoConfig
-
-    if isinstance(spec, dict):
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ConfigError("model.kind=hf needs transformers (pip install -e '.[hf]')") from None
+    if not isinstance(spec, dict) and not (Path(spec) / "config.json").is_file():
+        raise ConfigError(f"model.hf_config={spec!r} is not a directory with a config.json")
+    try:
+        if not isinstance(spec, dict):
+            return AutoConfig.from_pretrained(spec)
         fields = dict(spec)
         model_type = fields.pop("model_type")
         fields.setdefault("vocab_size", 256)  # as the trainer fills it in (models/hf_config.py)
         return AutoConfig.for_model(model_type, **fields)
-    if not (Path(spec) / "config.json").is_file():
-        raise ConfigError(f"model.hf_config={spec!r} is not a directory with a config.json")
-    return AutoConfig.from_pretrained(spec)
+    except Exception as e:  # noqa: BLE001 - transformers validates fields with several exception types
+        raise ConfigError(f"model.hf_config: {' '.join(str(e).split())}") from None
 
 
 def _hf_counts(cfg: RunConfig) -> ModelCounts:

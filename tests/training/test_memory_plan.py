@@ -117,7 +117,7 @@ def test_qwen3_30b_count_and_sharding() -> None:
     assert zero2.grads == zero2.optimizer // 2 == 4 * (-(-counts.dense // 8) + -(-counts.expert // 2 // 4))
 
 
-def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """``python -m moe_dist.plan`` and ``moe-dist plan``: the table, --json, and one line for bad input."""
     args = ["configs/cpu_demo.yaml", "--world", "4", "--ep", "2", "--engine", "fsdp"]
     assert plan_main([*args, "--json", "train.micro_batch=2"]) == 0
@@ -130,3 +130,8 @@ def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert plan_main(["configs/cpu_demo.yaml", "--world", "4", "--ep", "3"]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and err.startswith("ConfigError: --world 4 must be")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {kind: hf, hf_config: {model_type: no_such_family}}\n")
+    assert plan_main([str(bad), "--world", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and err.startswith("ConfigError: model.hf_config: ")
