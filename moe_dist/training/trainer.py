@@ -34,6 +34,7 @@ from moe_dist.training.balance_controller import AuxController
 from moe_dist.training.checkpointing import RESUME_CHECK_RTOL, CheckpointManager, ResumeCheckError
 from moe_dist.training.config import RunConfig, config_yaml, keep_global_batch
 from moe_dist.training.engine import build_engine
+from moe_dist.training.memory import grad_bytes, measured_memory
 from moe_dist.training.metrics import MetricsLogger, NullLogger
 from moe_dist.training.monitors import CollapseMonitor, RunFacts, build_summary, load_stats, logged_history
 from moe_dist.training.rebalance_loop import Rebalanced, RebalanceLoop
@@ -127,6 +128,8 @@ class Trainer:
         self.step = 0
         """Steps completed."""
         self.skipped = 0
+        self.grad_bytes = 0
+        """The most gradient bytes the parameters held before an optimizer step (summary.json)."""
         self.stop_flag = 0.0
         self._sigterm = False
         self.initial_val_loss: float | None = None
@@ -319,7 +322,8 @@ class Trainer:
             collapse_warnings=len(self.collapse.warned),
         )
         summary = build_summary(history, last_eval, tokens_per_step, len(moe_layers(self.model)), facts)
-        summary.update(preempted=preempted, skipped_steps=self.skipped)
+        memory = measured_memory(self.model, self.engine.optimizer, self.grad_bytes, self.device)
+        summary.update(preempted=preempted, skipped_steps=self.skipped, memory_per_rank=memory)
         if self.rank == 0:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.metrics.close()
@@ -358,6 +362,7 @@ class Trainer:
                 dropped[i] += int(layer_out.stats.dropped)
                 local = layer_out.stats.tokens_per_expert_local
                 local_maxvio[i] += load_stats(local)["maxvio"] / t.grad_accum
+        self.grad_bytes = max(self.grad_bytes, grad_bytes(self.model))
         grad_norm = self.engine.step()
         bad_norm = self.engine.grad_norm_known and not math.isfinite(grad_norm)
         if not self.engine.norm_is_global:
