@@ -16,9 +16,9 @@ from moe_dist.errors import ConfigError
 from moe_dist.training.config import load_config
 from moe_dist.training.memory import ENGINES, format_plan, plan
 
-EXAMPLE = """example:
-  python -m moe_dist.plan configs/cpu_demo.yaml --world 4 --ep 2 --engine fsdp
-  python -m moe_dist.plan cfg.yaml --world 8 --ep 8 --engine deepspeed --zero 2 train.micro_batch=2 --json"""
+EXAMPLE = """example: moe-dist plan configs/cpu_demo.yaml --world 4 --ep 2 --engine fsdp
+  moe-dist plan cfg.yaml --world 8 --ep 8 --engine deepspeed --zero 2 train.micro_batch=2 --json
+  (python -m moe_dist.plan takes the same arguments)"""
 
 
 def main(argv: list[str] | None = None) -> int:
