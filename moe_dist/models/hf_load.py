@@ -220,17 +220,6 @@ class LoadStats:
         return dict(self.__dict__)
 
 
-def gather_stats(stats: LoadStats, world: int) -> list[dict]:
-    """Every rank's ``LoadStats`` as JSON rows, in rank order (a collective over the world when > 1)."""
-    import torch.distributed as dist
-
-    rows: list = [stats.to_json()]
-    if world > 1:
-        rows = [None] * world
-        dist.all_gather_object(rows, stats.to_json())
-    return rows
-
-
 def _expert_rows(
     ckpt: Checkpoint, src: BlockSource, ids: list[int], transposed: bool
 ) -> tuple[Tensor, Tensor]:

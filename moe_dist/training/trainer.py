@@ -246,9 +246,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", config_yaml(cfg))
         if self.hf_load is not None:  # model.hf_pretrained: every rank's bytes read and peak RSS, one file
-            from moe_dist.models.hf_load import LOAD_RECORD, gather_stats
+            from moe_dist.models.hf_load import LOAD_RECORD
 
-            rows = gather_stats(self.hf_load, self.world)
+            rows = self.ckpt.gather(self.hf_load.to_json())
             if self.rank == 0:
                 atomic_write_text(self.run_dir / LOAD_RECORD, json.dumps({"ranks": rows}, indent=1) + "\n")
         self.profiler.start()
