@@ -10,6 +10,7 @@ a trainer.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -29,6 +30,7 @@ from moe_dist.checkpoint.files import (
     CheckpointError,
     SaveError,
     UnsafeCheckpointError,
+    atomic_write_text,
     files_to_read,
     layout_refusal,
     load_obj,
@@ -101,6 +103,15 @@ class CheckpointManager:
         out: list = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def record_load(self, row: dict) -> None:
+        """model.hf_pretrained: every rank's load row (bytes read, peak RSS) in the run directory's
+        ``hf_load.json``, written by rank 0."""
+        from moe_dist.models.hf_load import LOAD_RECORD
+
+        rows = self.gather(row)
+        if self.rank == 0:
+            atomic_write_text(self.cfg.run_dir / LOAD_RECORD, json.dumps({"ranks": rows}, indent=1) + "\n")
 
     # --- save --------------------------------------------------------------------------------
     def files(

@@ -123,7 +123,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 200
-    """Optimizer steps."""
+    """Optimizer steps. 0: a conversion run: load (``model.hf_pretrained``), evaluate, save step 0."""
     micro_batch: int = 8
     """Sequences per micro-batch per rank."""
     grad_accum: int = 1
@@ -173,8 +173,9 @@ class TrainConfig:
     run aside (to ``<name>.old-<time>`` beside it; nothing is deleted). Without it such a start is refused."""
 
     def __post_init__(self) -> None:
+        check_type("train", "steps", self.steps, (int,))
+        check_positive("train", self, "steps", allow_zero=True)  # 0: a conversion run (load, eval, save)
         for name in (
-            "steps",
             "micro_batch",
             "grad_accum",
             "log_every",

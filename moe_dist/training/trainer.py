@@ -246,11 +246,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", config_yaml(cfg))
         if self.hf_load is not None:  # model.hf_pretrained: every rank's bytes read and peak RSS, one file
-            from moe_dist.models.hf_load import LOAD_RECORD
-
-            rows = self.ckpt.gather(self.hf_load.to_json())
-            if self.rank == 0:
-                atomic_write_text(self.run_dir / LOAD_RECORD, json.dumps({"ranks": rows}, indent=1) + "\n")
+            self.ckpt.record_load(self.hf_load.to_json())
         self.profiler.start()
         bar = tqdm(
             total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc=cfg.name
@@ -270,6 +266,8 @@ class Trainer:
             first_eval = self.evaluate()
             self.metrics.log(0, first_eval)
             self.initial_val_loss = first_eval["val_loss"]
+            if t.steps == 0:  # a conversion run (e.g. HF -> ours): the loaded model, saved as step 0
+                self.save()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         preempted = False
         while self.step < t.steps:
