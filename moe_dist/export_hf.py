@@ -1,19 +1,27 @@
 """Export a ``model.kind: hf`` run back to a transformers ``save_pretrained`` directory:
 
-    python -m moe_dist.export_hf runs/<name> OUT_DIR [--step N]
+    python -m moe_dist.export_hf runs/<name> OUT_DIR [--step N] [--dtype auto|float32|bfloat16|float16]
 
 The model is built from the resolved config stored in the checkpoint's manifest (the run directory's
 ``config.yaml`` may have been edited since; it is read only for checkpoints that predate stored configs).
 No process group: the checkpoint's files are read directly (``dense.pt`` and every ``experts_ep{e}.pt``,
 verified against the manifest), the experts concatenated in EP-rank order (rank e holds the contiguous
 slice [e*N/ep, (e+1)*N/ep)), and each MoE layer written back in its transformers block's layout.
+
+A run started from ``model.hf_pretrained`` with ``train.steps=0`` (a conversion run) exports the checkpoint it
+read, tensor for tensor: ``--dtype auto`` writes the source config's dtype (a bf16 checkpoint trains in fp32
+and goes back to bf16), and the source directory's tokenizer files are copied beside the weights. OUT_DIR
+must not exist or be empty; it is written beside itself and renamed into place once complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -78,15 +86,67 @@ def checkpoint_config(ckpt: Path, run_dir: Path) -> RunConfig:
     return config_from_dict(saved)
 
 
-def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+"""Copied from the run's model directory (``model.hf_pretrained`` / ``hf_config``) into the export."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _source_dir(cfg: RunConfig) -> Path | None:
+    spec = cfg.model.hf_pretrained or cfg.model.hf_config
+    return Path(spec) if isinstance(spec, str) else None
+
+
+def export_dtype(cfg: RunConfig, dtype: str = "auto") -> torch.dtype:
+    """``dtype`` by name; "auto": the source config's (``config.json``'s dtype), float32 if it names none."""
+    from moe_dist.models.hf_config import hf_config_from
+
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    source = getattr(hf_config_from(cfg.model.hf_config), "dtype", None)
+    if isinstance(source, str):
+        source = DTYPES.get(source)
+    return source if source in DTYPES.values() else torch.float32
+
+
+def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, dtype: str = "auto") -> Path:
     """Write the run's model as a transformers ``save_pretrained`` directory; returns ``out_dir``."""
     from moe_dist.models.hf import unparallelize_hf_model
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"export: {out_dir} exists and is not an empty directory; name a new one")
+    ckpt = _checkpoint(Path(run_dir), step)
+    cfg = checkpoint_config(ckpt, Path(run_dir))
+    to = export_dtype(cfg, dtype)
     model = load_run_model(run_dir, step)
-    hf = unparallelize_hf_model(model.hf)
-    hf.save_pretrained(out_dir)
-    log.info("exported %s to %s", run_dir, out_dir)
-    return Path(out_dir)
+    hf = unparallelize_hf_model(model.hf).to(to)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # why a sibling directory and a rename: an interrupted export leaves no half-written OUT_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        hf.save_pretrained(tmp)
+        source = _source_dir(cfg)
+        for name in TOKENIZER_FILES if source is not None else ():
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s (%s) to %s", ckpt, str(to).removeprefix("torch."), out_dir)
+    return out_dir
 
 
 EXAMPLE = "example: moe-dist export-hf runs/hf_demo exported/ --step 100"
@@ -99,9 +159,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="the weights' dtype (default auto: the source config's, float32 if it names none)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
-    export(args.run_dir, args.out_dir, args.step)
+    export(args.run_dir, args.out_dir, args.step, args.dtype)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ SHARD = "20KB"
 """max_shard_size of the fixtures: each spans several shards."""
 
 
-def save_fixture(kind: str, out: Path, seed: int = 0, shard: str = SHARD) -> Path:
+def save_fixture(
+    kind: str, out: Path, seed: int = 0, shard: str = SHARD, dtype: torch.dtype = torch.float32
+) -> Path:
     """A tiny ``kind`` model from ``from_config`` (seeded), saved with ``save_pretrained``: transformers
     writes the published per-expert keys (``shard``: max_shard_size; "1GB": one model.safetensors)."""
     from transformers import AutoModelForCausalLM
@@ -20,7 +22,7 @@ def save_fixture(kind: str, out: Path, seed: int = 0, shard: str = SHARD) -> Pat
     from tests.models.hf_workers import tiny_config
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind), dtype=dtype)
     if kind == "deepseek_v3":  # a nonzero selection bias must be read too
         for block in (m for m in model.modules() if type(m).__name__ == "DeepseekV3MoE"):
             block.gate.e_score_correction_bias.normal_(0, 0.1)
@@ -95,8 +97,22 @@ def trainer_worker(rank: int, world: int, cfg_dict: dict, tokens) -> dict:
     return {"logits": logits, "summary": trainer.train()}
 
 
-def both_worker(rank: int, world: int, load_args: tuple, trainer_args: tuple) -> dict:
-    """``load_worker`` then ``trainer_worker`` in the same ranks (one spawn: each rank imports transformers
-    once for both tests)."""
+def convert_worker(rank: int, world: int, cfg_dicts: list[dict]) -> list[dict]:
+    """Conversion runs (``train.steps=0``), one after the other: each run's summary."""
+    from moe_dist.moe.parallel import ParallelLayout
+    from moe_dist.training.config import config_from_dict
+    from moe_dist.training.trainer import Trainer
+
+    out = []
+    for cfg_dict in cfg_dicts:
+        cfg = config_from_dict(cfg_dict)
+        out.append(Trainer(cfg, ParallelLayout.build(cfg.parallel.ep), torch.device("cpu")).train())
+    return out
+
+
+def both_worker(rank: int, world: int, load_args: tuple, trainer_args: tuple, convert: list[dict]) -> dict:
+    """``load_worker``, ``trainer_worker`` and ``convert_worker`` in the same ranks (one spawn: each rank
+    imports transformers once for every test)."""
     loads = load_worker(rank, world, *load_args)
-    return {"load": loads, "trainer": trainer_worker(rank, world, *trainer_args)}
+    trained = trainer_worker(rank, world, *trainer_args)
+    return {"load": loads, "trainer": trained, "convert": convert_worker(rank, world, convert)}

@@ -24,11 +24,15 @@ EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
 FUSED_KEY = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 
+FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe", "olmoe")
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf_pretrained")
-    out = {kind: save_fixture(kind, root / kind) for kind in ("qwen3_moe", "mixtral", "deepseek_v3")}
+    out = {kind: save_fixture(kind, root / kind) for kind in FAMILIES}
     out["qwen3_fused"] = save_fused(out["qwen3_moe"], root / "qwen3_fused")
+    out["qwen3_bf16"] = save_fixture("qwen3_moe", root / "qwen3_bf16", seed=2, dtype=torch.bfloat16)
     for path in out.values():
         assert len(list(path.glob("*.safetensors"))) >= 3, path  # several shards, read through the index
     out["mixtral_single"] = save_fixture("mixtral", root / "mixtral_single", seed=1, shard="1GB")
@@ -36,31 +40,60 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-NAMES = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen3_fused", "mixtral_single"]
+NAMES = [*FAMILIES, "qwen3_fused", "mixtral_single"]
 REDUNDANT = {"qwen3_fused": 1}
 """Replicas per rank of each load case (the others: none)."""
+WORLD, EP = 4, 2
+"""The one spawn: EP=2 x DP=2."""
 _G = torch.Generator().manual_seed(0)
-LOAD_TOKENS = [torch.randint(0, 256, (2, 12), generator=_G) for _ in range(2)]
+LOAD_TOKENS = [torch.randint(0, 256, (2, 12), generator=_G) for _ in range(WORLD)]
 """Each rank's tokens for the load cases."""
 TRAINER_TOKENS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+CONVERT = {"qwen3_moe": 1, "qwen3_fused": 1, "deepseek_v3": 0, "qwen3_bf16": 0}
+"""The conversion runs (train.steps=0 at EP=2 x DP=2): source fixture -> replicas per rank."""
+CONVERT_TRAIN = {"steps": 0, "val_sequences": 4}
+
+
+def _hf_run(path: Path, out_dir: Path, name: str, parallel: dict, train: dict) -> dict:
+    cfg = tiny(
+        name=name,
+        model={"kind": "hf", "hf_pretrained": str(path), "seq_len": 16},
+        parallel=parallel,
+        train=train,
+        out_dir=str(out_dir),
+    )
+    cfg["model"].pop("moe")
+    return cfg
 
 
 @pytest.fixture(scope="module")
 def ranks(ckpts: dict[str, Path], tmp_path_factory) -> dict:
-    """One spawn of 2 ranks for both EP=2 tests: the loads of every case, then the trainer's run."""
+    """One spawn of 4 ranks (EP=2 x DP=2) for every test here: the loads of every case, the trainer's run,
+    and the conversion runs."""
     from tests.models.hf_load_workers import both_worker
 
     out_dir = tmp_path_factory.mktemp("hf_pretrained_runs")
-    cfg = tiny(
-        model={"kind": "hf", "hf_pretrained": str(ckpts["qwen3_moe"]), "seq_len": 16},
-        parallel={"ep": 2, "redundant_experts": 1},
-        train={"steps": 2, "eval_every": 2, "ckpt_every": 0, "val_sequences": 4},
-        out_dir=str(out_dir),
+    cfg = _hf_run(
+        ckpts["qwen3_moe"],
+        out_dir,
+        "tiny",
+        {"ep": EP, "redundant_experts": 1},
+        {"steps": 2, "eval_every": 2, "ckpt_every": 0, "val_sequences": 4},
     )
-    cfg["model"].pop("moe")
+    convert = [
+        _hf_run(ckpts[n], out_dir, f"convert_{n}", {"ep": EP, "redundant_experts": r}, CONVERT_TRAIN)
+        for n, r in CONVERT.items()
+    ]
     cases = [(str(ckpts[n]), REDUNDANT.get(n, 0)) for n in NAMES]
-    results = run_ranks(both_worker, 2, (2, cases, LOAD_TOKENS), (cfg, TRAINER_TOKENS), timeout=300)
-    return {"load": [r["load"] for r in results], "trainer": [r["trainer"] for r in results], "runs": out_dir}
+    results = run_ranks(
+        both_worker, WORLD, (EP, cases, LOAD_TOKENS), (cfg, TRAINER_TOKENS), convert, timeout=400
+    )
+    return {
+        "load": [r["load"] for r in results],
+        "trainer": [r["trainer"] for r in results],
+        "convert": [r["convert"] for r in results],
+        "runs": out_dir,
+    }
 
 
 def tensor_bytes(path: Path) -> tuple[int, dict[int, int]]:
@@ -91,11 +124,11 @@ def tensor_bytes(path: Path) -> tuple[int, dict[int, int]]:
 def test_ep2_load_matches_from_pretrained_and_reads_only_own_experts(
     ckpts: dict[str, Path], ranks: dict
 ) -> None:
-    """EP=2, 2 ranks: Qwen3-MoE and Mixtral (the two per-expert key layouts), DeepSeek-V3 (shared experts,
-    a selection bias, a dense first layer), Qwen3-MoE in the fused layout with one replica per rank, and a
-    one-file (no index) Mixtral; logits equal from_pretrained's on the same tokens to 1e-5 (fp32), and each
-    rank read the dense tensors and its own experts (at least; at most 5% more), far less than the whole
-    checkpoint."""
+    """EP=2 x DP=2, 4 ranks, all five families: Qwen3-MoE and Mixtral (the two per-expert key layouts),
+    DeepSeek-V3 (shared experts, a selection bias, a dense first layer), Qwen2-MoE (a gated shared expert),
+    OLMoE; Qwen3-MoE in the fused layout with one replica per rank, and a one-file (no index) Mixtral.
+    Logits equal from_pretrained's on the same tokens to 1e-5 (fp32), and each rank read the dense tensors
+    and its own experts (at least; at most 5% more), far less than the whole checkpoint."""
     from transformers import AutoModelForCausalLM
 
     results, tokens, names = ranks["load"], LOAD_TOKENS, NAMES
@@ -104,7 +137,7 @@ def test_ep2_load_matches_from_pretrained_and_reads_only_own_experts(
         dense, per_expert = tensor_bytes(ckpts[name])
         if name == "qwen3_fused":
             assert len(results[0][i]["experts"]) == 5  # 4 own + 1 replica
-        for rank in range(2):
+        for rank in range(WORLD):
             got = results[rank][i]
             with torch.no_grad():
                 want = ref(input_ids=tokens[rank], use_cache=False).logits
@@ -157,8 +190,8 @@ def test_missing_shard_key_or_non_moe_is_one_config_error(ckpts: dict[str, Path]
 def test_trainer_starts_from_the_pretrained_weights_and_records_the_load(
     ckpts: dict[str, Path], ranks: dict
 ) -> None:
-    """The trainer (2 in-process ranks, EP=2, one replica per rank) with model.hf_pretrained: before any step
-    its logits are from_pretrained's; it trains; hf_load.json in the run directory holds each rank's
+    """The trainer (4 in-process ranks, EP=2 x DP=2, one replica per rank) with model.hf_pretrained: before
+    any step its logits are from_pretrained's; it trains; hf_load.json in the run directory holds each rank's
     bytes_read (within the bound above), the checkpoint's bytes and the peak RSS after loading."""
     from transformers import AutoModelForCausalLM
 
@@ -171,9 +204,55 @@ def test_trainer_starts_from_the_pretrained_weights_and_records_the_load(
         assert r["summary"]["steps"] == 2
     rows = json.loads((ranks["runs"] / "tiny" / "hf_load.json").read_text())["ranks"]
     dense, per_expert = tensor_bytes(path)
-    assert [row["rank"] for row in rows] == [0, 1]
-    for ep_rank, row in enumerate(rows):  # contiguous with 1 replica: rank 0 holds 0-3 + 4, rank 1 4-7 + 0
+    assert [row["rank"] for row in rows] == list(range(WORLD))
+    for rank, row in enumerate(rows):  # contiguous with 1 replica: EP rank 0 holds 0-3 + 4, EP rank 1 4-7 + 0
+        ep_rank = rank % EP  # ranks dp*ep + e
         own = dense + sum(per_expert[e] for e in ([0, 1, 2, 3, 4] if ep_rank == 0 else [0, 4, 5, 6, 7]))
         assert own <= row["bytes_read"] <= 1.05 * own, (row, own)
         assert row["checkpoint_bytes"] == sum(f.stat().st_size for f in path.glob("*.safetensors"))
         assert row["peak_rss_bytes"] > 0
+
+
+def _disk(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors directory, by key, as stored."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_zero_step_round_trip_is_exact(ckpts: dict[str, Path], ranks: dict, tmp_path: Path) -> None:
+    """HF directory -> ``train.steps=0`` at EP=2 x DP=2 (load, evaluate, save step 0 in our format) ->
+    ``python -m moe_dist.export_hf`` -> ``from_pretrained`` gives back the original tensors exactly (the same
+    key set, torch.equal on every key): Qwen3-MoE per-expert and fused, each with one replica per rank,
+    DeepSeek-V3 (selection bias, shared expert, a dense first layer), and a bf16 checkpoint (``--dtype auto``
+    writes bf16 again). A per-expert source also comes back byte for byte on disk (keys, dtypes, values)."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_dist.checkpoint.files import checkpoint_dirs
+    from moe_dist.export_hf import main
+
+    for name in CONVERT:
+        run = ranks["runs"] / f"convert_{name}"
+        summaries = [r[list(CONVERT).index(name)] for r in ranks["convert"]]
+        assert [s["steps"] for s in summaries] == [0] * WORLD, name
+        # evaluated, not trained
+        assert summaries[0]["final_val_loss"] == summaries[0]["initial_val_loss"], name
+        assert [d.name for d in checkpoint_dirs(run / "checkpoints")] == ["step_00000000"], name
+        out = tmp_path / name
+        main([str(run), str(out)])  # the command's own argv, in-process
+        src = ckpts[name]
+        want = AutoModelForCausalLM.from_pretrained(src, dtype="auto").state_dict()
+        got = AutoModelForCausalLM.from_pretrained(out, dtype="auto").state_dict()
+        assert sorted(got) == sorted(want), name
+        for key, t in want.items():
+            assert got[key].dtype == t.dtype and torch.equal(got[key], t), (name, key)
+        if name != "qwen3_fused":  # transformers writes the per-expert layout: so does the export
+            disk_want, disk_got = _disk(src), _disk(out)
+            assert sorted(disk_got) == sorted(disk_want), name
+            for key, t in disk_want.items():
+                assert disk_got[key].dtype == t.dtype and torch.equal(disk_got[key], t), (name, key)
+    with pytest.raises(ConfigError, match="exists and is not an empty directory"):
+        main([str(ranks["runs"] / "convert_qwen3_moe"), str(tmp_path / "qwen3_moe")])  # never overwritten
