@@ -79,13 +79,15 @@ def _load_worker(rank: int, world: int, path: str) -> dict:
         if turn == rank:  # why one at a time: the CPU time of one rank alone, without its peers' contention
             _reset_peak()
             before = _status_bytes("VmRSS")
-            stats = load_pretrained(pretrained_skeleton(path), path, layout)
+            model = pretrained_skeleton(path)
+            stats = load_pretrained(model, path, layout)
             row = {
                 **stats.to_json(),
                 "rss_before_bytes": before,
                 "load_peak_rss_bytes": _status_bytes("VmHWM"),
-                "rss_after_bytes": _status_bytes("VmRSS"),
+                "rss_after_bytes": _status_bytes("VmRSS"),  # the loaded model still held
             }
+            del model
         dist.barrier()
     return row
 

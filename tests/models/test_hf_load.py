@@ -33,6 +33,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     out = {kind: save_fixture(kind, root / kind) for kind in FAMILIES}
     out["qwen3_fused"] = save_fused(out["qwen3_moe"], root / "qwen3_fused")
     out["qwen3_bf16"] = save_fixture("qwen3_moe", root / "qwen3_bf16", seed=2, dtype=torch.bfloat16)
+    (out["qwen3_moe"] / "tokenizer_config.json").write_text('{"model_max_length": 16}\n')  # export copies it
     for path in out.values():
         assert len(list(path.glob("*.safetensors"))) >= 3, path  # several shards, read through the index
     out["mixtral_single"] = save_fixture("mixtral", root / "mixtral_single", seed=1, shard="1GB")
@@ -228,7 +229,8 @@ def test_zero_step_round_trip_is_exact(ckpts: dict[str, Path], ranks: dict, tmp_
     ``python -m moe_dist.export_hf`` -> ``from_pretrained`` gives back the original tensors exactly (the same
     key set, torch.equal on every key): Qwen3-MoE per-expert and fused, each with one replica per rank,
     DeepSeek-V3 (selection bias, shared expert, a dense first layer), and a bf16 checkpoint (``--dtype auto``
-    writes bf16 again). A per-expert source also comes back byte for byte on disk (keys, dtypes, values)."""
+    writes bf16 again). A per-expert source also comes back tensor for tensor on disk (keys, dtypes, values),
+    and the source's tokenizer files are copied beside the weights."""
     from transformers import AutoModelForCausalLM
 
     from moe_dist.checkpoint.files import checkpoint_dirs
@@ -249,10 +251,13 @@ def test_zero_step_round_trip_is_exact(ckpts: dict[str, Path], ranks: dict, tmp_
         assert sorted(got) == sorted(want), name
         for key, t in want.items():
             assert got[key].dtype == t.dtype and torch.equal(got[key], t), (name, key)
+        for f in src.glob("tokenizer*"):
+            assert (out / f.name).read_bytes() == f.read_bytes(), (name, f.name)
         if name != "qwen3_fused":  # transformers writes the per-expert layout: so does the export
             disk_want, disk_got = _disk(src), _disk(out)
             assert sorted(disk_got) == sorted(disk_want), name
             for key, t in disk_want.items():
                 assert disk_got[key].dtype == t.dtype and torch.equal(disk_got[key], t), (name, key)
+    assert (tmp_path / "qwen3_moe" / "tokenizer_config.json").is_file()  # the copy above checked something
     with pytest.raises(ConfigError, match="exists and is not an empty directory"):
         main([str(ranks["runs"] / "convert_qwen3_moe"), str(tmp_path / "qwen3_moe")])  # never overwritten
