@@ -83,7 +83,10 @@ def load_worker(rank: int, world: int, ep: int, cases: list[tuple[str, int]], to
 
 def trainer_worker(rank: int, world: int, cfg_dict: dict, tokens) -> dict:
     """The trainer with model.hf_pretrained (as the entry point builds it): its model's logits on
-    ``tokens`` before any step, then a short run (which writes the load record)."""
+    ``tokens`` before any step and its MoE layers' configs, then the run (which writes the load record)."""
+    import dataclasses
+
+    from moe_dist.moe.layer import moe_layers
     from moe_dist.moe.parallel import ParallelLayout
     from moe_dist.training.config import config_from_dict
     from moe_dist.training.trainer import Trainer
@@ -94,7 +97,8 @@ def trainer_worker(rank: int, world: int, cfg_dict: dict, tokens) -> dict:
     with torch.no_grad():
         logits = trainer.model(tokens).logits_BSV
     trainer.model.train()
-    return {"logits": logits, "summary": trainer.train()}
+    layers = [dataclasses.asdict(m.cfg) for m in moe_layers(trainer.model)]
+    return {"logits": logits, "layers": layers, "summary": trainer.train()}
 
 
 def convert_worker(rank: int, world: int, cfg_dicts: list[dict]) -> list[dict]:

@@ -50,6 +50,19 @@ _G = torch.Generator().manual_seed(0)
 LOAD_TOKENS = [torch.randint(0, 256, (2, 12), generator=_G) for _ in range(WORLD)]
 """Each rank's tokens for the load cases."""
 TRAINER_TOKENS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+FINETUNE_STEPS = 30
+FINETUNE_TRAIN = {
+    "steps": FINETUNE_STEPS,
+    "micro_batch": 2,
+    "eval_every": FINETUNE_STEPS,
+    "ckpt_every": 10,
+    "keep_last": 3,
+    "val_sequences": 8,
+    "async_save": True,
+}
+"""The fine-tune of the pretrained Qwen3-MoE at EP=2 x DP=2 (the straggler profiler on, as by default)."""
+HF_MOE = {"aux_loss_coef": 0.05, "z_loss_coef": 1e-3}
+"""model.hf_moe overrides on top of the checkpoint's routing."""
 CONVERT = {"qwen3_moe": 1, "qwen3_fused": 1, "deepseek_v3": 0, "qwen3_bf16": 0}
 """The conversion runs (train.steps=0 at EP=2 x DP=2): source fixture -> replicas per rank."""
 CONVERT_TRAIN = {"steps": 0, "val_sequences": 4}
@@ -79,8 +92,9 @@ def ranks(ckpts: dict[str, Path], tmp_path_factory) -> dict:
         out_dir,
         "tiny",
         {"ep": EP, "redundant_experts": 1},
-        {"steps": 2, "eval_every": 2, "ckpt_every": 0, "val_sequences": 4},
+        FINETUNE_TRAIN,
     )
+    cfg["model"]["hf_moe"] = HF_MOE
     convert = [
         _hf_run(ckpts[n], out_dir, f"convert_{n}", {"ep": EP, "redundant_experts": r}, CONVERT_TRAIN)
         for n, r in CONVERT.items()
@@ -192,18 +206,33 @@ def test_trainer_starts_from_the_pretrained_weights_and_records_the_load(
     ckpts: dict[str, Path], ranks: dict
 ) -> None:
     """The trainer (4 in-process ranks, EP=2 x DP=2, one replica per rank) with model.hf_pretrained: before
-    any step its logits are from_pretrained's; it trains; hf_load.json in the run directory holds each rank's
-    bytes_read (within the bound above), the checkpoint's bytes and the peak RSS after loading."""
+    any step its logits are from_pretrained's; hf_load.json in the run directory holds each rank's
+    bytes_read (within the bound above), the checkpoint's bytes and the peak RSS after loading. The
+    ``model.hf_moe`` overrides sit on top of the checkpoint's routing (top-K, renormalisation, expert count
+    from its config); 30 fine-tuning steps, with async save and the straggler profiler on, lower the val
+    loss, and every checkpoint is committed."""
     from transformers import AutoModelForCausalLM
+
+    from moe_dist.checkpoint.files import checkpoint_dirs
 
     path, tokens, results = ckpts["qwen3_moe"], TRAINER_TOKENS, ranks["trainer"]
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         want = ref(input_ids=tokens, use_cache=False).logits
+    config = json.loads((path / "config.json").read_text())
+    routing = (config["num_experts_per_tok"], config["num_local_experts"], config["norm_topk_prob"])
     for r in results:
         assert float((r["logits"] - want).abs().max()) <= 1e-5 * float(want.abs().max())
-        assert r["summary"]["steps"] == 2
-    rows = json.loads((ranks["runs"] / "tiny" / "hf_load.json").read_text())["ranks"]
+        assert r["summary"]["steps"] == FINETUNE_STEPS
+        for layer in r["layers"]:
+            assert {k: layer[k] for k in HF_MOE} == HF_MOE
+            assert (layer["top_k"], layer["num_experts"], layer["normalize_topk"]) == routing
+    summary = results[0]["summary"]
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.05, summary
+    run = ranks["runs"] / "tiny"
+    assert [d.name for d in checkpoint_dirs(run / "checkpoints")] == [f"step_{s:08d}" for s in (10, 20, 30)]
+    assert (run / "straggler.jsonl").read_text().count("\n") >= FINETUNE_STEPS // 2
+    rows = json.loads((run / "hf_load.json").read_text())["ranks"]
     dense, per_expert = tensor_bytes(path)
     assert [row["rank"] for row in rows] == list(range(WORLD))
     for rank, row in enumerate(rows):  # contiguous with 1 replica: EP rank 0 holds 0-3 + 4, EP rank 1 4-7 + 0
@@ -212,6 +241,28 @@ def test_trainer_starts_from_the_pretrained_weights_and_records_the_load(
         assert own <= row["bytes_read"] <= 1.05 * own, (row, own)
         assert row["checkpoint_bytes"] == sum(f.stat().st_size for f in path.glob("*.safetensors"))
         assert row["peak_rss_bytes"] > 0
+
+
+def test_finetuned_pretrained_model_resumes_at_another_layout(
+    ckpts: dict[str, Path], ranks: dict, tmp_path: Path
+) -> None:
+    """The fine-tuned run's step-20 checkpoint (EP=2 x DP=2, one replica per rank) resumed on one rank (EP=1,
+    the global batch kept by grad_accum): the resume self-check passes (the loaded model's val loss is the
+    stored one) and steps 20-29 train to the end."""
+    from tests.checkpoint.reshard_workers import preflighted_run
+    from tests.helpers.shared_runs import cut_back
+
+    shutil.copytree(ranks["runs"] / "tiny", tmp_path / "tiny")
+    cut_back(tmp_path / "tiny", 20)
+    train = {**FINETUNE_TRAIN, "micro_batch": 8}  # world 1: the stored global batch of 4 x 2
+    cfg = _hf_run(ckpts["qwen3_moe"], tmp_path, "tiny", {"ep": 1}, train)
+    cfg["model"]["hf_moe"] = HF_MOE
+    (res,) = run_ranks(preflighted_run, 1, cfg, timeout=400)
+    assert res["summary"]["steps"] == FINETUNE_STEPS
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if "resume_check" in r]
+    assert len(checks) == 1 and checks[0]["resume_check"] == "pass", checks
+    assert checks[0]["saved_layout"] == [WORLD, EP] and checks[0]["layout"] == [1, 1]
 
 
 def _disk(path: Path) -> dict[str, torch.Tensor]:
