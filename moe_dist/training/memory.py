@@ -29,6 +29,8 @@ from torch import nn
 from moe_dist.errors import ConfigError
 from moe_dist.moe.sync import expert_params
 from moe_dist.training.config import RunConfig
+from moe_dist.training.saved_tensors import activations_peak
+from moe_dist.training.saved_tensors import count_saved as count_saved  # the trainer's, re-exported
 
 ENGINES = ("torch", "fsdp", "deepspeed")
 FP32 = 4
@@ -268,7 +270,8 @@ def measured_memory(model: nn.Module, optimizer: Any, grads: int, device: torch.
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     params, grads, opt, peak = (int(v) for v in values.tolist())
     key = "peak_allocated" if device.type == "cuda" else "peak_rss"
-    return {"params": params, "grads": grads or None, "optimizer": opt, key: peak}
+    out = {"params": params, "grads": grads or None, "optimizer": opt, key: peak}
+    return out | activations_peak(model, device)
 
 
 def format_plan(p: Plan) -> str:
