@@ -102,7 +102,8 @@ def _hf_attn_width(config) -> int:
     Mixtral, ...): q, k, v projections, q/k RMSNorm (Qwen3: normalized rows + one rsqrt per head), rotated
     q and k, the output and one log-sum-exp per head; measured equal on a tiny Qwen3-MoE. Multi-head latent
     attention (DeepSeek-V3): the low-rank q and kv projections with their norms, the expanded q, k, v, the
-    output and the log-sum-exp (written from transformers' DeepseekV3Attention, not measured)."""
+    output and the log-sum-exp (written from transformers' DeepseekV3Attention; the whole estimate of
+    configs/deepseek_v3_tiny.yaml came out 2.6% above its measured peak)."""
     heads = config.num_attention_heads
     if getattr(config, "kv_lora_rank", None):  # MLA
         qk = config.qk_nope_head_dim + config.qk_rope_head_dim
