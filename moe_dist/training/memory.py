@@ -2,9 +2,13 @@
 (``memory_per_rank`` in summary.json). Both count the same things, so they can be compared exactly:
 
 - ``params``: bytes of the model's parameters held by the rank;
-- ``grads``: bytes of the gradients the rank holds after backward (parameter-shaped, fp32);
+- ``grads``: bytes of the gradients the rank holds after backward (parameter-shaped, fp32; under DeepSpeed
+  ZeRO-2 the fp32 partitions its AdamW steps on);
 - ``optimizer``: bytes of AdamW's state tensors (``exp_avg``, ``exp_avg_sq``; the per-tensor ``step``
-  counters are not counted).
+  counters are not counted);
+- ``master``: DeepSpeed ZeRO's fp32 master partition (0 for the other engines);
+- the activations: the planner's estimate per micro-batch (``activation_bytes``) against the measured
+  ``activations_peak`` (moe_dist/training/saved_tensors.py), the bytes saved for backward.
 
 Parameters are counted on the meta device (shapes only, no memory, no weights): our byte LM from the run
 config, or a transformers model from ``model.hf_config`` (every ``HFFamily`` of
