@@ -22,6 +22,7 @@ from moe_dist.moe.placement import DEEPSPEED_REFUSES_BALANCED, DEEPSPEED_REFUSES
 from moe_dist.moe.sync import expert_params
 from moe_dist.training.config import RunConfig
 from moe_dist.training.engine import EngineCheckpoint, autocast_ctx, lr_lambda, param_groups
+from moe_dist.training.memory import watch_step_grads
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class DeepSpeedEngine:
             dist_init_required=False,
         )
         self.model = model
+        watch_step_grads(self.optimizer)  # summary.json's grads: the partitions ZeRO's AdamW steps on
         self._last_norm = 0.0
         self.replica_sync_s = 0.0  # replicas are refused above: nothing to sync
         self.grad_norm_known = False

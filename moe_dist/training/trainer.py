@@ -34,7 +34,7 @@ from moe_dist.training.balance_controller import AuxController
 from moe_dist.training.checkpointing import RESUME_CHECK_RTOL, CheckpointManager, ResumeCheckError
 from moe_dist.training.config import RunConfig, config_yaml, keep_global_batch
 from moe_dist.training.engine import build_engine
-from moe_dist.training.memory import grad_bytes, measured_memory
+from moe_dist.training.memory import count_saved, grad_bytes, measured_memory
 from moe_dist.training.metrics import MetricsLogger, NullLogger
 from moe_dist.training.monitors import CollapseMonitor, RunFacts, build_summary, load_stats, logged_history
 from moe_dist.training.rebalance_loop import Rebalanced, RebalanceLoop
@@ -271,7 +271,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         preempted = False
         while self.step < t.steps:
-            record = self.train_step()
+            record = count_saved(self.model, self.train_step)  # summary.json's activations_peak
             self.step += 1
             bar.update(1)
             if isinstance(record, StepRecord):

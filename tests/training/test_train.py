@@ -15,6 +15,7 @@ from moe_dist.checkpoint.files import checkpoint_dirs
 from moe_dist.errors import ConfigError
 from moe_dist.models.transformer import MoETransformer
 from moe_dist.training.config import config_from_dict, load_config
+from moe_dist.training.memory import plan
 from tests.helpers.launch import ROOT, child_env, deepspeed_cmd, launch, python_cmd, run_ranks, torchrun_cmd
 from tests.helpers.shared_runs import RESUMED_FROM, SHARED_STEPS, SharedRun, ep2_config, write_ds_config
 from tests.training.train_workers import grad_sync_worker, tiny, train_worker
@@ -226,6 +227,10 @@ def test_deepspeed_launch_matches_torch_engine(
         assert d[:compared] == pytest.approx(t[:compared], rel=1e-6), f"ZeRO stage {zero}"
         assert json.loads((run / "summary.json").read_text())["engine"] == "deepspeed"
         assert yaml.safe_load((run / "config.yaml").read_text())["deepspeed"]["zero_stage"] == zero
+        if zero:  # the planner's ZeRO partitions, exactly (test_memory_plan.py checks ZeRO-2's gradients too)
+            planned = plan(load_config(run / "config.yaml"), 2, 2, "deepspeed", zero, dtype="fp32")
+            memory = json.loads((run / "summary.json").read_text())["memory_per_rank"]
+            assert (memory["optimizer"], memory["master"]) == (planned.optimizer, planned.master), zero
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
