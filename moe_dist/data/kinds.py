@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from moe_dist.data.files import DataError, text_files
 from moe_dist.data.token_files import SPLITS, read_manifest
 
-if TYPE_CHECKING:
-    from moe_dist.data.config import DataConfig
+DataConfig = Any
+"""moe_dist.data.config.DataConfig (which imports this table: named here only, to keep the import one way)."""
 
 BYTE_VOCAB = 256
 
