@@ -22,20 +22,30 @@ DataConfig = Any
 BYTE_VOCAB = 256
 
 
-def _no_check(cfg: DataConfig) -> None:
+def _no_check(cfg: DataConfig, seq_len: int) -> None:
     return None
 
 
-def _check_text(cfg: DataConfig) -> None:
+def _check_text(cfg: DataConfig, seq_len: int) -> None:
     text_files(cfg.paths)
 
 
-def _check_tokens(cfg: DataConfig) -> None:
+def _check_tokens(cfg: DataConfig, seq_len: int) -> None:
     manifest = read_manifest(cfg.path)
     for split in SPLITS:
         if not manifest["splits"][split]["tokens"]:
             what = "the dataset is empty" if split == "train" else "raise prepare_data's --val-fraction"
             raise DataError(f"data.path={cfg.path!r}: its {split} split holds no tokens ({what})")
+    for split in SPLITS:
+        check_split_size(cfg.path, split, manifest["splits"][split]["tokens"], seq_len)
+
+
+def check_split_size(path: str, split: str, n: int, seq_len: int) -> None:
+    if n < 2 * (seq_len + 1):
+        raise DataError(
+            f"data.path={path!r}: its {split} split holds {n} tokens, too few for sequences of {seq_len} "
+            f"(it needs >= {2 * (seq_len + 1)})"
+        )
 
 
 def _byte_vocab(cfg: DataConfig) -> int:
@@ -60,8 +70,9 @@ class DataKind:
     """"module:Class" whose ``build(cfg, seq_len, rank, world, seed)`` makes the corpus."""
     needs: str | None
     """The DataConfig field this kind needs set (None: none)."""
-    check: Callable[[DataConfig], None]
-    """What the launch checks before any process group (a bad path, an empty dataset): one DataError line."""
+    check: Callable[[DataConfig, int], None]
+    """(data config, seq_len): what the launch checks before any process group (a bad path, an empty dataset,
+    a split too small for two sequences): one DataError line."""
     vocab: Callable[[DataConfig], int]
     """Every token id of the data is below this; the byte LM's embedding takes it as its vocab."""
     tokenizer: Callable[[DataConfig], dict | None]
@@ -69,7 +80,7 @@ class DataKind:
     help: str
 
 
-def _bytes(needs: str | None, check: Callable[[DataConfig], None], help: str) -> DataKind:
+def _bytes(needs: str | None, check: Callable[[DataConfig, int], None], help: str) -> DataKind:
     return DataKind("moe_dist.data.corpus:Corpus", needs, check, _byte_vocab, _no_tokenizer, help)
 
 

@@ -36,6 +36,7 @@ from moe_dist.data.token_files import (
     SPLITS,
     atomic_write,
     fsync_dir,
+    read_manifest,
     split_file,
     token_dtype,
     tokenizer_hash,
@@ -226,9 +227,12 @@ def _check_out(out: Path, job: str, overwrite: bool) -> dict | None:
             old = json.loads((out / MANIFEST).read_text())
         except ValueError:
             old = {}
-        if old.get("job") == job and all((out / split_file(s)).is_file() for s in SPLITS):
-            return old
-        if not overwrite:
+        if old.get("job") == job:
+            try:
+                return read_manifest(out)  # the same job, its files whole: nothing to do
+            except DataError as e:
+                log.warning("%s; preparing it again", e)
+        elif not overwrite:
             raise DataError(
                 f"--out {out} holds a dataset prepared from other inputs or settings; pass --overwrite to "
                 "replace it, or choose another --out"
@@ -290,7 +294,9 @@ def prepare(
     parts.mkdir(parents=True, exist_ok=True)
     for stale in parts.glob("*.tmp"):  # a run killed while writing a part
         stale.unlink()
-    todo = [p for p in pieces if not (parts / f"{p.key}.json").is_file()]
+    # why unique keys: the same content twice (a repeated input) is tokenized once, by one worker; two
+    # workers writing one part's temporary file at the same time would corrupt it
+    todo = list({p.key: p for p in pieces if not (parts / f"{p.key}.json").is_file()}.values())
     total = sum(p.end - p.start for p in pieces)
     reused = total - sum(p.end - p.start for p in todo)
     jobs = [(p, tok_dir, field, val_fraction, dtype, parts) for p in todo]

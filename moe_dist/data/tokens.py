@@ -18,7 +18,7 @@ from torch import Tensor
 
 from moe_dist.data.config import DataConfig
 from moe_dist.data.corpus import window_starts
-from moe_dist.data.files import DataError
+from moe_dist.data.kinds import check_split_size
 from moe_dist.data.token_files import SPLITS, read_manifest, split_file
 
 
@@ -39,11 +39,7 @@ class TokenCorpus:
         splits: dict[str, np.memmap] = {}
         for split in SPLITS:
             n = manifest["splits"][split]["tokens"]
-            if n < 2 * (seq_len + 1):
-                raise DataError(
-                    f"data.path={cfg.path!r}: its {split} split holds {n} tokens, too few for sequences of "
-                    f"{seq_len} (it needs >= {2 * (seq_len + 1)})"
-                )
+            check_split_size(cfg.path, split, n, seq_len)
             splits[split] = np.memmap(Path(cfg.path) / split_file(split), dtype=dtype, mode="r", shape=(n,))
         val = manifest["splits"]["val"]
         tok = manifest["tokenizer"]

@@ -27,7 +27,7 @@ def resolve_vocab(cfg: RunConfig) -> None:
 def check_data(cfg: RunConfig) -> None:
     """Every refusal the data can cause, before any process group; then ``resolve_vocab``."""
     kind = DATA_KINDS[cfg.data.kind]
-    kind.check(cfg.data)
+    kind.check(cfg.data, cfg.model.seq_len)
     vocab = kind.vocab(cfg.data)
     tokenizer = kind.tokenizer(cfg.data)
     what = f"the tokenizer's vocabulary ({vocab})" if tokenizer else f"the byte corpus's {vocab} values"

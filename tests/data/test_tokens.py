@@ -295,6 +295,7 @@ def test_launch_refusals_are_one_config_error_line(fx: dict, tmp_path: Path) -> 
         ({"data": toks, "model": {"kind": "hf", "hf_config": str(other)}}, "holds another tokenizer"),
         ({"data": {"kind": "tokens", "path": str(empty)}}, "the dataset is empty"),
         ({"data": {"kind": "tokens", "path": str(noval)}}, "its val split holds no tokens"),
+        ({"data": toks, "model": {"seq_len": 100_000}}, "too few for sequences of 100000"),
         ({"data": {"kind": "tokens", "path": str(tmp_path)}}, "is not a prepared token directory"),
         ({"data": toks, "model": {"vocab_size": 300}}, "model.vocab_size=300 is smaller than"),
         (
@@ -315,3 +316,22 @@ def test_launch_refusals_are_one_config_error_line(fx: dict, tmp_path: Path) -> 
     assert p.returncode == 2 and "holds another tokenizer" in p.stderr, p.stderr[-2000:]
     assert len([line for line in p.stderr.splitlines() if "ConfigError" in line]) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_repeated_input_is_tokenized_once(fx: dict, tmp_path: Path) -> None:
+    """The same content twice: one worker tokenizes each piece once (2 processes: no two write one part),
+    and the output holds it twice."""
+    one = prepare(
+        str(fx["tok"]), tmp_path / "one", fx["inputs"][:1], val_fraction=VAL_FRACTION, chunk_bytes=CHUNK
+    )
+    two = prepare(
+        str(fx["tok"]),
+        tmp_path / "two",
+        fx["inputs"][:1] * 2,
+        val_fraction=VAL_FRACTION,
+        chunk_bytes=CHUNK,
+        processes=2,
+    )
+    assert two.tokenized == one.tokenized and two.reused == one.tokenized
+    for split in ("train.bin", "val.bin"):
+        assert (tmp_path / "two" / split).read_bytes() == (tmp_path / "one" / split).read_bytes() * 2
