@@ -320,10 +320,12 @@ def prepare(
     seconds = time.perf_counter() - t0
     n_tokens = sum(manifest["splits"][s]["tokens"] for s in SPLITS)
     log.info(
-        "%s: %d tokens from %.1f MB of text in %.1f s (%.2f MB/s, %d processes; %d of %d pieces reused)",
+        "%s: %d tokens from %.1f MB of text; tokenized %.1f MB in %.1f s (%.2f MB/s, %d processes), %d of %d "
+        "pieces reused",
         out,
         n_tokens,
         total / 1e6,
+        (total - reused) / 1e6,
         seconds,
         (total - reused) / 1e6 / seconds,
         processes,

@@ -100,10 +100,18 @@ def read_manifest(data_dir: str | Path) -> dict:
         raise DataError(f"cannot read {path}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path} is not a {FORMAT} manifest")
-    itemsize = ITEMSIZE[manifest["dtype"]]
-    for split in SPLITS:
+    try:
+        itemsize = ITEMSIZE[manifest["dtype"]]
+        wants = {s: int(manifest["splits"][s]["tokens"]) * itemsize for s in SPLITS}
+        _ = (
+            manifest["tokenizer"]["vocab_size"],
+            manifest["tokenizer"]["hash"],
+            manifest["splits"]["val"]["bytes"],
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path} is incomplete ({type(e).__name__}: {e}): prepare the data again") from None
+    for split, want in wants.items():
         f = root / split_file(split)
-        want = manifest["splits"][split]["tokens"] * itemsize
         have = f.stat().st_size if f.is_file() else None
         if have != want:
             raise DataError(f"{f} holds {have} bytes, the manifest says {want}: prepare the data again")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -287,7 +288,12 @@ def test_launch_refusals_are_one_config_error_line(fx: dict, tmp_path: Path) -> 
     assert read_manifest(empty)["splits"]["train"]["tokens"] == 0
     noval = tmp_path / "noval"
     prepare(str(fx["tok"]), noval, [str(tmp_path / "e.txt")], val_fraction=0.0, progress=False)
+    cut = tmp_path / "cut"
+    shutil.copytree(fx["a"], cut)
+    with open(cut / "train.bin", "r+b") as f:
+        f.truncate(100)  # a copy that lost its tail
     cases = [
+        ({"data": {"kind": "tokens", "path": str(cut)}}, "train.bin holds 100 bytes, the manifest says"),
         (
             {"data": toks, "model": {"kind": "hf", "hf_config": str(_hf_dir(tmp_path / "small", 300))}},
             "is larger than the model's embedding (its config's vocab_size=300)",
@@ -311,7 +317,13 @@ def test_launch_refusals_are_one_config_error_line(fx: dict, tmp_path: Path) -> 
     ok = config_from_dict(tiny(data=toks, model={"kind": "hf", "hf_config": str(tmp_path / "same")}))
     check_data(ok)  # the same tokenizer files: accepted
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(tiny(out_dir=str(tmp_path / "runs"), **cases[1][0])))
+    cfg.write_text(
+        yaml.safe_dump(
+            tiny(
+                out_dir=str(tmp_path / "runs"), **next(c for c, n in cases if n == "holds another tokenizer")
+            )
+        )
+    )
     p = launch(python_cmd(cfg), env=child_env(WORLD_SIZE="2", RANK="0"), timeout=120)
     assert p.returncode == 2 and "holds another tokenizer" in p.stderr, p.stderr[-2000:]
     assert len([line for line in p.stderr.splitlines() if "ConfigError" in line]) == 1
