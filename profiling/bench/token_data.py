@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,12 @@ def train_tokenizer(out: Path, vocab: int, train_bytes: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(out))
 
 
+def _children_cpu() -> float:
+    """CPU seconds of the finished pool workers (a load-independent cost beside the wall time)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def corpus_memory(data: dict, batches: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--copies", type=int, default=3)
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--skip-memory", action="store_true", help="the throughput part only")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from moe_dist.data.prepare import prepare
@@ -164,16 +172,25 @@ def main(argv: list[str] | None = None) -> None:
     small_bytes = stdlib_jsonl(small, int(a.throughput_mb * 1e6))
     for procs in (1, 2):
         shutil.rmtree(work / f"tp{procs}", ignore_errors=True)
+        cpu0 = time.process_time() + _children_cpu()
         r = prepare(
             str(tok), work / f"tp{procs}", [str(small)], processes=procs, chunk_bytes=1 << 20, progress=False
         )
         tokens = sum(r.manifest["splits"][s]["tokens"] for s in ("train", "val"))
+        cpu = time.process_time() + _children_cpu() - cpu0
         out[f"prepare_{procs}p"] = {
             "text_bytes": small_bytes,
             "tokens": tokens,
             "seconds": r.seconds,
             "mb_per_s": small_bytes / 1e6 / r.seconds,
+            "cpu_seconds": cpu,
+            "mb_per_cpu_s": small_bytes / 1e6 / cpu,
         }
+    if a.skip_memory:
+        (work / "token_data_throughput.json").write_text(json.dumps(out, indent=1))
+        for procs in (1, 2):
+            log.info("prepare_data, %d process(es): %s", procs, out[f"prepare_{procs}p"])
+        return
     full = work / "stdlib.jsonl"
     stdlib_jsonl(full)
     big = work / "big"
@@ -206,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         q = out[f"prepare_{procs}p"]
         lines.append(
             f"prepare_data, {procs} process(es): {q['text_bytes'] / 1e6:.1f} MB of text, {q['tokens']} "
-            f"tokens in {q['seconds']:.1f} s = {q['mb_per_s']:.2f} MB/s"
+            f"tokens in {q['seconds']:.1f} s = {q['mb_per_s']:.2f} MB/s ({q['cpu_seconds']:.1f} CPU s, "
+            f"{q['mb_per_cpu_s']:.2f} MB per CPU s)"
         )
     print("\n".join(lines))  # noqa: T201 - the bench's table
 
