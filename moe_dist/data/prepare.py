@@ -187,7 +187,7 @@ def tokenize_piece(job: tuple[Piece, str, str, float, str, Path]) -> int:
     """Tokenize one piece into its part files (the json last); returns its byte count (for the bar)."""
     piece, tok_dir, field, val_fraction, dtype, parts = job
     tok = _tokenizer(tok_dir)
-    eos = tok.eos_token_id
+    eos, vocab = tok.eos_token_id, len(tok)
     with open(piece.path, "rb") as f:
         f.seek(piece.start)
         raw = f.read(piece.end - piece.start)
@@ -200,7 +200,12 @@ def tokenize_piece(job: tuple[Piece, str, str, float, str, Path]) -> int:
         encoded = tok(batch, add_special_tokens=False, verbose=False)["input_ids"] if batch else []
         for text, doc in zip(batch, encoded, strict=True):
             split = "val" if is_val(text, val_fraction) else "train"
-            ids[split].append(np.asarray([*doc, eos], dtype=dtype))
+            row = np.asarray([*doc, eos], dtype=np.int64)
+            if row.size and (row.min() < 0 or row.max() >= vocab):  # would wrap around in uint16/uint32
+                raise DataError(
+                    f"input {piece.path}: the tokenizer gave id {row.max()} >= its length {vocab}"
+                )
+            ids[split].append(row.astype(dtype))
             c = counts[split]
             c["tokens"] += len(doc) + 1
             c["documents"] += 1
