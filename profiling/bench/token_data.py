@@ -10,7 +10,8 @@ pool, the concatenation). Memory: the whole library repeated ``--copies`` times 
 piece is reused) gives a token file of about as many tokens as the ``stdlib`` corpus has bytes; then, per
 data kind, (a) a fresh process that imports torch, builds rank 0's corpus of 2 and draws ``--batches``
 batches of 8 x 128 (VmRSS, RssAnon, RssFile before and after), and (b) a 2-rank EP=2 trainer run of
-``--steps`` steps under torchrun, whose summary.json ``memory_per_rank.peak_rss`` is the largest rank's peak.
+``--steps`` steps under torchrun (every kind with the tokenizer's vocabulary as model.vocab_size), whose
+summary.json ``memory_per_rank.peak_rss`` is the largest rank's peak.
 Writes WORK_DIR/token_data.json and prints a markdown table.
 """
 
@@ -109,7 +110,9 @@ def corpus_memory(data: dict, batches: int) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def trainer_peak_rss(work: Path, name: str, data: dict, steps: int) -> dict:
+def trainer_peak_rss(work: Path, name: str, data: dict, steps: int, vocab: int) -> dict:
+    """Why one vocab for every kind: the logits (micro_batch x seq_len x vocab) dominate a tiny model's
+    memory; with the tokenizer's vocab everywhere, the runs differ in their data only."""
     cfg = {
         "name": name,
         "out_dir": str(work / "runs"),
@@ -118,6 +121,7 @@ def trainer_peak_rss(work: Path, name: str, data: dict, steps: int) -> dict:
             "n_layers": 2,
             "n_heads": 2,
             "seq_len": 128,
+            "vocab_size": vocab,
             "d_ff_dense": 128,
             "moe": {"num_experts": 4, "top_k": 2, "d_ff": 64},
         },
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--skip-memory", action="store_true", help="the throughput part only")
+    p.add_argument("--skip-throughput", action="store_true", help="the memory part only")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from moe_dist.data.prepare import prepare
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     out: dict = {"python_stdlib": sysconfig.get_paths()["stdlib"], "load_avg_start": os.getloadavg()}
     small = work / "small.jsonl"
     small_bytes = stdlib_jsonl(small, int(a.throughput_mb * 1e6))
-    for procs in (1, 2):
+    for procs in () if a.skip_throughput else (1, 2):
         shutil.rmtree(work / f"tp{procs}", ignore_errors=True)
         cpu0 = time.process_time() + _children_cpu()
         r = prepare(
@@ -204,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     for label, data in kinds.items():
         out[label] = {"corpus": corpus_memory(data, a.batches)}
-        out[label]["trainer"] = trainer_peak_rss(work, label.split()[0], data, a.steps)
+        out[label]["trainer"] = trainer_peak_rss(
+            work, label.split()[0], data, a.steps, r.manifest["tokenizer"]["vocab_size"]
+        )
     out["load_avg_end"] = os.getloadavg()
     (work / "token_data.json").write_text(json.dumps(out, indent=1))
     mb = 1 << 20
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {label} | {c['description']} | {d['VmRSS']:.0f} | {d['RssAnon']:.0f} | "
             f"{d['RssFile']:.0f} | {d['VmHWM']:.0f} | {t['peak_rss'] / mb:.0f} |"
         )
-    for procs in (1, 2):
+    for procs in () if a.skip_throughput else (1, 2):
         q = out[f"prepare_{procs}p"]
         lines.append(
             f"prepare_data, {procs} process(es): {q['text_bytes'] / 1e6:.1f} MB of text, {q['tokens']} "
