@@ -170,7 +170,7 @@ def plan_pieces(inputs: list[str], settings: str, field: str, chunk_bytes: int) 
 _TOKENIZER: tuple[str, object] | None = None
 
 
-def _tokenizer(tok_dir: str):
+def cached_tokenizer(tok_dir: str):
     global _TOKENIZER
     if _TOKENIZER is None or _TOKENIZER[0] != tok_dir:
         _TOKENIZER = (tok_dir, load_tokenizer(tok_dir))
@@ -186,7 +186,7 @@ def is_val(text: str, val_fraction: float) -> bool:
 def tokenize_piece(job: tuple[Piece, str, str, float, str, Path]) -> int:
     """Tokenize one piece into its part files (the json last); returns its byte count (for the bar)."""
     piece, tok_dir, field, val_fraction, dtype, parts = job
-    tok = _tokenizer(tok_dir)
+    tok = cached_tokenizer(tok_dir)
     eos, vocab = tok.eos_token_id, len(tok)
     with open(piece.path, "rb") as f:
         f.seek(piece.start)
@@ -278,7 +278,7 @@ def prepare(
         raise DataError(f"--processes must be >= 1, got {processes}")
     if chunk_bytes < 1:
         raise DataError(f"the chunk size must be >= 1 byte, got {chunk_bytes}")
-    tok = _tokenizer(tok_dir)
+    tok = cached_tokenizer(tok_dir)
     tok_digest, tok_files = tokenizer_hash(tok_dir)  # type: ignore[misc] - load_tokenizer checked it exists
     if tok.eos_token_id is None:
         raise DataError(f"--tokenizer {tok_dir!r} has no EOS token (it separates the documents)")
