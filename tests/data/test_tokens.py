@@ -347,3 +347,20 @@ def test_a_repeated_input_is_tokenized_once(fx: dict, tmp_path: Path) -> None:
     assert two.tokenized == one.tokenized and two.reused == one.tokenized
     for split in ("train.bin", "val.bin"):
         assert (tmp_path / "two" / split).read_bytes() == (tmp_path / "one" / split).read_bytes() * 2
+
+
+def test_a_checkpoint_from_before_model_vocab_size_resumes_as_bytes() -> None:
+    """Checkpoints written before the key trained a 256-byte embedding: the resolved byte run is no change,
+    a tokenizer's vocabulary a refused model change."""
+    import copy
+
+    from moe_dist.training.data_check import resolve_vocab
+    from moe_dist.training.preflight import config_changes
+
+    now = config_from_dict(tiny(data={"kind": "stdlib"}))
+    resolve_vocab(now)
+    saved = copy.deepcopy(now.to_dict())
+    del saved["model"]["vocab_size"]
+    assert now.model.vocab_size == 256 and config_changes(saved, now.to_dict()) == ([], [])
+    other = config_from_dict(tiny(model={"vocab_size": 400}))
+    assert config_changes(saved, other.to_dict())[0] == ["model.vocab_size: 256 -> 400"]
