@@ -305,18 +305,20 @@ def prepare(
     total = sum(p.end - p.start for p in pieces)
     reused = total - sum(p.end - p.start for p in todo)
     jobs = [(p, tok_dir, field, val_fraction, dtype, parts) for p in todo]
-    bar = tqdm(total=total, initial=reused, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
-    if processes > 1 and len(todo) > 1:
-        methods = multiprocessing.get_all_start_methods()
-        # why fork where there is one: the workers inherit the loaded tokenizer instead of re-importing
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ctx.Pool(min(processes, len(todo))) as pool:
-            for n in pool.imap_unordered(tokenize_piece, jobs):
-                bar.update(n)
-    else:
-        for j in jobs:
-            bar.update(tokenize_piece(j))
-    bar.close()
+    # why a with-block: a bad piece's error line must not share a line with an unfinished bar
+    with tqdm(
+        total=total, initial=reused, unit="B", unit_scale=True, desc="tokenize", disable=not progress
+    ) as bar:
+        if processes > 1 and len(todo) > 1:
+            methods = multiprocessing.get_all_start_methods()
+            # why fork where there is one: the workers inherit the loaded tokenizer instead of re-importing
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            with ctx.Pool(min(processes, len(todo))) as pool:
+                for n in pool.imap_unordered(tokenize_piece, jobs):
+                    bar.update(n)
+        else:
+            for j in jobs:
+                bar.update(tokenize_piece(j))
     manifest = _finish(
         out, pieces, job, inputs, dtype, vocab, tok, tok_dir, tok_digest, tok_files, field, val_fraction
     )
