@@ -121,8 +121,10 @@ def load_tokenizer(tok_dir: str):
         raise DataError(f"--tokenizer {tok_dir!r} is not a directory")
     if tokenizer_hash(tok_dir) is None:
         raise DataError(f"--tokenizer {tok_dir!r} holds no tokenizer files (tokenizer.json, vocab.json, ...)")
-    from transformers import AutoTokenizer
-
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise DataError("prepare_data needs transformers: pip install -e '.[hf]'") from None
     try:
         return AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad directory
