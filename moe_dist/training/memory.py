@@ -197,7 +197,7 @@ def model_counts(cfg: RunConfig) -> ModelCounts:
         expert_width=ffn(moe.d_ff),
         dense_width=2 * m.d_ff_dense,  # up's output and the GELU's
         attn_width=4 * m.d_model + m.n_heads,  # q, k, v (one tensor), the output, a log-sum-exp per head
-        vocab=VOCAB,
+        vocab=m.vocab_size or VOCAB,  # 0: bytes (the launch fills in the data's vocabulary)
         seq_len=m.seq_len,
         shared_width=ffn(shared) if shared else 0,
         dense_groups=_groups(dense),
