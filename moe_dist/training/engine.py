@@ -116,6 +116,7 @@ class Engine(Protocol):
 ENGINES: dict[str, tuple[str, str]] = {
     "torch": ("moe_dist.training.engine", "TorchEngine"),
     "deepspeed": ("moe_dist.training.deepspeed_engine", "DeepSpeedEngine"),  # imported only when named
+    "fsdp": ("moe_dist.training.fsdp_engine", "FSDPEngine"),
 }
 """``engine:`` -> (module, class)."""
 

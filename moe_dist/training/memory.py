@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_dist.errors import ConfigError
 from moe_dist.moe.sync import expert_params
@@ -233,9 +234,15 @@ def plan(cfg: RunConfig, world: int, ep: int, engine: str = "torch", zero: int =
     )
 
 
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank holds of ``t``: a DTensor's local shard (``engine: fsdp``), else the tensor."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
 def grad_bytes(model: nn.Module) -> int:
     """Bytes of the gradients the model's parameters hold now."""
-    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    return sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
 
 
 def optimizer_bytes(optimizer: Any) -> int:
@@ -244,7 +251,7 @@ def optimizer_bytes(optimizer: Any) -> int:
     while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return sum(
-        v.numel() * v.element_size()
+        local_bytes(v)
         for state in optimizer.state.values()
         for k, v in state.items()
         if k != "step" and torch.is_tensor(v)
@@ -262,7 +269,7 @@ def measured_memory(model: nn.Module, optimizer: Any, grads: int, device: torch.
     """summary.json's ``memory_per_rank``: the maximum over ranks of each figure (a collective: every rank
     calls it). ``grads`` is the largest ``grad_bytes`` seen after a backward; None when the engine keeps
     gradients outside the parameters (DeepSpeed's ZeRO buckets)."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(local_bytes(p) for p in model.parameters())
     values = torch.tensor([params, grads, optimizer_bytes(optimizer), peak_bytes(device)], device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
