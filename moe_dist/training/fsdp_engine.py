@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -44,6 +45,8 @@ from moe_dist.training.config import RunConfig
 from moe_dist.training.engine import EngineCheckpoint, lr_lambda, param_groups
 
 log = logging.getLogger("moe_dist.train")
+
+VIEW_WARNING = r"FSDP2-wrapped module \(.*\) returned a view tensor"
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -109,6 +112,9 @@ class FSDPEngine:
         self, model: nn.Module, cfg: RunConfig, layout: ParallelLayout, device: torch.device
     ) -> None:
         self.model, self.cfg, self.layout, self.device = model, cfg, layout, device
+        # why: a block's MoEOutput holds views (hidden, stats) that nothing modifies in place; FSDP2 warns
+        # about every view a wrapped module returns, once per module and rank
+        warnings.filterwarnings("ignore", message=VIEW_WARNING, category=UserWarning)
         world_mesh = DeviceMesh.from_group(layout.world_group, device.type)
         mp = MixedPrecisionPolicy()
         if cfg.train.bf16 and device.type == "cuda":  # as autocast_ctx: bf16 is a CUDA option

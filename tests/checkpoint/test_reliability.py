@@ -334,7 +334,13 @@ def _int_fields(tp=None, where: str = "") -> list[str]:
 
 ALL_INT_FIELDS = _int_fields()
 BAD_NAMES = ["", ".", "..", "/abs", "a/b", "../up", "/"]
-BOOL_FIELDS = ["model.moe.normalize_topk", "train.resume", "profile.enabled", "model.moe.noisy_gating"]
+BOOL_FIELDS = [
+    "model.moe.normalize_topk",
+    "train.resume",
+    "profile.enabled",
+    "model.moe.noisy_gating",
+    "fsdp.reshard_after_forward",
+]
 
 not_number = st.one_of(st.text(max_size=5), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
 bad_int = st.one_of(

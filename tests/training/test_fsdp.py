@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,11 @@ def _resume_checks(run: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
+def oracle() -> list[dict]:
+    return _oracle(_cfg(Path("unused"), "o", "torch", 4, 2), 4)
+
+
+@pytest.fixture(scope="module")
 def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[dict]]]:
     """One launch of 4 ranks: fsdp and torch at EP 2 x DP 2, each resumed from the other's step-1
     checkpoint, and fsdp at EP 4 (experts unsharded)."""
@@ -143,14 +149,13 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, li
     return root, {cfg["name"]: [r[i] for r in res] for i, (cfg, _, _) in enumerate(runs)}
 
 
-def test_fsdp_equals_the_fp64_oracle_at_ep2_dp2_and_ep4(world4) -> None:
+def test_fsdp_equals_the_fp64_oracle_at_ep2_dp2_and_ep4(world4, oracle: list[dict]) -> None:
     """After one and two optimizer steps (two micro-batches each) under engine fsdp, every parameter's full
     tensor and every AdamW moment equals the single-process oracle's (fp64, 1e-9), at EP 2 x DP 2 (experts
     sharded over their expert-data-parallel pair) and EP 4 (experts unsharded); the step-1 state as the
     checkpoint files hold it, the step-2 state as the live model gathers it. The losses equal engine torch's,
     and the AdamW bytes per rank at DP 2 are at most 0.6x torch's."""
     root, res = world4
-    oracle = _oracle(_cfg(root, "o", "torch", 4, 2), 4)
     for name in ("fsdp_e2", "fsdp_e4", "torch_e2"):
         _assert_state(res[name], oracle[-1], f"{name} after {STEPS} steps")
         _assert_state(_checkpoint_state(root / name, 1), oracle[0], f"{name} checkpoint of step 1")
@@ -163,40 +168,44 @@ def test_fsdp_equals_the_fp64_oracle_at_ep2_dp2_and_ep4(world4) -> None:
     assert 0 < fsdp_opt <= 0.6 * torch_opt, (fsdp_opt, torch_opt)
 
 
-def test_fsdp_and_torch_resume_each_other(world4) -> None:
+def test_fsdp_and_torch_resume_each_other(world4, oracle: list[dict]) -> None:
     """fsdp's step-1 checkpoint resumed under engine torch, and torch's under engine fsdp: the resume
     self-check passes, and the state after step 2 equals the oracle's."""
     root, res = world4
-    oracle = _oracle(_cfg(root, "o", "torch", 4, 2), 4)
     for name in ("fsdp_to_torch", "torch_to_fsdp"):
         assert _resume_checks(root / name) == ["pass"], name
         _assert_state(res[name], oracle[-1], name)
 
 
-def test_fsdp_resumes_at_world_2(world4, tmp_path: Path) -> None:
+def test_fsdp_resumes_at_world_2_and_trains_an_hf_model(world4, oracle: list[dict], tmp_path: Path) -> None:
     """fsdp's world-4 (EP 2 x DP 2) step-1 checkpoint resumed by fsdp at world 2 (EP 2, experts unsharded),
-    the global batch kept: the self-check passes and step 2 equals the oracle's. In the same launch, an fp32
-    run under each engine: fsdp's losses equal torch's to 1e-4 relative."""
-    root, _ = world4
-    src = tmp_path / "fsdp_e2"
-    import shutil
+    the global batch kept: the self-check passes and step 2 equals the oracle's. In the same launch, a
+    transformers model (model.kind=hf, fp32) under each engine: fsdp's losses equal torch's to 1e-4."""
+    pytest.importorskip("transformers")
+    from tests.models.hf_workers import HF_TINY
 
-    shutil.copytree(root / "fsdp_e2", src)
-    fp32 = {"steps": 3, "grad_accum": 1, "ckpt_every": 0}
-    runs = [
-        (_cfg(tmp_path, "w2", "fsdp", 2, 2), ("resume", "fsdp_e2", 1), "float64"),
-        (tiny(out_dir=str(tmp_path), name="t32", parallel={"ep": 2}, train=fp32), None, "float32"),
-        (
-            tiny(out_dir=str(tmp_path), name="f32", engine="fsdp", parallel={"ep": 2}, train=fp32),
-            None,
-            "float32",
-        ),
-    ]
+    root, _ = world4
+    shutil.copytree(root / "fsdp_e2", tmp_path / "fsdp_e2")
+    runs = [(_cfg(tmp_path, "w2", "fsdp", 2, 2), ("resume", "fsdp_e2", 1), "float64")]
+    for engine in ("torch", "fsdp"):
+        hf = tiny(
+            out_dir=str(tmp_path),
+            name=f"hf_{engine}",
+            engine=engine,
+            model={"kind": "hf", "hf_config": HF_TINY, "seq_len": 16},
+            parallel={"ep": 2},
+            train={"steps": 3, "eval_every": 3},
+        )
+        hf["model"].pop("moe")
+        runs.append((hf, None, "float32"))
     res = run_ranks(runs_worker, 2, runs, timeout=600)
     assert _resume_checks(tmp_path / "w2") == ["pass"]
-    _assert_state([r[0] for r in res], _oracle(_cfg(root, "o", "torch", 4, 2), 4)[-1], "world 2")
-    want, got = _losses(tmp_path / "t32"), _losses(tmp_path / "f32")
+    _assert_state([r[0] for r in res], oracle[-1], "world 2")
+    want, got = _losses(tmp_path / "hf_torch"), _losses(tmp_path / "hf_fsdp")
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-4)
+    assert (
+        res[0][2]["summary"]["memory_per_rank"]["params"] < res[0][1]["summary"]["memory_per_rank"]["params"]
+    )
 
 
 @pytest.mark.parametrize(
