@@ -33,7 +33,9 @@ STEPS, ACCUM, GLOBAL_MICRO = 2, 2, 8
 def _cfg(tmp: Path, name: str, engine: str, world: int, ep: int) -> dict:
     train = {"steps": STEPS, "grad_accum": ACCUM, "micro_batch": GLOBAL_MICRO // world, "ckpt_every": 1}
     train.update(eval_every=STEPS, keep_last=5)
-    return tiny(out_dir=str(tmp), name=name, engine=engine, parallel={"ep": ep}, train=train)
+    # why grad_clip 0.1: the tiny model's first grad norms are about 0.5, so clipping is exercised
+    optim = {"warmup_steps": 2, "grad_clip": 0.1}
+    return tiny(out_dir=str(tmp), name=name, engine=engine, parallel={"ep": ep}, train=train, optim=optim)
 
 
 def _oracle(cfg_dict: dict, world: int) -> list[dict]:
