@@ -194,19 +194,22 @@ class FSDPEngine:
             return norm
         clip = self.cfg.optim.grad_clip
         if clip > 0 and norm > clip:
-            for p in self.model.parameters():
+            for p in self.grads():
                 p.grad.mul_(clip / (norm + 1e-6))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm
 
+    def grads(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.grad is not None]
+
     def _global_norm(self) -> float:
         # why one all-reduce over the world: every element of every grad sits in exactly one rank's local
         # shard (dense over the world, experts over their expert-data-parallel group, unsharded experts on
         # their one EP rank), so the sum of the ranks' local squares is the global square norm
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in self.model.parameters():
+        for p in self.grads():
             g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
             sq += g.pow(2).sum(dtype=torch.float64)
         if self.layout.world > 1:
@@ -226,8 +229,9 @@ class FSDPEngine:
     def load_checkpoint_state(
         self, dense: dict[str, Any], experts_opt: dict[str, Any], own: dict[str, Any]
     ) -> None:
+        # why the optimizer itself: join_optimizer reads only its param groups (no state to gather)
         opt = join_optimizer(
-            self.model, _FullOptimizer(self.optimizer), dense["optimizer"], experts_opt, dense["param_groups"]
+            self.model, self.optimizer, dense["optimizer"], experts_opt, dense["param_groups"]
         )
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         opt["state"] = {
