@@ -1,5 +1,6 @@
-"""Two engines behind one trainer: plain torch.distributed (``engine: torch``, under torchrun) and
-DeepSpeed (``engine: deepspeed``, under the deepspeed launcher).
+"""Engines behind one trainer: plain torch.distributed (``engine: torch``, under torchrun), FSDP2 beside
+expert parallelism (``engine: fsdp``, under torchrun; training/fsdp_engine.py) and DeepSpeed
+(``engine: deepspeed``, under the deepspeed launcher).
 
 Gradient semantics (both engines): the objective is the mean over all ranks of each rank's loss; the
 rule is ``moe_dist.moe.sync.sync_gradients`` (public, so library users apply the same one). DeepSpeed's
