@@ -223,3 +223,17 @@ def test_unsupported_options_are_one_config_error(overrides: dict, needle: str) 
     with pytest.raises(ConfigError) as err:
         config_from_dict(tiny(engine="fsdp", **overrides))
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_resume_may_switch_between_torch_and_fsdp_only() -> None:
+    """The launch preflight: torch <-> fsdp is an allowed change (the same global checkpoint format, named in
+    the warning); a switch to or from deepspeed stays refused."""
+    from moe_dist.training.preflight import config_changes
+
+    torch_cfg = config_from_dict(tiny()).to_dict()
+    fsdp_cfg = config_from_dict(tiny(engine="fsdp", fsdp={"reshard_after_forward": False})).to_dict()
+    refused, allowed = config_changes(torch_cfg, fsdp_cfg)
+    assert refused == [] and "engine: 'torch' -> 'fsdp'" in allowed, allowed
+    assert "fsdp.reshard_after_forward: True -> False" in allowed, allowed
+    refused, _ = config_changes(fsdp_cfg, config_from_dict(tiny(engine="deepspeed")).to_dict())
+    assert refused == ["engine: 'fsdp' -> 'deepspeed'"], refused
