@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from moe_dist.errors import ConfigError
 from moe_dist.moe.config import check_type
-
-if TYPE_CHECKING:
-    from moe_dist.training.config import RunConfig
 
 
 @dataclass
@@ -31,8 +28,9 @@ FSDP_API = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms", "
 ``fully_shard(ignored_params=...)``."""
 
 
-def refuse_for_fsdp(cfg: RunConfig) -> None:
-    """What ``engine: fsdp`` does not support, as one ConfigError line (at config load, before any group)."""
+def refuse_for_fsdp(cfg: Any) -> None:
+    """What ``engine: fsdp`` does not support, as one ConfigError line (at config load, before any group).
+    ``cfg`` is the ``RunConfig`` (not imported: config.py imports this module)."""
     import torch
 
     try:
