@@ -26,6 +26,7 @@ from moe_dist.errors import ConfigError
 from moe_dist.models.config import ModelConfig
 from moe_dist.moe.config import check_positive, check_type
 from moe_dist.moe.placement import DEEPSPEED_REFUSES_BALANCED, DEEPSPEED_REFUSES_REPLICAS, check_redundant
+from moe_dist.training.fsdp_config import FSDPConfig, refuse_for_fsdp
 
 
 class _Loader(yaml.SafeLoader):
@@ -285,19 +286,21 @@ class RunConfig:
     """Run directory name under out_dir."""
     out_dir: str = "runs"
     engine: str = "torch"
-    """"torch" (launch with torchrun) or "deepspeed" (launch with the deepspeed launcher)."""
+    """"torch" (launch with torchrun), "fsdp" (torchrun; FSDP2 sharding beside EP) or "deepspeed" (launch
+    with the deepspeed launcher)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     auto_aux: AutoAuxConfig = field(default_factory=AutoAuxConfig)
 
     def __post_init__(self) -> None:
-        if self.engine not in ("torch", "deepspeed"):
-            raise ConfigError(f"engine must be torch or deepspeed, got {self.engine!r}")
+        if self.engine not in ("torch", "deepspeed", "fsdp"):
+            raise ConfigError(f"engine must be torch, deepspeed or fsdp, got {self.engine!r}")
         check_type("run", "name", self.name, (str,))
         check_type("run", "out_dir", self.out_dir, (str,))
         if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
@@ -310,6 +313,8 @@ class RunConfig:
             raise ConfigError(DEEPSPEED_REFUSES_REPLICAS)
         if self.engine == "deepspeed" and self.parallel.placement == "balanced":
             raise ConfigError(DEEPSPEED_REFUSES_BALANCED)
+        if self.engine == "fsdp":
+            refuse_for_fsdp(self)
         n, ep = self.model.moe.num_experts, self.parallel.ep
         if self.model.kind == "moe_dist" and n % ep == 0:  # else check_world names the divisibility
             check_redundant(n, ep, self.parallel.redundant_experts)

@@ -1,5 +1,6 @@
-"""Two engines behind one trainer: plain torch.distributed (``engine: torch``, under torchrun) and
-DeepSpeed (``engine: deepspeed``, under the deepspeed launcher).
+"""Engines behind one trainer: plain torch.distributed (``engine: torch``, under torchrun), FSDP2 beside
+expert parallelism (``engine: fsdp``, under torchrun; training/fsdp_engine.py) and DeepSpeed
+(``engine: deepspeed``, under the deepspeed launcher).
 
 Gradient semantics (both engines): the objective is the mean over all ranks of each rank's loss; the
 rule is ``moe_dist.moe.sync.sync_gradients`` (public, so library users apply the same one). DeepSpeed's
@@ -116,6 +117,7 @@ class Engine(Protocol):
 ENGINES: dict[str, tuple[str, str]] = {
     "torch": ("moe_dist.training.engine", "TorchEngine"),
     "deepspeed": ("moe_dist.training.deepspeed_engine", "DeepSpeedEngine"),  # imported only when named
+    "fsdp": ("moe_dist.training.fsdp_engine", "FSDPEngine"),
 }
 """``engine:`` -> (module, class)."""
 

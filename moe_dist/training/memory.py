@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_dist.errors import ConfigError
 from moe_dist.moe.sync import expert_params
@@ -335,9 +336,15 @@ def plan(
     )
 
 
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank holds of ``t``: a DTensor's local shard (``engine: fsdp``), else the tensor."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
 def grad_bytes(model: nn.Module) -> int:
     """Bytes of the gradients the model's parameters hold now."""
-    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    return sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
 
 
 def _torch_optimizer(optimizer: Any) -> Any:
@@ -352,7 +359,7 @@ def optimizer_bytes(optimizer: Any) -> int:
     optimizer) is looked through to the torch optimizer it steps (``.optimizer``)."""
     optimizer = _torch_optimizer(optimizer)
     return sum(
-        v.numel() * v.element_size()
+        local_bytes(v)
         for state in optimizer.state.values()
         for k, v in state.items()
         if k != "step" and torch.is_tensor(v)
@@ -371,7 +378,7 @@ def measured_memory(model: nn.Module, optimizer: Any, grads: int, device: torch.
     calls it). ``grads`` is the largest ``grad_bytes`` seen after a backward; where the engine keeps
     gradients outside the parameters (DeepSpeed's ZeRO), the partitions its optimizer stepped on
     (``zero_memory``), else None. Also ``master`` (``zero_memory``) and ``activations_peak``."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(local_bytes(p) for p in model.parameters())
     values = torch.tensor([params, grads, optimizer_bytes(optimizer), peak_bytes(device)], device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)

@@ -9,7 +9,7 @@ the same one-line error instead of one rank leaving its peers in a collective:
 - no checkpoint, or ``train.resume=false`` in a new or moved-aside directory: a fresh start;
 - a finished run (its newest checkpoint is at ``train.steps`` or later and ``summary.json`` exists): the
   launch says so and exits 0 without touching anything;
-- a checkpoint written under another world size or EP size: resharded (format 2, engine torch), else
+- a checkpoint written under another world size or EP size: resharded (format 2, engine torch or fsdp), else
   refused (``ConfigError``: format 1, or engine deepspeed) — see ``moe_dist.checkpoint.files.layout_refusal``;
 - a checkpoint written under another config: keys that change what the model computes are refused;
   the others (learning rate, step budget, logging, ...) are allowed with a warning naming each key.
@@ -95,7 +95,14 @@ def fresh_start(cfg: RunConfig, rank: int) -> None:
 
 # Keys added after checkpoints began to store their config, with the value that means what a checkpoint
 # without the key was trained under: absent from a saved config, they read as this value.
-ADDED_KEYS = {"model.moe.aux_loss_counts": "routed", "model.moe.dispatch": "pairs", "model.vocab_size": 256}
+ADDED_KEYS = {
+    "model.moe.aux_loss_counts": "routed",
+    "model.moe.dispatch": "pairs",
+    "fsdp.reshard_after_forward": True,
+    "model.vocab_size": 256,
+}
+# Engines whose checkpoints are the same global format: a resume may switch between them.
+SAME_FORMAT_ENGINES = {"torch", "fsdp"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -118,7 +125,8 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
         if key in IGNORED or a.get(key) == b.get(key):
             continue
         line = f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
-        (refused if key == "engine" or key.startswith(REFUSED) else allowed).append(line)
+        switch = key == "engine" and {a.get(key), b.get(key)} <= SAME_FORMAT_ENGINES
+        (refused if not switch and (key == "engine" or key.startswith(REFUSED)) else allowed).append(line)
     return refused, allowed
 
 

@@ -220,11 +220,14 @@ def _nan_grad_worker(rank: int, world: int, cfg: dict) -> dict:
     return out
 
 
-def test_nonfinite_grad_norm_raises_or_skips_without_any_update(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["torch", "fsdp"])
+def test_nonfinite_grad_norm_raises_or_skips_without_any_update(tmp_path: Path, engine: str) -> None:
     """A NaN grad norm (found by the norm's own all-reduce, on every rank alike): ``raise`` stops every
     rank with NonFiniteError naming the step; ``skip`` updates nothing (weights, expert bias, AdamW
-    moments and step count, scheduler), counts the step in skipped_steps and saves finite weights."""
+    moments and step count, scheduler), counts the step in skipped_steps and saves finite weights. Under
+    engine torch and engine fsdp (sharded grads and AdamW state)."""
     cfg = tiny(
+        engine=engine,
         out_dir=str(tmp_path),
         parallel={"ep": 2},
         model={"moe": {"bias_update_rate": 1e-3}},
@@ -334,7 +337,13 @@ def _int_fields(tp=None, where: str = "") -> list[str]:
 
 ALL_INT_FIELDS = _int_fields()
 BAD_NAMES = ["", ".", "..", "/abs", "a/b", "../up", "/"]
-BOOL_FIELDS = ["model.moe.normalize_topk", "train.resume", "profile.enabled", "model.moe.noisy_gating"]
+BOOL_FIELDS = [
+    "model.moe.normalize_topk",
+    "train.resume",
+    "profile.enabled",
+    "model.moe.noisy_gating",
+    "fsdp.reshard_after_forward",
+]
 
 not_number = st.one_of(st.text(max_size=5), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
 bad_int = st.one_of(
