@@ -15,6 +15,7 @@ import sys
 
 from moe_dist.errors import ConfigError
 from moe_dist.training.config import load_config
+from moe_dist.training.data_check import resolve_vocab
 from moe_dist.training.memory import DTYPES, ENGINES, format_plan, plan
 
 EXAMPLE = """example: moe-dist plan configs/cpu_demo.yaml --world 4 --ep 2 --engine fsdp --dtype fp32
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        resolve_vocab(cfg)  # data.kind tokens: the byte LM's embedding is the tokenizer's vocabulary
         zero = cfg.deepspeed.zero_stage if args.engine == "deepspeed" else 0
         zero = args.zero if args.zero is not None else zero
         result = plan(cfg, args.world, args.ep or cfg.parallel.ep, args.engine, zero, args.dtype)

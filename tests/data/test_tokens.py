@@ -364,3 +364,19 @@ def test_a_checkpoint_from_before_model_vocab_size_resumes_as_bytes() -> None:
     assert now.model.vocab_size == 256 and config_changes(saved, now.to_dict()) == ([], [])
     other = config_from_dict(tiny(model={"vocab_size": 400}))
     assert config_changes(saved, other.to_dict())[0] == ["model.vocab_size: 256 -> 400"]
+
+
+def test_the_planner_sizes_the_embedding_by_the_tokenizer(fx: dict, capsys: pytest.CaptureFixture) -> None:
+    """``moe-dist plan`` on tokens data counts the embedding and head at the tokenizer's vocabulary (400 ids
+    here), as the launch builds them, not the byte LM's 256."""
+    from moe_dist.plan import main as plan_main
+    from moe_dist.training.config import load_config
+    from moe_dist.training.memory import plan
+
+    args = ["configs/cpu_demo.yaml", "--world", "2", "--ep", "2", "--dtype", "fp32", "--json"]
+    assert plan_main([*args, "data.kind=tokens", f"data.path={fx['a']}"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    vocab = json.loads((fx["a"] / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    want = plan(load_config("configs/cpu_demo.yaml", [f"model.vocab_size={vocab}"]), 2, 2, dtype="fp32")
+    assert vocab != 256 and got["params"] == want.params
+    assert got["params"] > plan(load_config("configs/cpu_demo.yaml", []), 2, 2, dtype="fp32").params

@@ -194,6 +194,9 @@ def test_plan_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert plan_main(["configs/cpu_demo.yaml", "--world", "4", "--ep", "3"]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and err.startswith("ConfigError: --world 4 must be")
+    assert plan_main([*args, "data.kind=tokens", f"data.path={tmp_path / 'none'}"]) == 2  # vocab: the data
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "is not a prepared token directory" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {kind: hf, hf_config: {model_type: no_such_family}}\n")
     assert plan_main([str(bad), "--world", "2"]) == 2
