@@ -56,7 +56,6 @@ from moe_dist.checkpoint.names import MANIFEST, STEP_DIR, step_dir_name
 from moe_dist.checkpoint.verify import (
     FORMAT,
     UnsafeCheckpointError,
-    _fsync_dir,
     _sha256,
     _verified,
     _verifies,
@@ -71,6 +70,8 @@ from moe_dist.checkpoint.verify import (
     verify,
 )
 from moe_dist.errors import CheckpointError
+from moe_dist.runtime.durable import atomic_write as _atomic_write  # why this name: tests fail it on one rank
+from moe_dist.runtime.durable import fsync_dir as _fsync_dir
 
 __all__ = [  # the writers here, and the readers re-exported (``moe_dist.checkpoint.verify``)
     "FORMAT",
@@ -97,18 +98,6 @@ __all__ = [  # the writers here, and the readers re-exported (``moe_dist.checkpo
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably: a temporary name, fsync, rename, fsync of the directory (why: a
-    rename is durable only once its directory is, so a power cut cannot leave a committed name empty)."""
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -27,6 +27,7 @@ from moe_dist.checkpoint.names import (
     step_of,
 )
 from moe_dist.errors import CheckpointError, ConfigError
+from moe_dist.runtime.durable import fsync_dir as _fsync_dir
 from moe_dist.runtime.unpickle import refused_name
 
 log = logging.getLogger("moe_dist.checkpoint.files")
@@ -35,19 +36,6 @@ log = logging.getLogger("moe_dist.checkpoint.files")
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file holds something other than plain data (a global that could run code on load);
     it was refused without running anything."""
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (a rename into it) durable (POSIX; a no-op where a
-    directory cannot be opened, as on Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:

@@ -35,12 +35,12 @@ from moe_dist.data.token_files import (
     PARTS,
     SPLITS,
     atomic_write,
-    fsync_dir,
     read_manifest,
     split_file,
     token_dtype,
     tokenizer_hash,
 )
+from moe_dist.runtime.durable import fsync_dir
 
 log = logging.getLogger("moe_dist.prepare_data")
 

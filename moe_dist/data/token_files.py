@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from moe_dist.data.files import DataError
+from moe_dist.runtime.durable import atomic_write as _durable_write
 
 FORMAT = "moe_dist.tokens/1"
 MANIFEST = "manifest.json"
@@ -64,25 +64,6 @@ def tokenizer_hash(directory: str | Path) -> tuple[str, dict[str, str]] | None:
     return digest, files
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename, fsync the directory: a reader sees all or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a prepared directory, checked against its token files (one DataError line if not)."""
     root = Path(data_dir)
@@ -116,3 +97,8 @@ def read_manifest(data_dir: str | Path) -> dict:
         if have != want:
             raise DataError(f"{f} holds {have} bytes, the manifest says {want}: prepare the data again")
     return manifest
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """``moe_dist.runtime.durable.atomic_write`` under a ``.tmp`` name (what a restarted prepare clears)."""
+    _durable_write(path, data, suffix=".tmp")
