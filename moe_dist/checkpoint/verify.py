@@ -5,7 +5,6 @@ weights-only loader. The on-disk layout is described in ``moe_dist.checkpoint.fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from moe_dist.checkpoint.names import (
     step_of,
 )
 from moe_dist.errors import CheckpointError, ConfigError
+from moe_dist.runtime.durable import file_sha256 as _sha256
 from moe_dist.runtime.durable import fsync_dir as _fsync_dir
 from moe_dist.runtime.unpickle import refused_name
 
@@ -36,14 +36,6 @@ log = logging.getLogger("moe_dist.checkpoint.files")
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file holds something other than plain data (a global that could run code on load);
     it was refused without running anything."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def stray_entries(root: Path) -> list[str]:

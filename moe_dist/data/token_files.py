@@ -18,6 +18,7 @@ from pathlib import Path
 
 from moe_dist.data.files import DataError
 from moe_dist.runtime.durable import atomic_write as _durable_write
+from moe_dist.runtime.durable import file_sha256
 
 FORMAT = "moe_dist.tokens/1"
 MANIFEST = "manifest.json"
@@ -44,14 +45,6 @@ def split_file(split: str) -> str:
 def token_dtype(vocab: int) -> str:
     """uint16 when every id fits (vocab <= 65536), else uint32."""
     return "uint16" if vocab <= 1 << 16 else "uint32"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_hash(directory: str | Path) -> tuple[str, dict[str, str]] | None:

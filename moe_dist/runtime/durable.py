@@ -1,8 +1,10 @@
 """Durable file writes, shared by every wing that writes a user's files (checkpoints, the run directory,
-prepared token data): a reader sees a whole file or none, and a committed rename survives a power cut."""
+prepared token data): a reader sees a whole file or none, and a committed rename survives a power cut; and
+the one file hash they check files by."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -31,3 +33,12 @@ def atomic_write(path: Path, data: bytes, suffix: str = ".part") -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -70,6 +70,30 @@ class EngineCheckpoint:
     """Merged into this rank's rank file."""
 
 
+def clipped_step(engine: Any, params: list[nn.Parameter], norm: float) -> float:
+    """Clip ``params``' grads to ``optim.grad_clip`` by the global ``norm``, then step the engine's optimizer
+    and scheduler; a non-finite norm updates nothing (the grads are dropped). Returns ``norm``."""
+    if not math.isfinite(norm):
+        engine.optimizer.zero_grad(set_to_none=True)
+        return norm
+    clip = engine.cfg.optim.grad_clip
+    if clip > 0 and norm > clip:
+        for p in params:
+            p.grad.mul_(clip / (norm + 1e-6))
+    engine.optimizer.step()
+    engine.optimizer.zero_grad(set_to_none=True)
+    engine.scheduler.step()
+    return norm
+
+
+def optimizer_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any) -> EngineCheckpoint:
+    """AdamW state split by parameter name: dense in dense.pt, each expert's by id in its experts file (the
+    layout-independent format; ``optimizer`` is anything with the torch optimizer's ``state_dict``)."""
+    d_opt, e_opt, groups = split_optimizer(model, optimizer)
+    dense = {"optimizer": d_opt, "param_groups": groups, "scheduler": scheduler.state_dict()}
+    return EngineCheckpoint(dense=dense, experts={"optimizer": e_opt})
+
+
 class Engine(Protocol):
     """What the trainer and the checkpoint manager need from an engine; it owns optimizer and scheduler."""
 
@@ -167,18 +191,7 @@ class TorchEngine:
         NaN/Inf on any rank reaches every rank's norm with no extra collective).
         """
         self.sync_grads()
-        norm = self._global_norm()
-        if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return norm
-        clip = self.cfg.optim.grad_clip
-        if clip > 0 and norm > clip:
-            for p in self.dense + self.experts:
-                p.grad.mul_(clip / (norm + 1e-6))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return norm
+        return clipped_step(self, self.dense + self.experts, self._global_norm())
 
     def sync_grads(self) -> None:
         """The one gradient rule, shared with library users: see ``moe_dist.moe.sync.sync_gradients``."""
@@ -211,10 +224,7 @@ class TorchEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
     def checkpoint_state(self) -> EngineCheckpoint:
-        """AdamW state split by parameter name: dense in dense.pt, each expert's by id in its experts file."""
-        d_opt, e_opt, groups = split_optimizer(self.model, self.optimizer)
-        dense = {"optimizer": d_opt, "param_groups": groups, "scheduler": self.scheduler.state_dict()}
-        return EngineCheckpoint(dense=dense, experts={"optimizer": e_opt})
+        return optimizer_checkpoint(self.model, self.optimizer, self.scheduler)
 
     def load_checkpoint_state(
         self, dense: dict[str, Any], experts_opt: dict[str, Any], own: dict[str, Any]

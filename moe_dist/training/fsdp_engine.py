@@ -25,7 +25,6 @@ resumes under the other, at any layout (``reshards``).
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Any
 
@@ -37,12 +36,18 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from moe_dist.checkpoint.files import CheckpointError
-from moe_dist.checkpoint.global_state import join_optimizer, split_optimizer
+from moe_dist.checkpoint.global_state import join_optimizer
 from moe_dist.moe.layer import moe_layers
 from moe_dist.moe.parallel import ParallelLayout
 from moe_dist.moe.sync import expert_params
 from moe_dist.training.config import RunConfig
-from moe_dist.training.engine import EngineCheckpoint, lr_lambda, param_groups
+from moe_dist.training.engine import (
+    EngineCheckpoint,
+    clipped_step,
+    lr_lambda,
+    optimizer_checkpoint,
+    param_groups,
+)
 
 log = logging.getLogger("moe_dist.train")
 
@@ -188,18 +193,7 @@ class FSDPEngine:
                 p.grad = torch.zeros_like(p)
         for p in self.unsharded_experts:
             p.grad.mul_(1.0 / self.layout.world)  # no FSDP reduction: the rule's 1/world here
-        norm = self._global_norm()
-        if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return norm
-        clip = self.cfg.optim.grad_clip
-        if clip > 0 and norm > clip:
-            for p in self.grads():
-                p.grad.mul_(clip / (norm + 1e-6))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return norm
+        return clipped_step(self, self.grads(), self._global_norm())
 
     def grads(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.grad is not None]
@@ -222,9 +216,7 @@ class FSDPEngine:
 
     def checkpoint_state(self) -> EngineCheckpoint:
         """AdamW state gathered to full tensors and split by name, as ``TorchEngine.checkpoint_state``."""
-        d_opt, e_opt, groups = split_optimizer(self.model, _FullOptimizer(self.optimizer))
-        dense = {"optimizer": d_opt, "param_groups": groups, "scheduler": self.scheduler.state_dict()}
-        return EngineCheckpoint(dense=dense, experts={"optimizer": e_opt})
+        return optimizer_checkpoint(self.model, _FullOptimizer(self.optimizer), self.scheduler)
 
     def load_checkpoint_state(
         self, dense: dict[str, Any], experts_opt: dict[str, Any], own: dict[str, Any]

@@ -11,6 +11,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 R = TypeVar("R")
 
@@ -75,9 +76,14 @@ class SavedTensorsPeak:
     def during(self, model: nn.Module, fn: Callable[[], R]) -> R:
         """``fn()`` with the saved tensors counted; ``model``'s parameters are not activations."""
         # why each call: an engine may re-place parameters (DeepSpeed flattens them into one buffer)
-        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved.tensor):
             return fn()
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (``engine: fsdp``: a DTensor has no storage of its own), else ``p``."""
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 _METERS: weakref.WeakKeyDictionary[nn.Module, SavedTensorsPeak] = weakref.WeakKeyDictionary()
