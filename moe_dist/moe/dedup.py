@@ -27,6 +27,7 @@ from moe_dist.moe.comm import named_collective
 from moe_dist.moe.dispatcher import (
     AllToAllDispatcher,
     DispatchMeta,
+    PendingDispatch,
     RoutePlan,
     _regroup_index,
     register_dispatcher,
@@ -50,9 +51,9 @@ class DedupMeta(DispatchMeta):
 class DedupDispatcher(AllToAllDispatcher):
     """One row per (token, destination rank); the pairs are expanded and reduced on the receiving rank."""
 
-    def dispatch(
-        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
-    ) -> tuple[Tensor, Tensor, DispatchMeta]:
+    def dispatch_start(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None, overlap: bool = False
+    ) -> PendingDispatch:
         R, L = self.world, self.num_slots
         T, K = plan.pair_slot_TK.shape
         if plan.gates_TK is None:
@@ -86,12 +87,22 @@ class DedupDispatcher(AllToAllDispatcher):
             meta.send_splits = [sum(row) for row in send_RL]
             meta.recv_splits = [sum(row) for row in recv_RL]
             # why the pair lists first: their backward (the gates' gradient) then runs after the rows'
-            pairs_P2 = self.exchange(
-                pairs_P2, meta.recv_splits, meta.send_splits, f"MoE layer {self.layer}: dispatch pair lists"
-            )
-            x_UD = self.exchange(
-                x_UD, meta.rows_recv, meta.rows_sent, f"MoE layer {self.layer}: dispatch all-to-all"
-            )
+            sent = [
+                self.exchange_start(
+                    pairs_P2,
+                    meta.recv_splits,
+                    meta.send_splits,
+                    f"MoE layer {self.layer}: dispatch pair lists",
+                    overlap,
+                ),
+                self.exchange_start(
+                    x_UD,
+                    meta.rows_recv,
+                    meta.rows_sent,
+                    f"MoE layer {self.layer}: dispatch all-to-all",
+                    overlap,
+                ),
+            ]
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_end")
         meta.wire_rows = sum(meta.rows_sent) - meta.rows_sent[self.rank]
@@ -99,6 +110,14 @@ class DedupDispatcher(AllToAllDispatcher):
         meta.wire_bytes = meta.wire_rows * x_UD.shape[1] * x_UD.element_size() + 16 * (
             sum(meta.send_splits) - pairs_out
         )
+        return PendingDispatch(meta=meta, sent=sent, recv_RL=recv_RL)
+
+    def dispatch_finish(self, pending: PendingDispatch) -> tuple[Tensor, Tensor, DispatchMeta]:
+        R, L = self.world, self.num_slots
+        pairs_P2, x_UD = self.wait_rows(pending)
+        meta, recv_RL, hook = pending.meta, pending.recv_RL, self.hook
+        assert isinstance(meta, DedupMeta) and recv_RL is not None
+        dev = x_UD.device
         with stage_range(self.layer, "permute"):
             # received pairs arrive grouped (source rank, local slot); rows are numbered per source block
             recv_t = torch.tensor(meta.rows_recv, dtype=torch.int64, device=dev)

@@ -120,6 +120,8 @@ def single_cases() -> list[Case]:
 
 DEDUP_TWINS = ("device-limited-bias", "device-limited-one", "deepseek-v3", "deepseek-v3-empty-rank")
 """Cases run again with MoEConfig.dispatch="dedup" (issue 27), as ``dedup-<name>``."""
+OVERLAP_TWINS = ("shared-gate-geglu", "deepseek-v3", "dedup-deepseek-v3", "dedup-deepseek-v3-empty-rank")
+"""Cases with shared experts run again with MoEConfig.overlap_shared (issue 27), as ``overlap-<name>``."""
 
 
 def ep_cases(world: int) -> list[Case]:
@@ -171,10 +173,15 @@ def ep_cases(world: int) -> list[Case]:
         # can leave a token one pair on a rank, where dedup saves nothing)
         _case("device-limited-one", dict(BASE, top_k=2, n_group=world, topk_group=1), T),
     ]
-    return out + [
+    out += [
         dataclasses.replace(c, name=f"dedup-{c.name}", cfg=dict(c.cfg, dispatch="dedup"))
         for c in out
         if c.name in DEDUP_TWINS
+    ]
+    return out + [
+        dataclasses.replace(c, name=f"overlap-{c.name}", cfg=dict(c.cfg, overlap_shared=True))
+        for c in out
+        if c.name in OVERLAP_TWINS
     ]
 
 
@@ -302,6 +309,26 @@ def test_dedup_halves_the_wire_under_device_limited_routing(world: int) -> None:
                     close(got[b][key], got[a][key], f"{twin} rank {r} {key}")
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_shared_expert_overlap_changes_no_bit(world: int) -> None:
+    """overlap_shared (the dispatch all-to-all in flight while the shared experts run, and its backward
+    while theirs runs) against the same case without it, both dispatchers, a rank with no tokens: the
+    output, aux loss and every gradient bit for bit (each twin is also checked against the oracle)."""
+    names = [c.name for c in ep_cases(world)]
+    results = ep_results(world)
+    keys = ("hidden", "aux", "grad_x", "grad_router", "grad_w1", "grad_w2", "grad_ws1", "grad_ws2", "grad_wg")
+    for twin in OVERLAP_TWINS:
+        a, b = names.index(twin), names.index(f"overlap-{twin}")
+        for r, got in enumerate(results):
+            assert got[b]["wire_rows"] == got[a]["wire_rows"], twin
+            for key in keys:
+                if got[a].get(key) is None:
+                    assert got[b].get(key) is None, (twin, key)
+                    continue
+                assert torch.equal(got[b][key], got[a][key]), f"{twin} rank {r} {key}"
+    assert any(names.index(f"overlap-{t}") for t in OVERLAP_TWINS if "dedup" in t)
+
+
 def test_swiglu_grouped_mm_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 SwiGLU takes F.grouped_mm with the fused [L, D, 2F] weight (asserted); it matches the per-expert
     fallback to 1e-6 and the fp64 oracle to fp32 accuracy (norm-relative 1e-4)."""
@@ -367,6 +394,8 @@ def test_shared_experts_are_dense_params() -> None:
         (dict(dispatch="dedupe"), "dispatch must be one of .*got 'dedupe'; did you mean 'dedup'"),
         (dict(dispatch=None), "dispatch must be one of"),
         (dict(n_group=2.0, topk_group=1), "n_group must be int"),
+        (dict(overlap_shared=True), "overlap_shared needs moe.num_shared_experts >= 1"),
+        (dict(num_shared_experts=1, overlap_shared="yes"), "overlap_shared must be bool"),
     ],
 )
 def test_bad_config(kwargs: dict, needle: str) -> None:
