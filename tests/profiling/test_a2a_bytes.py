@@ -1,4 +1,5 @@
-"""The a2a-bytes tool's counts (profiling/analysis/a2a_bytes.py) against a hand count on a tiny routing.
+"""The a2a-bytes tool's counts (profiling/analysis/a2a_bytes.py) and the what-if's all-to-all projection
+(profiling/analysis/whatif.py) against hand counts on tiny routings.
 
 Three tokens, K = 2 of N = 4 experts: t0 -> {0, 1}, t1 -> {0, 2}, t2 -> {2, 3}. At EP 2 (experts 0, 1 on
 rank 0; 2, 3 on rank 1) a rank-0 batch sends (t1, e2), (t2, e2), (t2, e3) to rank 1: 3 pair rows, 2 token
@@ -8,11 +9,17 @@ rows (t1 and t2 once each). With capacity 0.5, C = ceil(0.5 * 2 * 3 / 4) = 1 per
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from moe_dist.moe.placement import Placement
+from profiling.analysis import whatif
 from profiling.analysis.a2a_bytes import PAIR_LIST_BYTES, Rows, batch_rows, projected_rows
+from tests.profiling.test_report import write_synthetic
 
 IDX_TK = torch.tensor([[0, 1], [0, 2], [2, 3]])
 SCORES_TK = torch.tensor([[0.9, 0.5], [0.8, 0.7], [0.6, 0.4]])
@@ -61,3 +68,28 @@ def test_projection_to_other_ep_sizes(ep: int, cf: float | None, pair_rows: floa
     got = projected_rows(IDX_TK, SCORES_TK, 4, ep, cf)
     assert (got.pair_rows, got.token_rows) == pytest.approx((pair_rows, token_rows))
     assert got.kept == (4 if cf else 6)
+
+
+@pytest.mark.parametrize("dispatch", ["pairs", "dedup"])
+def test_whatif_counts_the_configured_dispatch(tmp_path: Path, dispatch: str, capsys) -> None:
+    """The hand-made trace of test_report (2 ranks, 2 MoE layers of 1,000 pairs per step each): at EP R'
+    weak scaling gives 2,000 R'/2 pairs per step, of which 1 - 1/R' cross, x D = 16 x 4 bytes; under dedup
+    the counts cannot tell, and the what-if says so instead of counting pairs."""
+    run = write_synthetic(tmp_path / "syn")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"].update(d_model=16)
+    cfg["model"]["moe"]["dispatch"] = dispatch
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    whatif.main([str(run), "--ep", "2", "4", "--placement", "contiguous", "greedy"])
+    rows = json.loads((run / "whatif.json").read_text())["rows"]
+    out = capsys.readouterr().out
+    for r in rows:
+        assert r["dispatch"] == dispatch
+        if dispatch == "dedup":
+            assert r["a2a_rows"] is None and r["a2a_bytes"] is None
+            continue
+        want = 2000 * r["ep"] / 2 * (1 - 1 / r["ep"])  # 1,000 at EP 2, 3,000 at EP 4
+        assert r["a2a_rows"] == pytest.approx(want)
+        assert r["a2a_bytes"] == pytest.approx(want * 16 * 4)
+    line = next(x for x in out.splitlines() if x.split()[:2] == ["4", "contiguous"]).split()
+    assert line[4] == ("-" if dispatch == "dedup" else f"{3000 * 64 / 1e6:.3f}")
