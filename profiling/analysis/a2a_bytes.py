@@ -11,7 +11,7 @@ EP rank d != s crosses the wire:
     pair rows   one per such (token, expert) pair: what ``moe.dispatch: pairs`` sends (DeepSpeed's and
                 Megatron's all-to-all dispatch)
     token rows  one per distinct (token, d): what ``moe.dispatch: dedup`` sends (DeepEP-style), plus a
-                16-byte (row, gate) entry per pair row
+                8-byte (row, gate) entry per pair row
 
 ``wire_rows`` / ``wire_bytes`` are those of the run's configured dispatch (the layers' ``cfg.dispatch``);
 bytes = rows x D x 4 (fp32) [+ 16 per pair row for dedup], dispatch direction (the combine all-to-all sends
@@ -38,8 +38,9 @@ from moe_dist.moe.layer import moe_layers
 from moe_dist.moe.placement import Placement
 from moe_dist.training.config import load_config
 
-PAIR_LIST_BYTES = 16
-"""dedup's per-pair entry on the wire: (row, gate) as two fp64 (moe_dist/moe/dedup.py)."""
+PAIR_LIST_BYTES = 8
+"""dedup's per-pair entry on the wire: (row, gate) in the fp32 gates' dtype (``pair_list_dtype`` in
+moe_dist/moe/dedup.py)."""
 VALUE_BYTES = 4
 """fp32 rows."""
 

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-ff", type=int, default=256, help="each routed expert's width")
-    p.add_argument("--shared-d-ff", type=int, default=1024, help="the shared expert's width (part 2)")
+    p.add_argument("--shared-d-ff", type=int, default=256, help="the shared expert's width (part 2)")
     p.add_argument("--overlap-experts", type=int, default=32, help="E of part 2 (K = 2)")
     p.add_argument("--overlap-dispatch", nargs="*", default=["pairs", "dedup"], choices=["pairs", "dedup"])
     p.add_argument("--warmup", type=int, default=2)

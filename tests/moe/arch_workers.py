@@ -39,3 +39,30 @@ def arch_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
             res["grad_wg"] = shared.gate.grad if shared.gate is not None else None
         results.append(res)
     return results
+
+
+def pair_list_worker(rank: int, world: int, cfg: dict, tokens: list[int]) -> dict:
+    """fp32 dedup layer, forward + backward twice on this rank's tokens: with the pair lists in the gates'
+    fp32 (the default), then forced to fp64. Returns both runs' output, grads and wire bytes."""
+    import moe_dist.moe.dedup as dedup
+    from moe_dist import MoEConfig, MoELayer
+
+    group = dist.group.WORLD
+    x = torch.randn(tokens[rank], cfg["d_model"], generator=torch.Generator().manual_seed(rank))
+    runs = {}
+    for name, dtype_rule in (("fp32", dedup.pair_list_dtype), ("fp64", lambda g, t: torch.float64)):
+        torch.manual_seed(0)
+        layer = MoELayer(MoEConfig(**cfg), ep_group=group, balance_group=group)
+        saved, dedup.pair_list_dtype = dedup.pair_list_dtype, dtype_rule
+        try:
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            (out.hidden.square().sum() + out.aux_loss).backward()
+        finally:
+            dedup.pair_list_dtype = saved
+        runs[name] = {
+            "tensors": [out.hidden.detach(), xi.grad] + [p.grad for p in layer.parameters()],
+            "wire_bytes": out.stats.wire_bytes,
+            "wire_rows": out.stats.wire_rows,
+        }
+    return runs

@@ -24,7 +24,7 @@ from tests.helpers.asserts import assert_fp32_paths_match, assert_layer_matches_
 from tests.helpers.launch import run_ranks
 from tests.helpers.oracle import Case, make_tensors, oracle
 from tests.helpers.workers import fp32_run
-from tests.moe.arch_workers import arch_case_worker
+from tests.moe.arch_workers import arch_case_worker, pair_list_worker
 
 BASE = dict(num_experts=8, d_model=16, d_ff=32, aux_loss_coef=1e-2, z_loss_coef=1e-3, cv_importance_coef=1e-2)
 DEEPSEEK = dict(
@@ -327,6 +327,30 @@ def test_shared_expert_overlap_changes_no_bit(world: int) -> None:
                     continue
                 assert torch.equal(got[b][key], got[a][key]), f"{twin} rank {r} {key}"
     assert any(names.index(f"overlap-{t}") for t in OVERLAP_TWINS if "dedup" in t)
+
+
+def test_fp32_pair_lists_change_no_bit() -> None:
+    """dedup's (row, gate) lists travel in the gates' fp32 (8 bytes a pair), not fp64: at EP 2 in fp32,
+    with shared experts and group-limited routing, outputs and every gradient equal the fp64-list run's bit
+    for bit, and the dispatch sends 8 bytes fewer per pair that crosses."""
+    cfg = dict(DEEPSEEK, d_model=16, d_ff=16, top_k=4, n_group=2, topk_group=2, bias_update_rate=0.0)
+    for got in run_ranks(pair_list_worker, 2, dict(cfg, dispatch="dedup"), [24, 40]):
+        a, b = got["fp32"], got["fp64"]
+        assert len(a["tensors"]) == len(b["tensors"]) > 5
+        for x, y in zip(a["tensors"], b["tensors"], strict=True):
+            assert x.dtype == torch.float32 and torch.equal(x, y)
+        row_bytes = a["wire_rows"] * 16 * 4
+        pairs = (a["wire_bytes"] - row_bytes) // 8
+        assert pairs > a["wire_rows"] and b["wire_bytes"] - row_bytes == 16 * pairs
+
+
+def test_pair_list_dtype() -> None:
+    from moe_dist.moe.dedup import pair_list_dtype
+
+    assert pair_list_dtype(torch.float32, 1 << 24) == torch.float32
+    assert pair_list_dtype(torch.bfloat16, 100) == torch.float32
+    assert pair_list_dtype(torch.float32, (1 << 24) + 1) == torch.float64  # rows past fp32's exact integers
+    assert pair_list_dtype(torch.float64, 100) == torch.float64
 
 
 def test_swiglu_grouped_mm_path(monkeypatch: pytest.MonkeyPatch) -> None:
