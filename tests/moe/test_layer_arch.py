@@ -118,7 +118,13 @@ def single_cases() -> list[Case]:
     ]
 
 
-DEDUP_TWINS = ("device-limited-bias", "device-limited-one", "deepseek-v3", "deepseek-v3-empty-rank")
+DEDUP_TWINS = (
+    "device-limited-bias",
+    "device-limited-one",
+    "deepseek-v3",
+    "deepseek-v3-empty-rank",
+    "shared-gate-geglu",
+)
 """Cases run again with MoEConfig.dispatch="dedup" (issue 27), as ``dedup-<name>``."""
 OVERLAP_TWINS = ("shared-gate-geglu", "deepseek-v3", "dedup-deepseek-v3", "dedup-deepseek-v3-empty-rank")
 """Cases with shared experts run again with MoEConfig.overlap_shared (issue 27), as ``overlap-<name>``."""
@@ -304,8 +310,17 @@ def test_dedup_halves_the_wire_under_device_limited_routing(world: int) -> None:
     for twin in DEDUP_TWINS:
         a, b = names.index(twin), names.index(f"dedup-{twin}")
         for r, got in enumerate(results):
-            for key in ("hidden", "grad_x", "grad_router", "grad_w1", "grad_w2", "grad_ws1", "grad_ws2"):
-                if key in got[a]:
+            for key in (
+                "hidden",
+                "grad_x",
+                "grad_router",
+                "grad_w1",
+                "grad_w2",
+                "grad_ws1",
+                "grad_ws2",
+                "grad_wg",
+            ):
+                if got[a].get(key) is not None:
                     close(got[b][key], got[a][key], f"{twin} rank {r} {key}")
 
 
