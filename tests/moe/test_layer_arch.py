@@ -344,19 +344,32 @@ def test_shared_expert_overlap_changes_no_bit(world: int) -> None:
     assert any(names.index(f"overlap-{t}") for t in OVERLAP_TWINS if "dedup" in t)
 
 
-def test_fp32_pair_lists_change_no_bit() -> None:
+def test_fp32_pair_lists_and_overlap_change_no_bit() -> None:
     """dedup's (row, gate) lists travel in the gates' fp32 (8 bytes a pair), not fp64: at EP 2 in fp32,
     with shared experts and group-limited routing, outputs and every gradient equal the fp64-list run's bit
-    for bit, and the dispatch sends 8 bytes fewer per pair that crosses."""
+    for bit, and the dispatch sends 8 bytes fewer per pair that crosses; overlap_shared changes no bit
+    either. The timers' placement (docs/profiler.md): the shared experts' backward ends after the routed
+    experts' backward span (bwd experts_start .. experts_end), overlap on or off, and with overlap the
+    forward dispatch is timed in two spans (launch, then the wait after the shared experts)."""
     cfg = dict(DEEPSEEK, d_model=16, d_ff=16, top_k=4, n_group=2, topk_group=2, bias_update_rate=0.0)
     for got in run_ranks(pair_list_worker, 2, dict(cfg, dispatch="dedup"), [24, 40]):
-        a, b = got["fp32"], got["fp64"]
-        assert len(a["tensors"]) == len(b["tensors"]) > 5
-        for x, y in zip(a["tensors"], b["tensors"], strict=True):
-            assert x.dtype == torch.float32 and torch.equal(x, y)
+        a = got["fp32"]
+        for other in ("fp64", "fp32-overlap"):
+            b = got[other]
+            assert len(a["tensors"]) == len(b["tensors"]) > 5
+            for x, y in zip(a["tensors"], b["tensors"], strict=True):
+                assert x.dtype == torch.float32 and torch.equal(x, y), other
         row_bytes = a["wire_rows"] * 16 * 4
         pairs = (a["wire_bytes"] - row_bytes) // 8
-        assert pairs > a["wire_rows"] and b["wire_bytes"] - row_bytes == 16 * pairs
+        assert pairs > a["wire_rows"] and got["fp64"]["wire_bytes"] - row_bytes == 16 * pairs
+        for name in ("fp32", "fp32-overlap"):
+            ev = got[name]["events"]
+            end = ev.index("bwd:experts_end")
+            assert ev.index("bwd:experts_start") < end < ev.index("bwd:shared_w2_grad"), (name, ev)
+            assert end < ev.index("bwd:shared_w1_grad"), (name, ev)
+            waits = [e for e in ev if e.startswith("fwd:dispatch")]
+            two = ["fwd:dispatch_start", "fwd:dispatch_end", "fwd:dispatch_wait", "fwd:dispatch_ready"]
+            assert waits == (two if name == "fp32-overlap" else two[:2]), (name, ev)
 
 
 def test_pair_list_dtype() -> None:
