@@ -465,3 +465,6 @@ def test_resume_reads_a_config_saved_before_aux_loss_counts() -> None:
     assert config_changes(saved, now) == ([], [])
     other = load_config(demo, ["model.moe.aux_loss_counts=unbiased"]).to_dict()
     assert config_changes(saved, other) == (["model.moe.aux_loss_counts: 'routed' -> 'unbiased'"], [])
+    # the same for moe.overlap_shared (issue 27): a checkpoint from before it ran without the overlap
+    del saved["model"]["moe"]["overlap_shared"]
+    assert config_changes(saved, now) == ([], [])
