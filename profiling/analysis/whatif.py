@@ -82,7 +82,7 @@ ASSUMPTIONS = [
     "R' must divide the number of experts; other sizes are skipped",
     "all-to-all rows (moe.dispatch pairs): a pair's source rank is any of the R' with equal chance, so"
     " 1 - 1/R' of the pairs cross; dedup sends one row per distinct (token, rank), which per-expert counts"
-    " do not determine: moe-dist a2a-bytes RUN --ep R' counts those from the model",
+    " do not determine: for a model.kind hf run moe-dist a2a-bytes RUN --ep R' counts them from the model",
 ]
 A2A_VALUE_BYTES = 4
 """fp32 rows on the wire."""
@@ -318,7 +318,7 @@ def format_table(base: dict, rows: list[dict]) -> str:
         "step ms = recorded mean step - recorded sum of max_r E_r + projected sum of max_r E_r; "
         "x base = step ms / the baseline's mean step",
         "a2a MB = dispatch all-to-all MB per step, all ranks and layers, of the run's moe.dispatch "
-        "(- where the counts cannot tell: dedup, replicas; moe-dist a2a-bytes --ep counts those)",
+        "(- where the counts cannot tell: dedup, replicas; a2a-bytes --ep counts those of an hf run)",
         f"{'EP':>5}  {'placement':<12} {'exp/rank':>8} {'max/mean':>9} {'a2a MB':>9} {'straggler ms':>13} "
         f"{'step ms':>10} {'x base':>7} {'straggler %':>12}",
     ]
