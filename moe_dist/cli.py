@@ -59,6 +59,11 @@ COMMANDS: dict[str, Command] = {
     "bench-layer": Command(
         "profiling.bench.layer:main", "layer benchmark against peers and dense FFNs", nproc_flag="--ranks"
     ),
+    "bench-dispatch": Command(
+        "profiling.bench.dispatch:main",
+        "pairs vs dedup dispatch, shared-expert overlap",
+        nproc_flag="--ranks",
+    ),
     "plan": Command("moe_dist.plan:main", "memory per rank of a config at a layout and engine"),
     "prepare-data": Command(
         "moe_dist.prepare_data:main", "tokenize .txt and .jsonl files for data.kind: tokens"

@@ -90,6 +90,105 @@ def all_to_all(
     return _AllToAll.apply(x_PD, out_splits, in_splits, group, where)
 
 
+class PendingAllToAll:
+    """An all-to-all in flight, from ``all_to_all_start`` until ``all_to_all_wait``.
+
+    In backward it carries the reverse all-to-all the other way: the wait's backward launches it and the
+    start's backward waits for it. Autograd runs every node created between the two (e.g. the shared
+    experts' backward) in that gap, so the backward wire is overlapped as the forward one is.
+    """
+
+    __slots__ = ("rows", "work", "send", "out_splits", "in_splits", "group", "where", "grad", "grad_work")
+
+    def __init__(self, out_splits: list[int], in_splits: list[int], group, where: str) -> None:
+        self.out_splits, self.in_splits, self.where = out_splits, in_splits, where
+        self.group = GroupRef(group)  # why weak: see GroupRef (the graph may outlive a destroyed group)
+        self.rows: Tensor | None = None
+        """The receive buffer (the start's autograd output), valid after the wait."""
+        self.work: Any = None
+        self.send: Tensor | None = None
+        """The buffer being sent (or, in backward, the gradient being sent): the backend reads it until
+        the matching wait, so the handle keeps it alive until then."""
+        self.grad: Tensor | None = None
+        self.grad_work: Any = None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Launch ``all_to_all_single`` with async_op=True; the output is the receive buffer, filled once
+    ``_AllToAllWait`` has waited. Backward: wait for the reverse all-to-all the wait's backward began."""
+
+    @staticmethod
+    def forward(ctx, x_PD: Tensor, handle: PendingAllToAll) -> Tensor:
+        ctx.handle = handle
+        # why contiguous: NCCL and gloo both need dense buffers for the uneven split layout
+        handle.send = x_PD.contiguous()
+        y_PD = x_PD.new_empty((sum(handle.out_splits),) + tuple(x_PD.shape[1:]))
+        with named_collective(handle.where):
+            handle.work = dist.all_to_all_single(
+                y_PD,
+                handle.send,
+                handle.out_splits,
+                handle.in_splits,
+                group=handle.group.get(),
+                async_op=True,
+            )
+        return y_PD
+
+    @staticmethod
+    def backward(ctx, grad_PD: Tensor):
+        handle: PendingAllToAll = ctx.handle
+        with named_collective(f"{handle.where} (backward)"):
+            handle.grad_work.wait()
+        g_PD = handle.grad
+        handle.grad = handle.grad_work = handle.send = None
+        return g_PD, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """Identity on the receive buffer once the all-to-all is done (forward: wait); backward: launch the
+    reverse all-to-all of the gradient asynchronously and pass the gradient on to the start (unused there)."""
+
+    @staticmethod
+    def forward(ctx, y_PD: Tensor, handle: PendingAllToAll) -> Tensor:
+        ctx.handle = handle
+        with named_collective(handle.where):
+            handle.work.wait()
+        handle.work = handle.send = None
+        return y_PD.view_as(y_PD)
+
+    @staticmethod
+    def backward(ctx, grad_PD: Tensor):
+        handle: PendingAllToAll = ctx.handle
+        handle.send = grad_PD.contiguous()
+        handle.grad = grad_PD.new_empty((sum(handle.in_splits),) + tuple(grad_PD.shape[1:]))
+        with named_collective(f"{handle.where} (backward)"):
+            handle.grad_work = dist.all_to_all_single(
+                handle.grad,
+                handle.send,
+                handle.in_splits,
+                handle.out_splits,
+                group=handle.group.get(),
+                async_op=True,
+            )
+        return grad_PD, None
+
+
+def all_to_all_start(
+    x_PD: Tensor, out_splits: list[int], in_splits: list[int], group, where: str = "all-to-all"
+) -> PendingAllToAll:
+    """Begin sending ``in_splits[r]`` rows to rank r and receiving ``out_splits[r]`` from it; hand the result
+    to ``all_to_all_wait`` (differentiable: together they are ``all_to_all``, computed the same way)."""
+    handle = PendingAllToAll(out_splits, in_splits, group, where)
+    handle.rows = _AllToAllStart.apply(x_PD, handle)
+    return handle
+
+
+def all_to_all_wait(handle: PendingAllToAll) -> Tensor:
+    """The rows of ``all_to_all_start``'s all-to-all, once it has finished."""
+    rows, handle.rows = handle.rows, None
+    return _AllToAllWait.apply(rows, handle)
+
+
 class _AllReduceSumScaledGrad(torch.autograd.Function):
     """Forward: sum over the group. Backward: the local gradient times the group size, no communication.
 

@@ -120,6 +120,11 @@ class MoEConfig:
     (local slot, gate) pairs, expands it there and reduces the gate-weighted expert outputs into one row
     before the combine (DeepEP-style). Same math; fewer bytes when a token's experts share a rank. One EP
     rank: no communication either way."""
+    overlap_shared: bool = False
+    """Start the dispatch all-to-all asynchronously (async_op=True) and compute the shared experts while it
+    is in flight, then wait (Megatron's shared-expert overlap); in backward the reverse all-to-all overlaps
+    the shared experts' backward the same way. Same math and order as off: bit-equal results. Needs
+    num_shared_experts >= 1 (nothing else of the layer is independent of the received rows)."""
 
     def __post_init__(self) -> None:
         owner = "moe"
@@ -182,6 +187,11 @@ class MoEConfig:
             raise ConfigError(f"{owner}.shared_d_ff must be >= 1 or null, got {self.shared_d_ff}")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ConfigError(f"{owner}.shared_expert_gate needs {owner}.num_shared_experts >= 1")
+        check_type(owner, "overlap_shared", self.overlap_shared, (bool,))
+        if self.overlap_shared and self.num_shared_experts == 0:
+            raise ConfigError(
+                f"{owner}.overlap_shared needs {owner}.num_shared_experts >= 1 (nothing to overlap)"
+            )
 
     def _check_groups(self, owner: str) -> None:
         check_type(owner, "n_group", self.n_group, (int,), optional=True)

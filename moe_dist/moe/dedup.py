@@ -4,7 +4,8 @@ Shape legend: T tokens, D model dim, K top-k, R ranks in the EP group, L local s
 (token, expert) pairs, U token rows (one per (token, destination rank) with a kept pair there).
 
 A sender packs each token ONCE per destination rank (rows sorted by rank, then token) and sends with it the
-list of its kept pairs there: (row in that rank's block, gate), in the plan's slot order. The receiver
+list of its kept pairs there: (row in that rank's block, gate), in the plan's slot order, in the gates'
+dtype (``pair_list_dtype``: 8 bytes a pair for fp32 gates). The receiver
 expands the rows into the pairs its local slots compute (grouped by slot, as the experts want), and on the
 way back weights each pair's output by its gate and sums a token's pairs into one row before the combine
 all-to-all; the sender adds its token's rows from every rank. The gate multiply therefore happens on the
@@ -27,11 +28,25 @@ from moe_dist.moe.comm import named_collective
 from moe_dist.moe.dispatcher import (
     AllToAllDispatcher,
     DispatchMeta,
+    PendingDispatch,
     RoutePlan,
     _regroup_index,
     register_dispatcher,
 )
 from moe_dist.moe.timing import backward_mark, stage_range
+
+
+def pair_list_dtype(gate_dtype: torch.dtype, num_tokens: int) -> torch.dtype:
+    """The dtype of the (row, gate) pair lists: the gates' own (fp32 from our router: 8 bytes a pair), or
+    fp64 (16 bytes) for fp64 gates and for more than 2^24 tokens.
+
+    why exact: a gate travels in its own dtype (no rounding, and its gradient comes back in it), and a row
+    number below 2^24 (< T) is an exact fp32 integer; a narrower gate dtype (bf16) is widened to fp32.
+    """
+    dtype = torch.promote_types(gate_dtype, torch.float32)
+    if dtype == torch.float32 and num_tokens > 1 << 24:
+        return torch.float64
+    return dtype
 
 
 class DedupMeta(DispatchMeta):
@@ -50,9 +65,9 @@ class DedupMeta(DispatchMeta):
 class DedupDispatcher(AllToAllDispatcher):
     """One row per (token, destination rank); the pairs are expanded and reduced on the receiving rank."""
 
-    def dispatch(
-        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
-    ) -> tuple[Tensor, Tensor, DispatchMeta]:
+    def dispatch_start(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None, overlap: bool = False
+    ) -> PendingDispatch:
         R, L = self.world, self.num_slots
         T, K = plan.pair_slot_TK.shape
         if plan.gates_TK is None:
@@ -72,11 +87,11 @@ class DedupDispatcher(AllToAllDispatcher):
             sent_U_R = torch.zeros(R, dtype=torch.int64, device=dev).scatter_add_(
                 0, key_U // max(T, 1), torch.ones_like(key_U)
             )
-            # each pair's row inside its destination rank's block, and its gate, as one fp64 list
+            # each pair's row inside its destination rank's block, and its gate, as one list
             row_in_block_P = row_of_P - (torch.cumsum(sent_U_R, 0) - sent_U_R)[rank_P]
             gate_P = plan.gates_TK.reshape(-1)[plan.order_P]
-            # why fp64: row numbers stay exact integers (to 2^53), and fp32/bf16 gates round-trip exactly
-            pairs_P2 = torch.stack([row_in_block_P.to(torch.float64), gate_P.to(torch.float64)], 1)
+            dtype = pair_list_dtype(gate_P.dtype, T)
+            pairs_P2 = torch.stack([row_in_block_P.to(dtype), gate_P.to(dtype)], 1)
             x_UD = x_TD.index_select(0, meta.tok_U)
         hook = self.hook
         if hook is not None:
@@ -86,19 +101,37 @@ class DedupDispatcher(AllToAllDispatcher):
             meta.send_splits = [sum(row) for row in send_RL]
             meta.recv_splits = [sum(row) for row in recv_RL]
             # why the pair lists first: their backward (the gates' gradient) then runs after the rows'
-            pairs_P2 = self.exchange(
-                pairs_P2, meta.recv_splits, meta.send_splits, f"MoE layer {self.layer}: dispatch pair lists"
-            )
-            x_UD = self.exchange(
-                x_UD, meta.rows_recv, meta.rows_sent, f"MoE layer {self.layer}: dispatch all-to-all"
-            )
+            sent = [
+                self.exchange_start(
+                    pairs_P2,
+                    meta.recv_splits,
+                    meta.send_splits,
+                    f"MoE layer {self.layer}: dispatch pair lists",
+                    overlap,
+                ),
+                self.exchange_start(
+                    x_UD,
+                    meta.rows_recv,
+                    meta.rows_sent,
+                    f"MoE layer {self.layer}: dispatch all-to-all",
+                    overlap,
+                ),
+            ]
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_end")
         meta.wire_rows = sum(meta.rows_sent) - meta.rows_sent[self.rank]
         pairs_out = meta.send_splits[self.rank]
-        meta.wire_bytes = meta.wire_rows * x_UD.shape[1] * x_UD.element_size() + 16 * (
+        meta.wire_bytes = meta.wire_rows * x_UD.shape[1] * x_UD.element_size() + 2 * dtype.itemsize * (
             sum(meta.send_splits) - pairs_out
         )
+        return PendingDispatch(meta=meta, sent=sent, recv_RL=recv_RL)
+
+    def dispatch_finish(self, pending: PendingDispatch) -> tuple[Tensor, Tensor, DispatchMeta]:
+        R, L = self.world, self.num_slots
+        pairs_P2, x_UD = self.wait_rows(pending)
+        meta, recv_RL, hook = pending.meta, pending.recv_RL, self.hook
+        assert isinstance(meta, DedupMeta) and recv_RL is not None
+        dev = x_UD.device
         with stage_range(self.layer, "permute"):
             # received pairs arrive grouped (source rank, local slot); rows are numbered per source block
             recv_t = torch.tensor(meta.rows_recv, dtype=torch.int64, device=dev)

@@ -26,7 +26,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moe_dist.errors import ConfigError
-from moe_dist.moe.comm import GroupRef, all_to_all, named_collective, permute_rows
+from moe_dist.moe.comm import (
+    GroupRef,
+    PendingAllToAll,
+    all_to_all,
+    all_to_all_start,
+    all_to_all_wait,
+    named_collective,
+    permute_rows,
+)
 from moe_dist.moe.placement import Placement
 from moe_dist.moe.timing import TimingHook, backward_mark, stage_range
 
@@ -60,6 +68,19 @@ class DispatchMeta:
     """D-wide rows this rank sent to other ranks in the dispatch all-to-all (rows to itself stay local)."""
     wire_bytes: int = 0
     """Bytes of those rows and of any per-pair lists sent with them (the count exchange aside)."""
+
+
+@dataclass
+class PendingDispatch:
+    """What ``dispatch_start`` hands ``dispatch_finish``: the dispatch up to its all-to-all(s) of rows, which
+    may still be in flight (``overlap``)."""
+
+    meta: DispatchMeta | None = None
+    sent: list[Tensor | PendingAllToAll] | None = None
+    """What each all-to-all of the dispatch returned: its rows, or its handle while in flight."""
+    recv_RL: list[list[int]] | None = None
+    done: tuple[Tensor, Tensor, DispatchMeta] | None = None
+    """A dispatcher without communication (``LocalDispatcher``) finishes in ``dispatch_start``."""
 
 
 def plan_routes(
@@ -163,7 +184,10 @@ class Dispatcher(Protocol):
 
     ``dispatch`` returns the rows grouped by local slot, the int64 [L] rows per local slot and the metadata
     that ``combine`` takes back; local permutes and communication are separate steps inside, each in its
-    own profiler range.
+    own profiler range. ``dispatch_finish(dispatch_start(...))`` is ``dispatch``, split where the rows'
+    all-to-all is in flight: with ``overlap`` the layer computes what does not need the received rows (the
+    shared experts) between the two. ``LocalDispatcher`` gives every subclass both, running ``dispatch``
+    in the start (so a subclass that overrides only ``dispatch`` keeps working, without overlap).
     """
 
     layer: int
@@ -172,6 +196,12 @@ class Dispatcher(Protocol):
     def dispatch(
         self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
     ) -> tuple[Tensor, Tensor, DispatchMeta]: ...
+
+    def dispatch_start(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None, overlap: bool = False
+    ) -> PendingDispatch: ...
+
+    def dispatch_finish(self, pending: PendingDispatch) -> tuple[Tensor, Tensor, DispatchMeta]: ...
 
     def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor: ...
 
@@ -231,6 +261,16 @@ class LocalDispatcher:
         with stage_range(self.layer, "permute"):
             x_PD = _GatherPairs.apply(x_TD, plan, K)
         return x_PD, plan.counts_Q, DispatchMeta(plan=plan, num_tokens=x_TD.shape[0])
+
+    def dispatch_start(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None, overlap: bool = False
+    ) -> PendingDispatch:
+        """No communication here: the whole dispatch (nothing to overlap)."""
+        return PendingDispatch(done=self.dispatch(x_TD, plan, counts_RN))
+
+    def dispatch_finish(self, pending: PendingDispatch) -> tuple[Tensor, Tensor, DispatchMeta]:
+        assert pending.done is not None
+        return pending.done
 
     def combine(self, y_PD: Tensor, gates_TK: Tensor, meta: DispatchMeta) -> Tensor:
         with stage_range(self.layer, "unpermute"):
@@ -309,11 +349,39 @@ class AllToAllDispatcher(LocalDispatcher):
             send_RL, recv_RL = torch.stack([plan.counts_Q, recv_counts]).view(2, R, L).tolist()
         return send_RL, recv_RL
 
+    def exchange_start(
+        self, x_PD: Tensor, out_splits: list[int], in_splits: list[int], where: str, overlap: bool
+    ) -> Tensor | PendingAllToAll:
+        """``exchange``, or with ``overlap`` the same all-to-all left in flight (``wait_rows`` ends it)."""
+        # why the type check: a subclass that replaced ``exchange`` (the no-communication floor) keeps it
+        if not overlap or type(self).exchange is not AllToAllDispatcher.exchange:
+            return self.exchange(x_PD, out_splits, in_splits, where)
+        return all_to_all_start(x_PD, out_splits, in_splits, self.group, where)
+
+    def wait_rows(self, pending: PendingDispatch) -> list[Tensor]:
+        """The rows of each of the dispatch's all-to-alls; waits for those in flight, timed as part of the
+        dispatch all-to-all (the ``dispatch_wait`` .. ``dispatch_ready`` records around the waits)."""
+        assert pending.sent is not None
+        if not any(isinstance(p, PendingAllToAll) for p in pending.sent):
+            return list(pending.sent)  # type: ignore[arg-type]
+        hook = self.hook
+        if hook is not None:
+            hook.record(self.layer, "fwd", "dispatch_wait")
+        with stage_range(self.layer, "dispatch_a2a"):
+            rows = [all_to_all_wait(p) if isinstance(p, PendingAllToAll) else p for p in pending.sent]
+        if hook is not None:
+            hook.record(self.layer, "fwd", "dispatch_ready")
+        return rows
+
     def dispatch(
         self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
     ) -> tuple[Tensor, Tensor, DispatchMeta]:
-        R, L = self.world, self.num_slots
-        x_PD, _, meta = super().dispatch(x_TD, plan)
+        return self.dispatch_finish(self.dispatch_start(x_TD, plan, counts_RN))
+
+    def dispatch_start(
+        self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None, overlap: bool = False
+    ) -> PendingDispatch:
+        x_PD, _, meta = LocalDispatcher.dispatch(self, x_TD, plan)
         hook = self.hook
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_start")
@@ -321,13 +389,19 @@ class AllToAllDispatcher(LocalDispatcher):
             send_RL, recv_RL = self._splits(plan, counts_RN)
             meta.send_splits = [sum(row) for row in send_RL]
             meta.recv_splits = [sum(row) for row in recv_RL]
-            x_PD = self.exchange(
-                x_PD, meta.recv_splits, meta.send_splits, f"MoE layer {self.layer}: dispatch all-to-all"
-            )
+            where = f"MoE layer {self.layer}: dispatch all-to-all"
+            sent = [self.exchange_start(x_PD, meta.recv_splits, meta.send_splits, where, overlap)]
         if hook is not None:
             hook.record(self.layer, "fwd", "dispatch_end")
         meta.wire_rows = sum(meta.send_splits) - meta.send_splits[self.rank]
         meta.wire_bytes = meta.wire_rows * x_PD.shape[1] * x_PD.element_size()
+        return PendingDispatch(meta=meta, sent=sent, recv_RL=recv_RL)
+
+    def dispatch_finish(self, pending: PendingDispatch) -> tuple[Tensor, Tensor, DispatchMeta]:
+        R, L = self.world, self.num_slots
+        (x_PD,) = self.wait_rows(pending)
+        meta, recv_RL, hook = pending.meta, pending.recv_RL, self.hook
+        assert meta is not None and recv_RL is not None
         with stage_range(self.layer, "permute"):
             # rows arrive grouped (source rank, local slot); experts want (local slot, source rank)
             counts_L = [sum(recv_RL[r][s] for r in range(R)) for s in range(L)]

@@ -221,9 +221,10 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor) -> MoEOutput:
         """1. route: scores, top-K and the balancing terms (one all-reduce over the balance group); each
            pair's logical expert is mapped to the slot (replica) this rank sends it to;
-        2. dispatch: permute pairs by slot and all-to-all them to the slot's rank;
-        3. experts: one grouped GEMM per projection over the local slots (and the dense shared experts
-           on every token of this rank);
+        2. dispatch: permute pairs by slot and all-to-all them to the slot's rank; the dense shared
+           experts run on every token of this rank before the received rows are read (with
+           ``overlap_shared``: while the all-to-all is in flight);
+        3. experts: one grouped GEMM per projection over the local slots;
         4. combine: all-to-all back, unpermute, weight by the gates, add the shared output and the residual.
 
         ``x`` is [..., S, D]: the second-to-last dim is the sequence for the sequence-wise balance loss
@@ -238,10 +239,15 @@ class MoELayer(nn.Module):
             # why: under autocast the residual stream stays fp32; the experts and the all-to-alls should run
             # in the autocast dtype (half the bytes on the wire, and grouped_mm on CUDA needs bf16)
             x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
-        x_PD, counts_L, meta = self.dispatcher.dispatch(x_in, plan, bal.kept_counts_RN)
+        pending = self.dispatcher.dispatch_start(x_in, plan, bal.kept_counts_RN, self.cfg.overlap_shared)
+        # why between start and finish: the shared experts need none of the received rows, so under
+        # overlap_shared they run while the rows' all-to-all is in flight; without it they run at the same
+        # place (the same backward order too: bit-equal results either way, and neither phase's expert
+        # time E_r holds them)
+        shared_TD = self._shared(x_in)
+        x_PD, counts_L, meta = self.dispatcher.dispatch_finish(pending)
         bal.stats.wire_rows, bal.stats.wire_bytes = meta.wire_rows, meta.wire_bytes
         y_PD = self._experts(x_PD, counts_L)
-        shared_TD = self._shared(x_in)
         out_TD = self.dispatcher.combine(y_PD, route.gates_TK, meta)
         if shared_TD is not None:
             out_TD = out_TD + shared_TD

@@ -3,7 +3,9 @@
 A hook receives ``record(layer, phase, event)`` calls at the stage boundaries of the expert-parallel path:
 
     forward  (phase="fwd"): dispatch_start, dispatch_end (the dispatch all-to-all, count exchange
-                            included), experts_start, experts_end, combine_start, combine_end
+                            included; under overlap_shared only its launch), dispatch_wait,
+                            dispatch_ready (only under overlap_shared: the wait for it, after the shared
+                            experts), experts_start, experts_end, combine_start, combine_end
     backward (phase="bwd"): experts_start (combine all-to-all backward done),
                             experts_end (dispatch all-to-all backward about to start)
 

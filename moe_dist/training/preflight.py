@@ -100,6 +100,7 @@ ADDED_KEYS = {
     "model.moe.dispatch": "pairs",
     "fsdp.reshard_after_forward": True,
     "model.vocab_size": 256,
+    "model.moe.overlap_shared": False,
 }
 # Engines whose checkpoints are the same global format: a resume may switch between them.
 SAME_FORMAT_ENGINES = {"torch", "fsdp"}

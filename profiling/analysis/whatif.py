@@ -11,6 +11,8 @@ For every target EP size R' and placement policy, every recorded step and every 
                                                  E ~ a + c*n over the whole run (straggler.jsonl)
     straggler = sum over l, p of (max_r E_r - mean_r E_r)
     step      = recorded mean step ms - recorded sum_{l,p} max_r E_r + projected sum_{l,p} max_r E_r
+    a2a rows  = (1 - 1/R') * sum over l, i of counts_i     (moe.dispatch pairs: the dispatch all-to-all's
+                                                 cross-rank rows; bytes = rows x D x 4; none under dedup)
 
 Both sums are averaged over steps first; the projected straggler fraction is mean straggler / projected step
 (a ratio of means, as the trainer's console summary). R is the recorded number of ranks (the world size:
@@ -78,7 +80,12 @@ ASSUMPTIONS = [
     "one EP group of R' ranks; data-parallel replicas not modelled",
     "no capacity limit: routing counts are before any capacity drop",
     "R' must divide the number of experts; other sizes are skipped",
+    "all-to-all rows (moe.dispatch pairs): a pair's source rank is any of the R' with equal chance, so"
+    " 1 - 1/R' of the pairs cross; dedup sends one row per distinct (token, rank), which per-expert counts"
+    " do not determine: for a model.kind hf run moe-dist a2a-bytes RUN --ep R' counts them from the model",
 ]
+A2A_VALUE_BYTES = 4
+"""fp32 rows on the wire."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,21 @@ def recorded_placement(config: dict) -> str:
     return f"{name}+{k}" if k else name
 
 
+def a2a_projection(run: Run, ranks: int) -> dict:
+    """Dispatch-direction all-to-all rows (and bytes when D is known) per step at EP size ``ranks``, summed
+    over ranks and MoE layers, for the run's ``moe.dispatch`` (the combine sends as many back). None where the
+    routing counts cannot tell: under ``dedup`` (see ASSUMPTIONS)."""
+    model = run.config.get("model", {})
+    dispatch = str(model.get("moe", {}).get("dispatch", "pairs"))
+    if dispatch != "pairs":
+        return {"dispatch": dispatch, "a2a_rows": None, "a2a_bytes": None}
+    recs = common_steps(run)
+    pairs = mean([sum(map(sum, run.routing[r["step"]])) for r in recs]) * ranks / run.world
+    rows = pairs * (1.0 - 1.0 / ranks)
+    d = model.get("d_model") if model.get("kind", "moe_dist") == "moe_dist" else None
+    return {"dispatch": dispatch, "a2a_rows": rows, "a2a_bytes": rows * d * A2A_VALUE_BYTES if d else None}
+
+
 def project_one(run: Run, costs: dict[tuple[int, str], Cost], ranks: int, policy: str, base: dict) -> dict:
     recs = common_steps(run)
     scale = ranks / run.world
@@ -213,6 +235,7 @@ def project_one(run: Run, costs: dict[tuple[int, str], Cost], ranks: int, policy
         "skipped": None,
         "experts_per_rank": run.num_experts // ranks,
         "token_scale": scale,
+        **a2a_projection(run, ranks),
         "load_ratio": mean([x["load_ratio"] for x in layers]),
         "straggler_ms": straggler,
         "sum_max_E_ms": summax,
@@ -294,7 +317,9 @@ def format_table(base: dict, rows: list[dict]) -> str:
         f"{base['model_straggler_ms']:.2f} ms ({100 * base['model_straggler_frac']:.2f} %)",
         "step ms = recorded mean step - recorded sum of max_r E_r + projected sum of max_r E_r; "
         "x base = step ms / the baseline's mean step",
-        f"{'EP':>5}  {'placement':<12} {'exp/rank':>8} {'max/mean':>9} {'straggler ms':>13} "
+        "a2a MB = dispatch all-to-all MB per step, all ranks and layers, of the run's moe.dispatch "
+        "(- where the counts cannot tell: dedup, replicas; a2a-bytes --ep counts those of an hf run)",
+        f"{'EP':>5}  {'placement':<12} {'exp/rank':>8} {'max/mean':>9} {'a2a MB':>9} {'straggler ms':>13} "
         f"{'step ms':>10} {'x base':>7} {'straggler %':>12}",
     ]
     for r in rows:
@@ -302,8 +327,9 @@ def format_table(base: dict, rows: list[dict]) -> str:
             out.append(f"{r['ep']:>5}  {r['skipped']}")
             continue
         name = r["placement"] if "redundant" not in r else f"{r['placement']}+{r['redundant']}"
+        a2a = f"{r['a2a_bytes'] / 1e6:.3f}" if r.get("a2a_bytes") is not None else "-"
         out.append(
-            f"{r['ep']:>5}  {name:<12} {r['experts_per_rank']:>8} {r['load_ratio']:>9.3f} "
+            f"{r['ep']:>5}  {name:<12} {r['experts_per_rank']:>8} {r['load_ratio']:>9.3f} {a2a:>9} "
             f"{r['straggler_ms']:>13.3f} {r['step_ms']:>10.3f} {r['step_ms'] / base['step_ms']:>7.3f} "
             f"{100 * r['straggler_frac']:>12.2f}"
         )

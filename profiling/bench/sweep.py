@@ -58,6 +58,10 @@ class SweepSpec:
     warmup: int = 2
     injection: Injection = field(default_factory=Injection)
     timers: bool = True
+    shared_d_ff: int = 0
+    """Width of one shared expert beside the routed ones (0: none)."""
+    overlap: bool = False
+    """moe.overlap_shared: the shared expert runs while the dispatch all-to-all is in flight."""
 
 
 def forward_backward(layers: list, x: torch.Tensor) -> None:
@@ -111,6 +115,9 @@ def build_layers(spec: SweepSpec, world: int, hook, placements: list | None = No
         top_k=spec.top_k,
         aux_loss_coef=0.0,
         residual=False,
+        num_shared_experts=1 if spec.shared_d_ff else 0,
+        shared_d_ff=spec.shared_d_ff or None,
+        overlap_shared=spec.overlap,
     )
     group = dist.group.WORLD if world > 1 else None
     layers = []

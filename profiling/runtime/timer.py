@@ -4,7 +4,8 @@ Per step, MoE layer and rank it accumulates (over micro-batches):
 
     E_fwd  expert compute between the end of the dispatch all-to-all and the start of the combine one
     E_bwd  the mirror image in backward (combine all-to-all backward done -> dispatch backward starts)
-    A_dis  forward dispatch all-to-all duration (count exchange included)
+    A_dis  forward dispatch all-to-all duration (count exchange included; under moe.overlap_shared the
+           launch plus the wait after the shared experts, not the shared experts in between)
     A_com  forward combine all-to-all duration
     n      (token, expert) rows received by this rank's experts
 
@@ -22,11 +23,13 @@ import torch
 from torch import Tensor
 
 FIELDS = ("E_fwd", "E_bwd", "A_dis", "A_com", "n")
-_SPANS = {  # field: (phase, start event, end event)
-    "E_fwd": ("fwd", "experts_start", "experts_end"),
-    "E_bwd": ("bwd", "experts_start", "experts_end"),
-    "A_dis": ("fwd", "dispatch_start", "dispatch_end"),
-    "A_com": ("fwd", "combine_start", "combine_end"),
+_SPANS = {  # field: ((phase, start event, end event), ...), summed
+    "E_fwd": (("fwd", "experts_start", "experts_end"),),
+    "E_bwd": (("bwd", "experts_start", "experts_end"),),
+    # why two spans: under moe.overlap_shared the all-to-all is launched (first span) and waited for after
+    # the shared experts (second span); the shared experts between them are in neither
+    "A_dis": (("fwd", "dispatch_start", "dispatch_end"), ("fwd", "dispatch_wait", "dispatch_ready")),
+    "A_com": (("fwd", "combine_start", "combine_end"),),
 }
 
 
@@ -136,12 +139,12 @@ class StragglerTimer:
         out = torch.zeros(len(self.layers), len(FIELDS), dtype=torch.float64)
         for li, layer in enumerate(self.layers):
             for fi, name in enumerate(FIELDS[:-1]):
-                phase, start, end = _SPANS[name]
-                starts, ends = (
-                    self._marks.get((layer, phase, start), []),
-                    self._marks.get((layer, phase, end), []),
-                )
-                out[li, fi] = sum(self._elapsed_ms(a, b) for a, b in zip(starts, ends, strict=False))
+                for phase, start, end in _SPANS[name]:
+                    starts, ends = (
+                        self._marks.get((layer, phase, start), []),
+                        self._marks.get((layer, phase, end), []),
+                    )
+                    out[li, fi] += sum(self._elapsed_ms(a, b) for a, b in zip(starts, ends, strict=False))
             out[li, -1] = self._tokens[li]
         self._marks.clear()
         self._tokens = [0] * len(self.layers)

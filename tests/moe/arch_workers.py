@@ -39,3 +39,59 @@ def arch_case_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
             res["grad_wg"] = shared.gate.grad if shared.gate is not None else None
         results.append(res)
     return results
+
+
+class _EventLog:
+    """A timing hook that only lists the events it is given, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def record(self, layer: int, phase: str, event: str) -> None:
+        self.events.append(f"{phase}:{event}")
+
+    def tokens(self, layer: int, n: int) -> None:
+        pass
+
+    def expert_delay(self, layer: int) -> None:
+        pass
+
+
+def pair_list_worker(rank: int, world: int, cfg: dict, tokens: list[int]) -> dict:
+    """fp32 dedup layer with shared experts, forward + backward on this rank's tokens three times: the pair
+    lists in the gates' fp32 (the default), forced to fp64, and fp32 with overlap_shared. Returns each run's
+    output, grads, wire bytes and the timing events in order, the shared experts' weight gradients logged
+    when they are accumulated."""
+    import moe_dist.moe.dedup as dedup
+    from moe_dist import MoEConfig, MoELayer
+
+    group = dist.group.WORLD
+    x = torch.randn(tokens[rank], cfg["d_model"], generator=torch.Generator().manual_seed(rank))
+    fp64 = lambda g, t: torch.float64  # noqa: E731
+    runs = {}
+    for name, dtype_rule, overlap in (
+        ("fp32", dedup.pair_list_dtype, False),
+        ("fp64", fp64, False),
+        ("fp32-overlap", dedup.pair_list_dtype, True),
+    ):
+        torch.manual_seed(0)
+        log = _EventLog()
+        layer = MoELayer(MoEConfig(**cfg, overlap_shared=overlap), group, group, timing_hook=log)
+        for w in ("w1", "w2"):
+            getattr(layer.shared_experts, w).register_post_accumulate_grad_hook(
+                lambda p, w=w, log=log: log.events.append(f"bwd:shared_{w}_grad")
+            )
+        saved, dedup.pair_list_dtype = dedup.pair_list_dtype, dtype_rule
+        try:
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            (out.hidden.square().sum() + out.aux_loss).backward()
+        finally:
+            dedup.pair_list_dtype = saved
+        runs[name] = {
+            "tensors": [out.hidden.detach(), xi.grad] + [p.grad for p in layer.parameters()],
+            "wire_bytes": out.stats.wire_bytes,
+            "wire_rows": out.stats.wire_rows,
+            "events": log.events,
+        }
+    return runs

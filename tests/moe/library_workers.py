@@ -145,6 +145,7 @@ def held_past_destroy_worker(rank: int, world: int, cfg: dict) -> dict:
     import gc
 
     from moe_dist import ParallelLayout
+
     layout = ParallelLayout.build(ep=2)
     layer = MoELayer(MoEConfig(**cfg), ep_group=layout.ep_group, balance_group=layout.balance_group)
     x = torch.randn(16, cfg["d_model"])

@@ -24,7 +24,7 @@ from tests.helpers.asserts import assert_fp32_paths_match, assert_layer_matches_
 from tests.helpers.launch import run_ranks
 from tests.helpers.oracle import Case, make_tensors, oracle
 from tests.helpers.workers import fp32_run
-from tests.moe.arch_workers import arch_case_worker
+from tests.moe.arch_workers import arch_case_worker, pair_list_worker
 
 BASE = dict(num_experts=8, d_model=16, d_ff=32, aux_loss_coef=1e-2, z_loss_coef=1e-3, cv_importance_coef=1e-2)
 DEEPSEEK = dict(
@@ -118,8 +118,16 @@ def single_cases() -> list[Case]:
     ]
 
 
-DEDUP_TWINS = ("device-limited-bias", "device-limited-one", "deepseek-v3", "deepseek-v3-empty-rank")
+DEDUP_TWINS = (
+    "device-limited-bias",
+    "device-limited-one",
+    "deepseek-v3",
+    "deepseek-v3-empty-rank",
+    "shared-gate-geglu",
+)
 """Cases run again with MoEConfig.dispatch="dedup" (issue 27), as ``dedup-<name>``."""
+OVERLAP_TWINS = ("shared-gate-geglu", "deepseek-v3", "dedup-deepseek-v3", "dedup-deepseek-v3-empty-rank")
+"""Cases with shared experts run again with MoEConfig.overlap_shared (issue 27), as ``overlap-<name>``."""
 
 
 def ep_cases(world: int) -> list[Case]:
@@ -171,10 +179,15 @@ def ep_cases(world: int) -> list[Case]:
         # can leave a token one pair on a rank, where dedup saves nothing)
         _case("device-limited-one", dict(BASE, top_k=2, n_group=world, topk_group=1), T),
     ]
-    return out + [
+    out += [
         dataclasses.replace(c, name=f"dedup-{c.name}", cfg=dict(c.cfg, dispatch="dedup"))
         for c in out
         if c.name in DEDUP_TWINS
+    ]
+    return out + [
+        dataclasses.replace(c, name=f"overlap-{c.name}", cfg=dict(c.cfg, overlap_shared=True))
+        for c in out
+        if c.name in OVERLAP_TWINS
     ]
 
 
@@ -297,9 +310,75 @@ def test_dedup_halves_the_wire_under_device_limited_routing(world: int) -> None:
     for twin in DEDUP_TWINS:
         a, b = names.index(twin), names.index(f"dedup-{twin}")
         for r, got in enumerate(results):
-            for key in ("hidden", "grad_x", "grad_router", "grad_w1", "grad_w2", "grad_ws1", "grad_ws2"):
-                if key in got[a]:
+            for key in (
+                "hidden",
+                "grad_x",
+                "grad_router",
+                "grad_w1",
+                "grad_w2",
+                "grad_ws1",
+                "grad_ws2",
+                "grad_wg",
+            ):
+                if got[a].get(key) is not None:
                     close(got[b][key], got[a][key], f"{twin} rank {r} {key}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shared_expert_overlap_changes_no_bit(world: int) -> None:
+    """overlap_shared (the dispatch all-to-all in flight while the shared experts run, and its backward
+    while theirs runs) against the same case without it, both dispatchers, a rank with no tokens: the
+    output, aux loss and every gradient bit for bit (each twin is also checked against the oracle)."""
+    names = [c.name for c in ep_cases(world)]
+    results = ep_results(world)
+    keys = ("hidden", "aux", "grad_x", "grad_router", "grad_w1", "grad_w2", "grad_ws1", "grad_ws2", "grad_wg")
+    for twin in OVERLAP_TWINS:
+        a, b = names.index(twin), names.index(f"overlap-{twin}")
+        for r, got in enumerate(results):
+            assert got[b]["wire_rows"] == got[a]["wire_rows"], twin
+            for key in keys:
+                if got[a].get(key) is None:
+                    assert got[b].get(key) is None, (twin, key)
+                    continue
+                assert torch.equal(got[b][key], got[a][key]), f"{twin} rank {r} {key}"
+    assert any(names.index(f"overlap-{t}") for t in OVERLAP_TWINS if "dedup" in t)
+
+
+def test_fp32_pair_lists_and_overlap_change_no_bit() -> None:
+    """dedup's (row, gate) lists travel in the gates' fp32 (8 bytes a pair), not fp64: at EP 2 in fp32,
+    with shared experts and group-limited routing, outputs and every gradient equal the fp64-list run's bit
+    for bit, and the dispatch sends 8 bytes fewer per pair that crosses; overlap_shared changes no bit
+    either. The timers' placement (docs/profiler.md): the shared experts' backward ends after the routed
+    experts' backward span (bwd experts_start .. experts_end), overlap on or off, and with overlap the
+    forward dispatch is timed in two spans (launch, then the wait after the shared experts)."""
+    cfg = dict(DEEPSEEK, d_model=16, d_ff=16, top_k=4, n_group=2, topk_group=2, bias_update_rate=0.0)
+    for got in run_ranks(pair_list_worker, 2, dict(cfg, dispatch="dedup"), [24, 40]):
+        a = got["fp32"]
+        for other in ("fp64", "fp32-overlap"):
+            b = got[other]
+            assert len(a["tensors"]) == len(b["tensors"]) > 5
+            for x, y in zip(a["tensors"], b["tensors"], strict=True):
+                assert x.dtype == torch.float32 and torch.equal(x, y), other
+        row_bytes = a["wire_rows"] * 16 * 4
+        pairs = (a["wire_bytes"] - row_bytes) // 8
+        assert pairs > a["wire_rows"] and got["fp64"]["wire_bytes"] - row_bytes == 16 * pairs
+        for name in ("fp32", "fp32-overlap"):
+            ev = got[name]["events"]
+            end = ev.index("bwd:experts_end")
+            assert ev.index("bwd:experts_start") < end < ev.index("bwd:shared_w2_grad"), (name, ev)
+            assert end < ev.index("bwd:shared_w1_grad"), (name, ev)
+            waits = [e for e in ev if e.startswith("fwd:dispatch")]
+            two = ["fwd:dispatch_start", "fwd:dispatch_end", "fwd:dispatch_wait", "fwd:dispatch_ready"]
+            assert waits == (two if name == "fp32-overlap" else two[:2]), (name, ev)
+
+
+def test_pair_list_dtype() -> None:
+    from moe_dist.moe.dedup import pair_list_dtype
+
+    assert pair_list_dtype(torch.float32, 1 << 24) == torch.float32
+    assert pair_list_dtype(torch.bfloat16, 100) == torch.float32
+    assert pair_list_dtype(torch.float32, (1 << 24) + 1) == torch.float64  # rows past fp32's exact integers
+    assert pair_list_dtype(torch.float64, 100) == torch.float64
 
 
 def test_swiglu_grouped_mm_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -367,6 +446,8 @@ def test_shared_experts_are_dense_params() -> None:
         (dict(dispatch="dedupe"), "dispatch must be one of .*got 'dedupe'; did you mean 'dedup'"),
         (dict(dispatch=None), "dispatch must be one of"),
         (dict(n_group=2.0, topk_group=1), "n_group must be int"),
+        (dict(overlap_shared=True), "overlap_shared needs moe.num_shared_experts >= 1"),
+        (dict(num_shared_experts=1, overlap_shared="yes"), "overlap_shared must be bool"),
     ],
 )
 def test_bad_config(kwargs: dict, needle: str) -> None:
@@ -384,3 +465,6 @@ def test_resume_reads_a_config_saved_before_aux_loss_counts() -> None:
     assert config_changes(saved, now) == ([], [])
     other = load_config(demo, ["model.moe.aux_loss_counts=unbiased"]).to_dict()
     assert config_changes(saved, other) == (["model.moe.aux_loss_counts: 'routed' -> 'unbiased'"], [])
+    # the same for moe.overlap_shared (issue 27): a checkpoint from before it ran without the overlap
+    del saved["model"]["moe"]["overlap_shared"]
+    assert config_changes(saved, now) == ([], [])

@@ -36,6 +36,11 @@ def delay_runs() -> list[dict]:
     specs.append(
         SweepSpec(tokens=512, steps=9, injection=Injection(40.0, layer=0, rank=1, where="before_dispatch"))
     )
+    # moe.overlap_shared with a shared expert: no delay, the expert delay, the pre-dispatch delay
+    specs += [
+        SweepSpec(tokens=512, steps=9, shared_d_ff=256, overlap=True, injection=Injection(d, 0, 1, where))
+        for d, where in ((0.0, "experts"), (40.0, "experts"), (40.0, "before_dispatch"))
+    ]
     # why interleaved: a busy spell of the shared machine then hits every delay alike
     return run_ranks(run_specs_interleaved, 2, specs, timeout=300)[0]
 
@@ -63,7 +68,7 @@ def test_delay_before_dispatch_is_not_expert_straggling(delay_runs: list[dict]) 
     """The control: 40 ms before the dispatch all-to-all shows up as rank 0 waiting inside that all-to-all,
     not as expert straggler time. Over 40 runs under load: straggler time moved by -2.4 to +4.2 ms and the
     dispatch wait grew by 34-51 ms; a leak would add ~40 ms to the first and take it from the second."""
-    base, ctrl = delay_runs[0]["records"], delay_runs[-1]["records"]
+    base, ctrl = delay_runs[0]["records"], delay_runs[len(DELAYS)]["records"]
     s_base = med(base, lambda r: r["layers"][0]["fwd"]["straggler_ms"])
     s_ctrl = med(ctrl, lambda r: r["layers"][0]["fwd"]["straggler_ms"])
     assert s_ctrl < s_base + 0.25 * 40.0, (
@@ -72,6 +77,22 @@ def test_delay_before_dispatch_is_not_expert_straggling(delay_runs: list[dict]) 
     a_base = med(base, lambda r: r["layers"][0]["A_dis"][0])
     a_ctrl = med(ctrl, lambda r: r["layers"][0]["A_dis"][0])
     assert a_ctrl - a_base > 0.5 * 40.0, "rank 0 should wait ~40 ms in the dispatch all-to-all"
+
+
+def test_overlap_keeps_expert_time_and_wait_apart(delay_runs: list[dict]) -> None:
+    """moe.overlap_shared (the dispatch all-to-all in flight while a shared expert runs): 40 ms in rank 1's
+    expert stage still shows as rank 0's wait W and rank 1 as the straggler; 40 ms before rank 1's dispatch
+    still shows in rank 0's dispatch time A_dis (now the launch plus the wait after the shared expert, which
+    is in neither), not as straggler time. Single differences, not slopes, so bounds of a quarter of the
+    delay (the noise of one delay's median was up to 10.6 ms, see above)."""
+    base, expert, before = (r["records"] for r in delay_runs[len(DELAYS) + 1 :])
+    w = [med(rs, lambda r: r["layers"][0]["fwd"]["W"][0]) for rs in (base, expert)]
+    assert abs(w[1] - w[0] - 40.0) < 0.25 * 40.0, f"rank 0 wait {w[0]:.1f} -> {w[1]:.1f} ms for 40 ms"
+    assert med(expert, lambda r: r["layers"][0]["fwd"]["rank"]) == 1
+    s = [med(rs, lambda r: r["layers"][0]["fwd"]["straggler_ms"]) for rs in (base, before)]
+    assert s[1] < s[0] + 0.25 * 40.0, f"pre-dispatch delay leaked into straggler time: {s}"
+    a = [med(rs, lambda r: r["layers"][0]["A_dis"][0]) for rs in (base, before)]
+    assert a[1] - a[0] > 0.5 * 40.0, f"rank 0 should wait ~40 ms in the dispatch all-to-all: {a}"
 
 
 def test_balanced_control_and_token_skew() -> None:
