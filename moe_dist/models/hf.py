@@ -54,6 +54,15 @@ class HFBlockSpec:
     """The transformers class, to rebuild the block when exporting."""
 
 
+
+DEDUP_FROM_TOP_K = 8
+"""An HF block routing to at least this many experts per token dispatches with ``dedup`` (a token once per
+destination rank) unless ``model.hf_moe`` says otherwise. Why 8: measured (docs/benchmarks.md, bench-dispatch,
+2026-12-06) dedup was faster than ``pairs`` at K = 8 in every case (0.67-0.95x) and slower at K = 2
+(0.85-1.30x); the published DeepSeek-V3, Qwen3-MoE and OLMoE routers are K = 8, Mixtral's and the tiny test
+configs' K = 2 stay ``pairs``."""
+
+
 def block_kind(block: nn.Module) -> str:
     return family_of(block).kind
 
@@ -129,6 +138,8 @@ def hf_block_config(block: nn.Module, config: Any = None, **overrides: Any) -> M
     if fam.switch_from_router_aux:
         fields["aux_loss_coef"] = top_k * float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
     fields.update(fam.balance, aux_loss_counts=fam.aux_loss_counts)
+    if top_k >= DEDUP_FROM_TOP_K:
+        fields["dispatch"] = "dedup"
     fields.update(overrides)
     cfg = MoEConfig(**fields)
     bias = getattr(gate, fam.selection_bias) if fam.selection_bias else None

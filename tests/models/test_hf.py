@@ -243,3 +243,16 @@ def test_trainer_hf_resume_and_export(tmp_path: Path) -> None:
     (runs / "full" / "config.yaml").write_text(yaml.safe_dump(edited))
     with torch.no_grad():
         assert torch.equal(load_run_model(runs / "full").eval()(x).logits_BSV, got)
+
+
+def test_k8_blocks_dispatch_once_per_rank_by_default() -> None:
+    """An HF block with K >= 8 (DeepSeek-V3's and Qwen3-MoE's published routers) gets ``dispatch: dedup``,
+    a K = 2 one ``pairs``; ``model.hf_moe`` overrides either way."""
+    for kind in ("deepseek_v3", "qwen3_moe"):
+        block = make_block(kind)
+        assert hf_block_config(block).dispatch == "pairs"
+        block.gate.top_k = 8
+        if kind == "deepseek_v3":  # every group may be chosen, so that 8 of its 8 experts can be
+            block.gate.topk_group = block.gate.num_group
+        assert hf_block_config(block).dispatch == "dedup"
+        assert hf_block_config(block, dispatch="pairs").dispatch == "pairs"
