@@ -60,6 +60,9 @@ COMMANDS: dict[str, Command] = {
         "profiling.bench.layer:main", "layer benchmark against peers and dense FFNs", nproc_flag="--ranks"
     ),
     "plan": Command("moe_dist.plan:main", "memory per rank of a config at a layout and engine"),
+    "prepare-data": Command(
+        "moe_dist.prepare_data:main", "tokenize .txt and .jsonl files for data.kind: tokens"
+    ),
     "gpu-suite": Command(
         "profiling.bench.gpu_suite:main", "every CUDA check and benchmark in one run (--smoke: on the CPU)"
     ),

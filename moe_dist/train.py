@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 # why only torch-free imports up here: under mimalloc the process re-executes itself once at start-up, and
 # importing torch before that (seconds per rank) would be paid twice
-from moe_dist.data.files import text_files
 from moe_dist.errors import CheckpointError, ConfigError
 from moe_dist.runtime.hostmem import reexec_with_allocator
 from moe_dist.runtime.net import free_port
 from moe_dist.training.config import RunConfig, load_config
+from moe_dist.training.data_check import check_data
 
 if TYPE_CHECKING:
     import torch
@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         single_process_env(cfg, argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg.check_world(world)
-    if cfg.data.kind == "text":
-        text_files(cfg.data.paths)  # a bad path fails here, not after the launch has gathered every rank
+    check_data(cfg)  # a bad data path or a vocab the model cannot hold fails here, before any process group
     # before the preflight, so that its warnings are logged once (by the process that goes on)
     reexec_with_allocator(cfg.train.retain_host_memory, cfg.parallel.backend)  # before any process group
     import torch.distributed as dist

@@ -61,6 +61,10 @@ class Corpus:
     description: str
     world: int = 1
     """Ranks that split each global micro-batch (rank r takes the r-th slice of B sequences)."""
+    vocab_size: int = 256
+    """Every id is a byte."""
+    tokens_per_byte: float = 1.0
+    """A token is a byte: bits per byte = val loss / ln 2."""
 
     @classmethod
     def build(cls, cfg: DataConfig, seq_len: int, rank: int, world: int, seed: int) -> Corpus:
@@ -110,14 +114,22 @@ class Corpus:
     ) -> tuple[Tensor, Tensor]:
         """Sequences ``indices`` of ``step`` (inputs and next-byte targets, [len(indices), seq_len] each)."""
         data = self.train if split == "train" else self.val
-        starts = []
-        for j in indices:
-            # why one generator per sequence: sequence j is the same whichever rank and batch it lands in
-            g = torch.Generator().manual_seed(zlib.crc32(f"{split}:{seed}:{step}:{j}".encode()))
-            starts.append(int(torch.randint(0, data.numel() - seq_len - 1, (1,), generator=g)))
+        starts = window_starts(split, seed, step, indices, data.numel(), seq_len)
         idx = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(seq_len + 1)
         window = data[idx].long()
         return window[:, :-1], window[:, 1:]
+
+
+def window_starts(
+    split: str, seed: int, step: int, indices: Sequence[int], n: int, seq_len: int
+) -> list[int]:
+    """Where sequences ``indices`` of ``step`` start in a split of ``n`` tokens (every corpus's rule)."""
+    starts = []
+    for j in indices:
+        # why one generator per sequence: sequence j is the same whichever rank and batch it lands in
+        g = torch.Generator().manual_seed(zlib.crc32(f"{split}:{seed}:{step}:{j}".encode()))
+        starts.append(int(torch.randint(0, n - seq_len - 1, (1,), generator=g)))
+    return starts
 
 
 def _as_tensor(data: bytes, seq_len: int, what: str) -> Tensor:

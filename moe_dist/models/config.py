@@ -21,7 +21,11 @@ class ModelConfig:
     n_heads: int = 4
     """Attention heads (d_model must divide by it)."""
     seq_len: int = 128
-    """Context length in bytes."""
+    """Context length in tokens (bytes for the byte corpora)."""
+    vocab_size: int = 0
+    """Rows of the byte LM's embedding (kind=moe_dist); 0 = the data's vocabulary, filled in at launch: 256
+    for the byte corpora, the tokenizer's for data.kind=tokens. Set, it must hold every id of the data.
+    kind=hf: unused (the HF config's vocab_size is the embedding)."""
     moe_every: int = 1
     """An MoE FFN in every k-th block (k=1: every block); the others get a dense FFN."""
     d_ff_dense: int = 512
@@ -37,7 +41,8 @@ class ModelConfig:
     ``hf_moe`` of this section are read (needs the ``hf`` extra)."""
     hf_config: str | dict | None = None
     """kind=hf: a local directory holding a transformers config.json, or the config's fields inline (with
-    ``model_type``); vocab_size must be 256 (bytes) and is filled in if absent."""
+    ``model_type``; vocab_size is 256 if absent). Its vocab_size must hold every id of the data (256 for
+    bytes, the tokenizer's vocabulary for data.kind=tokens), checked at launch."""
     hf_pretrained: str | None = None
     """kind=hf: a local transformers checkpoint directory (config.json and *.safetensors, one file or shards
     with model.safetensors.index.json) whose weights the model starts from (moe_dist/models/hf_load.py);
@@ -53,6 +58,8 @@ class ModelConfig:
             check_positive("model", self, name)
             check_type("model", name, getattr(self, name), (int,))
         check_positive("model", self, "init_std")
+        check_type("model", "vocab_size", self.vocab_size, (int,))
+        check_positive("model", self, "vocab_size", allow_zero=True)
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"

@@ -29,7 +29,9 @@ STRUCTURAL = (
 
 
 def hf_config_from(spec: str | dict, seq_len: int | None = None):
-    """A transformers config from a local directory or an inline dict with ``model_type`` (vocab 256)."""
+    """A transformers config from a local directory or an inline dict with ``model_type`` (vocab_size 256 if
+    the dict has none). Whether its vocabulary holds the data's is checked at launch
+    (moe_dist/training/data_check.py)."""
     from transformers import AutoConfig
 
     if isinstance(spec, dict):
@@ -47,10 +49,6 @@ def hf_config_from(spec: str | dict, seq_len: int | None = None):
         if not (Path(spec) / "config.json").is_file():
             raise ConfigError(f"model.hf_config={spec!r} is not a directory with a config.json")
         config = AutoConfig.from_pretrained(spec)
-    if config.vocab_size != 256:
-        raise ConfigError(
-            f"model.hf_config: vocab_size must be 256 (byte-level corpus), got {config.vocab_size}"
-        )
     max_pos = getattr(config, "max_position_embeddings", None)
     if seq_len is not None and max_pos is not None and max_pos < seq_len:
         raise ConfigError(f"model.hf_config: max_position_embeddings={max_pos} < model.seq_len={seq_len}")

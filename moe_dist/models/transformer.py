@@ -1,8 +1,8 @@
-"""A decoder-only byte-level transformer LM with MoE FFNs. It knows nothing about ranks: the process
-groups it needs are handed in.
+"""A decoder-only transformer LM with MoE FFNs, byte-level unless model.vocab_size says otherwise. It knows
+nothing about ranks: the process groups it needs are handed in.
 
-Shape legend: B sequences (batch), S tokens per sequence, D model dim, V vocab (256 bytes), A attention heads,
-X head dim (D / A).
+Shape legend: B sequences (batch), S tokens per sequence, D model dim, V vocab (model.vocab_size), A attention
+heads, X head dim (D / A).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class MoETransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(VOCAB, cfg.d_model)
+        self.embed = nn.Embedding(cfg.vocab_size or VOCAB, cfg.d_model)  # 0: bytes (the launch fills it in)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
 
         def placement(i: int) -> Placement | None:
@@ -135,7 +135,7 @@ class MoETransformer(nn.Module):
             if out is not None:
                 moe_outs.append(out)
         x_BSD = self.norm(x_BSD)
-        logits_BSV = x_BSD @ self.embed.weight.t()  # tied byte embeddings
+        logits_BSV = x_BSD @ self.embed.weight.t()  # tied embeddings
         aux = sum((o.aux_loss for o in moe_outs), logits_BSV.new_zeros(()))
         return LMOutput(logits_BSV, aux, moe_outs)
 

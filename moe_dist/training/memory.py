@@ -139,7 +139,7 @@ def model_counts(cfg: RunConfig) -> ModelCounts:
         expert_width=hidden + moe.d_ff,
         dense_width=2 * m.d_ff_dense,
         attn_width=5 * m.d_model,  # qkv (3D), the attention output and proj's input (2D)
-        vocab=VOCAB,
+        vocab=m.vocab_size or VOCAB,  # 0: bytes (the launch fills in the data's vocabulary)
         seq_len=m.seq_len,
     )
 

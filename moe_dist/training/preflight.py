@@ -95,7 +95,7 @@ def fresh_start(cfg: RunConfig, rank: int) -> None:
 
 # Keys added after checkpoints began to store their config, with the value that means what a checkpoint
 # without the key was trained under: absent from a saved config, they read as this value.
-ADDED_KEYS = {"model.moe.aux_loss_counts": "routed", "model.moe.dispatch": "pairs"}
+ADDED_KEYS = {"model.moe.aux_loss_counts": "routed", "model.moe.dispatch": "pairs", "model.vocab_size": 256}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -24,7 +24,6 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moe_dist.checkpoint.files import atomic_write_text
-from moe_dist.data.corpus import Corpus
 from moe_dist.errors import NonFiniteError
 from moe_dist.models.transformer import MoETransformer, active_params
 from moe_dist.moe.layer import moe_layers, update_expert_biases
@@ -33,6 +32,7 @@ from moe_dist.moe.placement import Placement
 from moe_dist.training.balance_controller import AuxController
 from moe_dist.training.checkpointing import RESUME_CHECK_RTOL, CheckpointManager, ResumeCheckError
 from moe_dist.training.config import RunConfig, config_yaml, keep_global_batch
+from moe_dist.training.data_check import corpus_for
 from moe_dist.training.engine import build_engine
 from moe_dist.training.memory import grad_bytes, measured_memory
 from moe_dist.training.metrics import MetricsLogger, NullLogger
@@ -78,7 +78,7 @@ class Trainer:
             log.warning("%s", derived)
         torch.manual_seed(cfg.train.seed)  # same on every rank: identical dense init, same expert draws
         random.seed(cfg.train.seed)
-        self.corpus = Corpus.build(cfg.data, cfg.model.seq_len, self.rank, self.world, cfg.train.seed)
+        self.corpus = corpus_for(cfg, self.rank, self.world)  # data.kind's row; fills in model.vocab_size
         self.metrics: MetricsLogger | NullLogger = (
             MetricsLogger(self.run_dir) if self.rank == 0 else NullLogger()
         )
@@ -490,7 +490,7 @@ class Trainer:
         val = float(sums[0] / sums[1])
         self.model.train()
         self.profiler.pause(False)
-        result = {"val_loss": val, "val_bpb": val / math.log(2)}
+        result = {"val_loss": val, "val_bpb": val * self.corpus.tokens_per_byte / math.log(2)}
         if n == t.val_sequences:
             self._last_eval = (self.step, result)  # a save after these steps reuses it for its self-check
         return result

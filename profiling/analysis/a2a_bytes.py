@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moe_dist.data.corpus import Corpus
+from moe_dist.data.kinds import build_corpus
 from moe_dist.export_hf import load_run_model
 from moe_dist.moe.layer import moe_layers
 from moe_dist.moe.placement import Placement
@@ -42,7 +42,7 @@ def count(run_dir: Path, batches: int) -> dict:
                 layer.cfg = layer.router.cfg = dataclasses.replace(layer.cfg, n_group=None, topk_group=None)
         pair = token = total = 0
         for rank in range(world):
-            corpus = Corpus.build(cfg.data, cfg.model.seq_len, rank, world, cfg.train.seed)
+            corpus = build_corpus(cfg.data, cfg.model.seq_len, rank, world, cfg.train.seed)
             src = rank % ep
             t = cfg.train
             for b in range(batches):
