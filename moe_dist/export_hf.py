@@ -10,7 +10,8 @@ slice [e*N/ep, (e+1)*N/ep)), and each MoE layer written back in its transformers
 
 A run started from ``model.hf_pretrained`` with ``train.steps=0`` (a conversion run) exports the checkpoint it
 read, tensor for tensor: ``--dtype auto`` writes the source config's dtype (a bf16 checkpoint trains in fp32
-and goes back to bf16), and the source directory's tokenizer files are copied beside the weights. OUT_DIR
+and goes back to bf16), and the source directory's tokenizer files are copied beside the weights (from the
+run directory's copy, ``hf_model/``, when it has one: the source may have moved since). OUT_DIR
 must not exist or be empty; it is written beside itself and renamed into place once complete.
 """
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from moe_dist.checkpoint.files import CheckpointError, checkpoint_dirs, load_obj, verify
+from moe_dist.checkpoint.model_files import MODEL_FILES, TOKENIZER_FILES, model_files_dir
 from moe_dist.checkpoint.names import DENSE, experts_file, step_of
 from moe_dist.errors import ConfigError
 from moe_dist.training.config import RunConfig, config_from_dict, load_config
@@ -78,31 +80,24 @@ def load_run_model(run_dir: str | Path, step: int | None = None) -> nn.Module:
 
 
 def checkpoint_config(ckpt: Path, run_dir: Path) -> RunConfig:
-    """The config the checkpoint was written under (its manifest's), else the run's config.yaml."""
+    """The config the checkpoint was written under (its manifest's), else the run's config.yaml. The model
+    directory it names is read from the run directory's copy (``hf_model/``: config.json and tokenizer
+    files, moe_dist/checkpoint/model_files.py) when the run has one, so the original may have moved."""
     saved = verify(ckpt, []).get("config")
     if saved is None:
         log.warning("checkpoint %s stores no config (an older version wrote it): using config.yaml", ckpt)
         return load_config(run_dir / "config.yaml")
+    model = dict(saved.get("model") or {})
+    stored = model_files_dir(run_dir, model)
+    if isinstance(model.get("hf_config"), str) and stored == run_dir / MODEL_FILES:
+        model["hf_config"] = str(stored)
+        if model.get("hf_pretrained"):
+            model["hf_pretrained"] = str(stored)
+        saved = {**saved, "model": model}
     return config_from_dict(saved)
 
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
-"""Copied from the run's model directory (``model.hf_pretrained`` / ``hf_config``) into the export."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _source_dir(cfg: RunConfig) -> Path | None:
-    spec = cfg.model.hf_pretrained or cfg.model.hf_config
-    return Path(spec) if isinstance(spec, str) else None
 
 
 def export_dtype(cfg: RunConfig, dtype: str = "auto") -> torch.dtype:
@@ -136,7 +131,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, dt
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         hf.save_pretrained(tmp)
-        source = _source_dir(cfg)
+        source = Path(cfg.model.hf_config) if isinstance(cfg.model.hf_config, str) else None
         for name in TOKENIZER_FILES if source is not None else ():
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)

@@ -30,9 +30,9 @@ LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def _placeholder(word: str) -> bool:
-    """CONFIG.yaml, OUT_DIR, runs/<name>: names the reader fills in."""
+    """CONFIG.yaml, OUT_DIR, runs/<name>, $EX/a.yaml: names the reader fills in (or a shell variable)."""
     stem = Path(word).stem
-    return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", stem)) or "<" in word or "[" in word
+    return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", stem)) or "<" in word or "[" in word or word.startswith("$")
 
 
 def bash_commands() -> list[tuple[str, str]]:

@@ -236,6 +236,8 @@ class LoadStats:
     checkpoint_bytes: int
     peak_rss_bytes: int
     seconds: float
+    read: bool = True
+    """False: the weights were not read (a checkpoint of the run will be resumed; the structure only)."""
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -319,15 +321,20 @@ def load_pretrained(
     placement: Placement | None = None,
     timing_hook=None,
     device: torch.device | str = "cpu",
+    read: bool = True,
     **overrides: Any,
 ) -> LoadStats:
     """Fill ``pretrained_skeleton``'s model from ``path`` (in place): the dense tensors, and of each sparse
     block only this rank's slots' experts (``placement``; None: contiguous), its block swapped for an
-    expert-parallel ``HFMoEBlock`` as ``parallelize_hf_model`` does. Returns what was read."""
+    expert-parallel ``HFMoEBlock`` as ``parallelize_hf_model`` does. Returns what was read.
+
+    ``read=False``: no tensor is read (nor a safetensors header): the same model with uninitialized storage,
+    for a launch that resumes a checkpoint of its own, which overwrites every weight."""
     t0 = time.perf_counter()
     device = torch.device(device)
-    ckpt = Checkpoint(path)
-    p = plan(model, ckpt)
+    ckpt = Checkpoint(path) if read else None
+    skeleton = Plan({}, [BlockSource(n, None) for n, _ in sparse_blocks(model)])  # no key: nothing read
+    p = plan(model, ckpt) if ckpt is not None else skeleton
     ep_group = layout.ep_group if layout is not None else None
     balance_group = layout.balance_group if layout is not None else None
     config = model.config
@@ -340,10 +347,11 @@ def load_pretrained(
         pl = placement or Placement.contiguous(n, layout.ep if layout is not None else 1)
         slots[src.name] = (pl, list(pl.slot_expert_RL[ep_rank]))
     reads = list(p.dense.values())
-    for src in p.blocks:
+    for src in p.blocks if ckpt is not None else ():
         for e in set(slots[src.name][1]):
             reads.extend(src.fused if src.fused is not None else src.per_expert[e])
-    ckpt.plan_reads(reads)
+    if ckpt is not None:
+        ckpt.plan_reads(reads)
     # why the dense tensors first: a shard is unmapped after its last read, and the attention weights of
     # layer l sit in the shards of layer l's experts
     _off_meta(model, device)
@@ -369,9 +377,14 @@ def load_pretrained(
         for name, t in list(block.state_dict(keep_vars=True).items()):
             full = f"{src.name}.{name}"
             if full in p.dense:
-                t.copy_(ckpt.tensor(p.dense[full]))
+                t.copy_(ckpt.tensor(p.dense[full]))  # type: ignore[union-attr]
         transposed = bool(getattr(block.experts, "is_transposed", False))
-        gate_up, down = _expert_rows(ckpt, src, ids, transposed, device)
+        if ckpt is not None:
+            gate_up, down = _expert_rows(ckpt, src, ids, transposed, device)
+        else:  # the slots' shapes, from the meta block: [L, 2F, D] and [L, D, F] (or transposed)
+            gu, dn = (getattr(block.experts, w) for w in FUSED_EXPERTS)
+            gate_up = torch.empty((len(ids), *gu.shape[1:]), dtype=torch.float32, device=device)
+            down = torch.empty((len(ids), *dn.shape[1:]), dtype=torch.float32, device=device)
         block.experts.gate_up_proj = nn.Parameter(gate_up)
         block.experts.down_proj = nn.Parameter(down)
         layer_idx = int(src.name.split("layers.")[1].split(".")[0]) if "layers." in src.name else i
@@ -384,15 +397,19 @@ def load_pretrained(
         model.tie_weights()
     if getattr(config, "output_router_logits", False):
         config.output_router_logits = False  # our layers report their own aux loss (parallelize_hf_model)
-    ckpt.close()
     rank = layout.rank if layout is not None else 0
     stats = LoadStats(
         rank=rank,
-        bytes_read=ckpt.bytes_read,
-        checkpoint_bytes=ckpt.checkpoint_bytes,
+        bytes_read=ckpt.bytes_read if ckpt is not None else 0,
+        checkpoint_bytes=ckpt.checkpoint_bytes if ckpt is not None else 0,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         seconds=time.perf_counter() - t0,
+        read=ckpt is not None,
     )
+    if ckpt is None:
+        log.info("rank %d: the run's checkpoint will be resumed: %s's weights not read", rank, path)
+        return stats
+    ckpt.close()
     log.info(
         "rank %d read %.2f MB of the checkpoint's %.2f MB in %.2f s; peak RSS %.0f MB",
         rank,

@@ -31,6 +31,7 @@ from moe_dist.checkpoint.files import (
     SaveError,
     UnsafeCheckpointError,
     atomic_write_text,
+    checkpoint_dirs,
     files_to_read,
     layout_refusal,
     load_obj,
@@ -38,6 +39,7 @@ from moe_dist.checkpoint.files import (
     verified_checkpoints,
 )
 from moe_dist.checkpoint.global_state import join_model, layer_placements, owned_expert_ids, split_model
+from moe_dist.checkpoint.model_files import store_model_files
 from moe_dist.checkpoint.names import DENSE, experts_file, is_rank_file, rank_file
 from moe_dist.errors import ConfigError
 from moe_dist.moe.layer import moe_layers
@@ -54,6 +56,12 @@ log = logging.getLogger("moe_dist.train")
 
 RESUME_CHECK_RTOL = 1e-5
 """Relative difference allowed between the val loss stored in a checkpoint and the loaded model's."""
+
+
+def will_resume(cfg: RunConfig) -> bool:
+    """Whether this launch resumes a checkpoint, from the files, before the model is built (``resume`` then
+    loads one or raises: with a checkpoint directory there, it never starts afresh)."""
+    return cfg.train.resume and bool(checkpoint_dirs(cfg.run_dir / "checkpoints"))
 
 
 class ResumeCheckError(CheckpointError):
@@ -104,13 +112,18 @@ class CheckpointManager:
         dist.all_gather_object(out, obj)
         return out
 
-    def record_load(self, row: dict) -> None:
-        """model.hf_pretrained: every rank's load row (bytes read, peak RSS) in the run directory's
-        ``hf_load.json``, written by rank 0."""
+    def record_model(self, load: Any) -> None:
+        """kind=hf, rank 0: the model directory's config and tokenizer files copied into the run directory
+        (once, atomically: the export reads them there). model.hf_pretrained (``load``: the LoadStats): every
+        rank's load row (bytes read, peak RSS) in ``hf_load.json``, by the launch that read the weights."""
         from moe_dist.models.hf_load import LOAD_RECORD
 
-        rows = self.gather(row)
-        if self.rank == 0:
+        if load is not None and not load.read and self.resumed_from is None:  # will_resume said otherwise
+            raise CheckpointError(f"no checkpoint under {self.root} resumed; the weights were not read")
+        rows = self.gather(load.to_json()) if load is not None and load.read else None
+        if self.rank == 0 and self.cfg.model.kind == "hf" and isinstance(self.cfg.model.hf_config, str):
+            store_model_files(Path(self.cfg.model.hf_config), self.cfg.run_dir)
+        if self.rank == 0 and rows is not None:
             atomic_write_text(self.cfg.run_dir / LOAD_RECORD, json.dumps({"ranks": rows}, indent=1) + "\n")
 
     # --- save --------------------------------------------------------------------------------

@@ -177,12 +177,12 @@ class Trainer:
         layout (global balancing, the straggler profiler's timing hook), behind the trainer's interface."""
         from moe_dist.models.hf import HFCausalLM, parallelize_hf_model
         from moe_dist.models.hf_load import load_pretrained
+        from moe_dist.training.checkpointing import will_resume
 
         m = self.cfg.model
-        if m.hf_pretrained is not None:
-            self.hf_load = load_pretrained(
-                hf_model, m.hf_pretrained, self.layout, placement, self.profiler.hook, self.device, **m.hf_moe
-            )
+        if m.hf_pretrained is not None:  # why not read on a resume: the checkpoint overwrites every weight
+            args = (self.layout, placement, self.profiler.hook, self.device, not will_resume(self.cfg))
+            self.hf_load = load_pretrained(hf_model, m.hf_pretrained, *args, **m.hf_moe)
         else:
             parallelize_hf_model(hf_model, self.layout, self.profiler.hook, placement, **m.hf_moe)
         return HFCausalLM(hf_model)
@@ -245,8 +245,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", config_yaml(cfg))
-        if self.hf_load is not None:  # model.hf_pretrained: every rank's bytes read and peak RSS, one file
-            self.ckpt.record_load(self.hf_load.to_json())
+        self.ckpt.record_model(self.hf_load)  # kind=hf: the model directory's files, the load's record
         self.profiler.start()
         bar = tqdm(
             total=t.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc=cfg.name

@@ -4,7 +4,9 @@ the checkpoint's dense tensors and of the experts its slots hold, counted from t
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from moe_dist import ConfigError  # noqa: E402
+from tests.helpers import ROOT  # noqa: E402
 from tests.helpers.launch import run_ranks  # noqa: E402
 from tests.models.hf_load_workers import save_fixture, save_fused  # noqa: E402
 from tests.training.train_workers import tiny  # noqa: E402
@@ -38,7 +41,22 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         assert len(list(path.glob("*.safetensors"))) >= 3, path  # several shards, read through the index
     out["mixtral_single"] = save_fixture("mixtral", root / "mixtral_single", seed=1, shard="1GB")
     assert [f.name for f in out["mixtral_single"].glob("*.safetensors")] == ["model.safetensors"]
+    out["qwen3_tok"], out["tokens"] = tokenized_fixture(root / "tok")
     return out
+
+
+def tokenized_fixture(root: Path) -> tuple[Path, Path]:
+    """docs/finetune.md's example, small: launch/make_finetune_example.py's Qwen3-MoE with its BPE tokenizer
+    (300 ids) in the same directory, and its documents prepared with that tokenizer (prepare_data)."""
+    from moe_dist.data.prepare import prepare
+
+    spec = importlib.util.spec_from_file_location("make_finetune_example", ROOT / "launch" / EXAMPLE)
+    example = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(example)  # type: ignore[union-attr]
+    made = example.make_example(root, vocab=300, hidden=16, layers=2, experts=4, max_bytes=150_000)
+    data = root / "data"
+    prepare(str(made["model"]), data, [str(made["docs"])], val_fraction=0.2, progress=False)
+    return made["model"], data
 
 
 NAMES = [*FAMILIES, "qwen3_fused", "mixtral_single"]
@@ -66,6 +84,9 @@ HF_MOE = {"aux_loss_coef": 0.05, "z_loss_coef": 1e-3}
 CONVERT = {"qwen3_moe": 1, "qwen3_fused": 1, "deepseek_v3": 0, "qwen3_bf16": 0}
 """The conversion runs (train.steps=0 at EP=2 x DP=2): source fixture -> replicas per rank."""
 CONVERT_TRAIN = {"steps": 0, "val_sequences": 4}
+EXAMPLE = "make_finetune_example.py"
+TOKENS_TRAIN = {"steps": 4, "micro_batch": 2, "eval_every": 4, "val_sequences": 4}
+"""The pretrained model on tokenized data (EP=2 x DP=2), run after the conversion runs."""
 
 
 def _hf_run(path: Path, out_dir: Path, name: str, parallel: dict, train: dict) -> dict:
@@ -99,6 +120,8 @@ def ranks(ckpts: dict[str, Path], tmp_path_factory) -> dict:
         _hf_run(ckpts[n], out_dir, f"convert_{n}", {"ep": EP, "redundant_experts": r}, CONVERT_TRAIN)
         for n, r in CONVERT.items()
     ]
+    tokens = _tokens_run(ckpts, out_dir)
+    convert.append(tokens)
     cases = [(str(ckpts[n]), REDUNDANT.get(n, 0)) for n in NAMES]
     results = run_ranks(
         both_worker, WORLD, (EP, cases, LOAD_TOKENS), (cfg, TRAINER_TOKENS), convert, timeout=400
@@ -108,7 +131,14 @@ def ranks(ckpts: dict[str, Path], tmp_path_factory) -> dict:
         "trainer": [r["trainer"] for r in results],
         "convert": [r["convert"] for r in results],
         "runs": out_dir,
+        "tokens": tokens,
     }
+
+
+def _tokens_run(ckpts: dict[str, Path], out_dir: Path) -> dict:
+    cfg = _hf_run(ckpts["qwen3_tok"], out_dir, "tokens", {"ep": EP}, TOKENS_TRAIN)
+    cfg["data"] = {"kind": "tokens", "path": str(ckpts["tokens"])}
+    return cfg
 
 
 def tensor_bytes(path: Path) -> tuple[int, dict[int, int]]:
@@ -248,7 +278,9 @@ def test_finetuned_pretrained_model_resumes_at_another_layout(
 ) -> None:
     """The fine-tuned run's step-20 checkpoint (EP=2 x DP=2, one replica per rank) resumed on one rank (EP=1,
     the global batch kept by grad_accum): the resume self-check passes (the loaded model's val loss is the
-    stored one) and it trains on (two steps, to stay cheap)."""
+    stored one) and it trains on (two steps, to stay cheap). The resume reads none of the pretrained
+    weights (the checkpoint overwrites them): it runs with the shards moved away, and hf_load.json keeps
+    the first start's record."""
     from tests.checkpoint.reshard_workers import preflighted_run
     from tests.helpers.shared_runs import cut_back
 
@@ -257,8 +289,19 @@ def test_finetuned_pretrained_model_resumes_at_another_layout(
     train = {**FINETUNE_TRAIN, "micro_batch": 8, "steps": 22}  # world 1: the stored global batch of 4 x 2
     cfg = _hf_run(ckpts["qwen3_moe"], tmp_path, "tiny", {"ep": 1}, train)
     cfg["model"]["hf_moe"] = HF_MOE
-    (res,) = run_ranks(preflighted_run, 1, cfg, timeout=400)
+    record = (tmp_path / "tiny" / "hf_load.json").read_text()
+    aside = tmp_path / "aside"  # the weights are away during the resume: reading one would fail the launch
+    aside.mkdir()
+    shards = sorted(ckpts["qwen3_moe"].glob("*.safetensors"))
+    for f in shards:
+        f.rename(aside / f.name)
+    try:
+        (res,) = run_ranks(preflighted_run, 1, cfg, timeout=400)
+    finally:
+        for f in shards:
+            (aside / f.name).rename(f)
     assert res["summary"]["steps"] == 22
+    assert (tmp_path / "tiny" / "hf_load.json").read_text() == record  # the first start's (4 rows), kept
     rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "resume_check" in r]
     assert len(checks) == 1 and checks[0]["resume_check"] == "pass", checks
@@ -312,3 +355,83 @@ def test_zero_step_round_trip_is_exact(ckpts: dict[str, Path], ranks: dict, tmp_
     assert (tmp_path / "qwen3_moe" / "tokenizer_config.json").is_file()  # the copy above checked something
     with pytest.raises(ConfigError, match="exists and is not an empty directory"):
         main([str(ranks["runs"] / "convert_qwen3_moe"), str(tmp_path / "qwen3_moe")])  # never overwritten
+
+
+def _val_loss(model, x, y) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=x, use_cache=False).logits
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+
+
+def test_pretrained_model_on_tokenized_data_trains_and_exports_after_its_directory_moved(
+    ckpts: dict[str, Path], ranks: dict, tmp_path: Path
+) -> None:
+    """``model.hf_pretrained`` with ``data.kind: tokens`` (EP=2 x DP=2, 4 steps): the launch's check passes
+    (the model directory holds the tokenizer the data was made with; its embedding holds the tokenizer's
+    ids); the untrained val loss is transformers' ``from_pretrained`` model's on the same validation windows,
+    one process, and val bpb is val loss x tokens per byte / ln 2. The run directory holds a copy of the
+    model's config.json and tokenizer files, so with the model directory moved away the export still works:
+    it carries the tokenizer, and ``from_pretrained`` on it gives the trained run's final val loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moe_dist.data.token_files import read_manifest
+    from moe_dist.data.tokens import TokenCorpus
+    from moe_dist.export_hf import main
+    from moe_dist.training.config import config_from_dict
+    from moe_dist.training.data_check import check_data
+
+    cfg = config_from_dict(ranks["tokens"])
+    check_data(cfg)  # as the launch does: accepted
+    summary = ranks["convert"][0][-1]
+    assert summary["steps"] == TOKENS_TRAIN["steps"]
+    S, n = cfg.model.seq_len, TOKENS_TRAIN["val_sequences"]
+    corpus = TokenCorpus.build(cfg.data, S, 0, 1, cfg.train.seed)
+    x, y = corpus.sequences("val", S, cfg.train.seed, 0, range(n))  # the trainer's validation set
+    src, run = ckpts["qwen3_tok"], ranks["runs"] / "tokens"
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert _val_loss(ref, x, y) == pytest.approx(summary["initial_val_loss"], rel=1e-5)
+    val = read_manifest(ckpts["tokens"])["splits"]["val"]
+    bpb = summary["final_val_loss"] * val["tokens"] / (math.log(2) * val["bytes"])
+    assert summary["final_val_bpb"] == pytest.approx(bpb, rel=1e-12)
+    rows = json.loads((run / "hf_load.json").read_text())["ranks"]
+    assert len(rows) == WORLD and all(r["bytes_read"] > 0 and r["read"] for r in rows)
+    names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    for name in names:
+        assert (run / "hf_model" / name).read_bytes() == (src / name).read_bytes(), name
+    moved = tmp_path / "moved"
+    shutil.move(src, moved)
+    try:
+        main([str(run), str(tmp_path / "out")])
+    finally:
+        shutil.move(moved, src)
+    out = tmp_path / "out"
+    for name in names[1:]:
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert len(AutoTokenizer.from_pretrained(out)) == 300
+    got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert _val_loss(got, x, y) == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    assert summary["final_val_loss"] != summary["initial_val_loss"]  # it trained: not the source's weights
+
+
+def test_tokenized_data_against_a_pretrained_directory_is_one_config_error(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    """The launch's data check with ``model.hf_pretrained`` (no process group, no tensor read): a model
+    whose embedding (256 rows) is smaller than the tokenizer's 300 ids, and a model directory whose tokenizer
+    files differ from the ones the data was made with, are each one ConfigError line."""
+    from moe_dist.training.config import config_from_dict
+    from moe_dist.training.data_check import check_data
+
+    other = tmp_path / "other"
+    shutil.copytree(ckpts["qwen3_tok"], other)
+    conf = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**conf, "model_max_length": 64}))
+    for model, needle in (
+        (ckpts["qwen3_moe"], "is larger than the model's embedding (its config's vocab_size=256)"),
+        (other, "holds another tokenizer"),
+    ):
+        cfg = _hf_run(model, tmp_path, "refused", {"ep": EP}, TOKENS_TRAIN)
+        cfg["data"] = {"kind": "tokens", "path": str(ckpts["tokens"])}
+        with pytest.raises(ConfigError, match=re.escape(needle)) as err:
+            check_data(config_from_dict(cfg))
+        assert "\n" not in str(err.value)

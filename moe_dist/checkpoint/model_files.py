@@ -1,0 +1,71 @@
+"""The model directory's own files a ``model.kind: hf`` run needs after it started: ``config.json`` and the
+tokenizer files, copied into the run directory at its first start (``RUN/hf_model/``), so that
+``moe_dist.export_hf`` still works once the directory the run config names has moved or gone. A run from
+before the copy falls back to that directory (``model_files_dir``).
+
+    store_model_files(Path(cfg.model.hf_config), cfg.run_dir)   # the trainer, rank 0, at the first start
+    model_files_dir(run_dir, saved_config["model"])              # the export: where config.json is read
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from moe_dist.checkpoint.verify import _fsync_dir
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = "hf_model"
+"""The run directory's copy of the model directory's config and tokenizer files (no weights)."""
+CONFIG = "config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+"""A transformers tokenizer's files (``save_pretrained``'s names): stored with the config, copied into an
+export."""
+
+
+def store_model_files(source: Path, run_dir: Path) -> Path | None:
+    """Copy ``source``'s config.json and tokenizer files into ``run_dir/hf_model`` unless a copy is there;
+    returns the copy (None: ``source`` holds no config.json). Atomic: the files are written and fsynced in a
+    temporary sibling directory, which is renamed into place."""
+    dst = run_dir / MODEL_FILES
+    if (dst / CONFIG).is_file():
+        return dst  # why kept: the first start's files are the run's (a resume's directory may differ)
+    if not (source / CONFIG).is_file():
+        return None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_FILES}.", dir=run_dir))
+    try:
+        for name in (CONFIG, *TOKENIZER_FILES):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.replace(tmp, dst)
+        _fsync_dir(run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("stored %s's config and tokenizer files in %s", source, dst)
+    return dst
+
+
+def model_files_dir(run_dir: Path, model: dict) -> Path | None:
+    """Where a run's model config and tokenizer files are read: the run directory's copy, else the directory
+    its config names (``model``: the config's model section); None for an inline ``hf_config``."""
+    stored = run_dir / MODEL_FILES
+    if (stored / CONFIG).is_file():
+        return stored
+    spec = model.get("hf_pretrained") or model.get("hf_config")
+    return Path(spec) if isinstance(spec, str) else None
