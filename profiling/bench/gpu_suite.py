@@ -13,6 +13,7 @@ its error in its JSON and the next one runs):
   fsdp_bf16       engine fsdp (MixedPrecisionPolicy) vs torch, bf16, world 1; fsdp resumed under torch;
                   the activation meter vs max_memory_allocated over one forward
   dispatch_ep2    EP 2 on one device: dispatch pairs/dedup x overlap_shared off/on, bit-equal, bytes, ms
+  hf_pretrained   model.hf_pretrained loaded onto the device: logits vs from_pretrained, a bf16 step
   straggler       CUDA-event straggler timers, injected delay in one rank: wait slope in [0.9, 1.1]
   host_syncs      host syncs in one MoE layer's forward and backward (sync debug mode; profiler ops)
   layer_bench     bf16 fwd+bwd at EP 1, D 2048, F 1024/4096, E 8/32/128, top-2/8, 16k tokens, vs dense
@@ -46,6 +47,7 @@ PARTS: dict[str, tuple[str, float]] = {
     "trainer_resume": ("profiling.bench.gpu.trainer:trainer_resume", 150),
     "fsdp_bf16": ("profiling.bench.gpu.features:fsdp_bf16", 120),
     "dispatch_ep2": ("profiling.bench.gpu.features:dispatch_ep2", 90),
+    "hf_pretrained": ("profiling.bench.gpu.features:hf_pretrained", 60),
     "straggler": ("profiling.bench.gpu.checks:straggler", 120),
     "host_syncs": ("profiling.bench.gpu.checks:host_syncs", 60),
     "layer_bench": ("profiling.bench.gpu.layer_bench:layer_bench", 150),
@@ -162,6 +164,8 @@ def headline(rec: dict) -> str:
             f"dedup/pairs bytes {v['dedup']['wire_bytes'] / max(v['pairs']['wire_bytes'], 1):.2f}; ms "
             + " ".join(f"{k}={r['step_ms']:.1f}" for k, r in v.items())
         )
+    if name == "hf_pretrained":
+        return f"logits rel err {rec['logits_max_rel_err']:.1e}, load {rec['load']['seconds']:.2f} s"
     if name == "straggler":
         return f"slope {rec['slope']:.3f} (waits {[round(w, 1) for w in rec['wait_ms']]} ms)"
     if name == "host_syncs":

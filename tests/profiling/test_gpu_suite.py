@@ -22,6 +22,7 @@ FIELDS = {
     "trainer_resume": ["steps", "resumed_from", "rows", "differing_steps"],
     "fsdp_bf16": ["losses", "max_loss_rel_diff", "memory_per_rank", "resume", "activation_forward"],
     "dispatch_ep2": ["variants", "repeat_bit_equal", "overlap_bit_equal", "dedup_max_rel_err"],
+    "hf_pretrained": ["load", "logits_max_rel_err", "bf16_loss"],
     "straggler": ["delays_ms", "wait_ms", "slope"],
     "host_syncs": ["sync_ops_fwd", "sync_ops_bwd", "sync_warnings_fwd", "sync_warnings_bwd"],
     "layer_bench": ["peak_tflops", "rows"],

@@ -300,3 +300,61 @@ def dispatch_ep2(smoke: bool, out: Path) -> dict:
         "dedup_rows_le_pairs": got0[("dedup", False)]["wire_rows"] <= got0[("pairs", False)]["wire_rows"],
     }
     return res
+
+
+def hf_pretrained(smoke: bool, out: Path) -> dict:
+    """``model.hf_pretrained``'s loader straight onto the device (``load_pretrained(device=...)``: the dense
+    tensors and the experts' rows copied from the mapped safetensors into device parameters) at EP 1, fp32:
+    its logits against the transformers model it was saved from (``save_pretrained``), on the CPU, on the
+    same tokens (relative max error <= 1e-4; the CPU's and the GPU's fp32 kernels sum in other orders), then
+    one bf16-autocast forward + backward of the loaded model on the device (a finite loss). The model is a
+    seeded tiny Qwen3-MoE (transformers is on the GPU machine)."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from moe_dist.models.hf import HFCausalLM
+    from moe_dist.models.hf_load import load_pretrained, pretrained_skeleton
+
+    device = device_for(smoke)
+    work = out / "hf_pretrained_model"
+    shutil.rmtree(work, ignore_errors=True)
+    experts, layers, hidden = (4, 2, 64) if smoke else (16, 4, 512)
+    config = Qwen3MoeConfig(  # profiling.bench.hf_load.make_qwen3's shape rule
+        vocab_size=256,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        head_dim=64,
+        num_experts=experts,
+        num_experts_per_tok=min(8, experts),
+        moe_intermediate_size=hidden // 2,
+    )
+    torch.manual_seed(0)
+    # why this model as the reference: what save_pretrained wrote is what from_pretrained would read back
+    ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ref.save_pretrained(work)
+    model = pretrained_skeleton(work)
+    stats = load_pretrained(model, work, device=device)
+    lm = HFCausalLM(model).eval()
+    tokens = torch.randint(0, 256, (2, 32 if smoke else 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = lm(tokens.to(device)).logits_BSV.float().cpu()
+        want = ref(input_ids=tokens, use_cache=False).logits
+    err = float((got - want).abs().max() / want.abs().max())
+    lm.train()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        o = lm(tokens.to(device))
+    loss = F.cross_entropy(
+        o.logits_BSV[:, :-1].reshape(-1, 256).float(), tokens[:, 1:].reshape(-1).to(device)
+    )
+    (loss + o.aux_loss).backward()
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "experts": experts,
+        "layers": layers,
+        "hidden": hidden,
+        "load": stats.to_json(),
+        "logits_max_rel_err": err,
+        "bf16_loss": float(loss),
+        "checks": {"logits": err <= 1e-4, "bf16_step_finite": math.isfinite(float(loss))},
+    }
