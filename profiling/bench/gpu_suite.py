@@ -10,6 +10,10 @@ its error in its JSON and the next one runs):
   layer_oracle    the layer against the fp64 oracle at EP 1: fp32, and bf16 autocast
   ep2             EP 2 on one device: two gloo ranks with device tensors, against the oracle
   trainer_resume  30 bf16 steps at world 1 (NCCL), then a resume from step 15 compared bit for bit
+  fsdp_bf16       engine fsdp (MixedPrecisionPolicy) vs torch, bf16, world 1; fsdp resumed under torch;
+                  the activation meter vs max_memory_allocated over one forward
+  dispatch_ep2    EP 2 on one device: dispatch pairs/dedup x overlap_shared off/on, bit-equal, bytes, ms
+  hf_pretrained   model.hf_pretrained loaded onto the device: logits vs from_pretrained, a bf16 step
   straggler       CUDA-event straggler timers, injected delay in one rank: wait slope in [0.9, 1.1]
   host_syncs      host syncs in one MoE layer's forward and backward (sync debug mode; profiler ops)
   layer_bench     bf16 fwd+bwd at EP 1, D 2048, F 1024/4096, E 8/32/128, top-2/8, 16k tokens, vs dense
@@ -41,6 +45,9 @@ PARTS: dict[str, tuple[str, float]] = {
     "layer_oracle": ("profiling.bench.gpu.checks:layer_oracle", 90),
     "ep2": ("profiling.bench.gpu.checks:ep2", 120),
     "trainer_resume": ("profiling.bench.gpu.trainer:trainer_resume", 150),
+    "fsdp_bf16": ("profiling.bench.gpu.features:fsdp_bf16", 120),
+    "dispatch_ep2": ("profiling.bench.gpu.features:dispatch_ep2", 90),
+    "hf_pretrained": ("profiling.bench.gpu.features:hf_pretrained", 60),
     "straggler": ("profiling.bench.gpu.checks:straggler", 120),
     "host_syncs": ("profiling.bench.gpu.checks:host_syncs", 60),
     "layer_bench": ("profiling.bench.gpu.layer_bench:layer_bench", 150),
@@ -144,6 +151,21 @@ def headline(rec: dict) -> str:
         return (
             f"bit-exact={rec['checks']['resume_bit_exact']} deterministic={rec.get('deterministic', 'n/a')}"
         )
+    if name == "fsdp_bf16":
+        a, mib = rec["activation_forward"], 2**20
+        grow = "n/a" if a["allocator_growth"] is None else f"{a['allocator_growth'] / mib:.1f}"
+        return (
+            f"loss vs torch {rec['max_loss_rel_diff']:.1e}, resume {rec['resume']['resume_check']}; "
+            f"fwd MiB meter {a['meter_peak'] / mib:.1f} alloc {grow} plan {a['planner_estimate'] / mib:.1f}"
+        )
+    if name == "dispatch_ep2":
+        v = rec["variants"]
+        return (
+            f"dedup/pairs bytes {v['dedup']['wire_bytes'] / max(v['pairs']['wire_bytes'], 1):.2f}; ms "
+            + " ".join(f"{k}={r['step_ms']:.1f}" for k, r in v.items())
+        )
+    if name == "hf_pretrained":
+        return f"logits rel err {rec['logits_max_rel_err']:.1e}, load {rec['load']['seconds']:.2f} s"
     if name == "straggler":
         return f"slope {rec['slope']:.3f} (waits {[round(w, 1) for w in rec['wait_ms']]} ms)"
     if name == "host_syncs":

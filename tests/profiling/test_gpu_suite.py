@@ -20,6 +20,9 @@ FIELDS = {
     "layer_oracle": ["errors", "tolerance", "tokens"],
     "ep2": ["errors", "tokens"],
     "trainer_resume": ["steps", "resumed_from", "rows", "differing_steps"],
+    "fsdp_bf16": ["losses", "max_loss_rel_diff", "memory_per_rank", "resume", "activation_forward"],
+    "dispatch_ep2": ["variants", "repeat_bit_equal", "overlap_bit_equal", "dedup_max_rel_err"],
+    "hf_pretrained": ["load", "logits_max_rel_err", "bf16_loss"],
     "straggler": ["delays_ms", "wait_ms", "slope"],
     "host_syncs": ["sync_ops_fwd", "sync_ops_bwd", "sync_warnings_fwd", "sync_warnings_bwd"],
     "layer_bench": ["peak_tflops", "rows"],
@@ -49,6 +52,12 @@ def test_smoke_suite_writes_every_part(tmp_path: Path) -> None:
     assert recs["layer_oracle"]["errors"]["fp32"]["grad_w1"] <= 1e-4
     assert recs["layer_oracle"]["errors"]["bf16"]["hidden"] <= 3e-2
     assert recs["trainer_resume"]["differing_steps"] == []
+    fsdp = recs["fsdp_bf16"]  # fp32 on the CPU: the same math as engine torch, resumed under it
+    assert fsdp["max_loss_rel_diff"] <= 1e-6 and fsdp["resume"]["resume_check"] == "pass", fsdp["resume"]
+    assert fsdp["activation_forward"]["meter_over_estimate"] == pytest.approx(1, rel=0.25)
+    assert recs["dispatch_ep2"]["overlap_bit_equal"] == {"pairs": True, "dedup": True}
+    v = recs["dispatch_ep2"]["variants"]
+    assert 0 < v["dedup"]["wire_rows"] <= v["pairs"]["wire_rows"] and v["pairs+overlap"]["step_ms"] > 0
     rows = recs["layer_bench"]["rows"]
     assert len(rows) == 4 and all(r["moe_ms"] > 0 and r["ratio_to_dense"] > 0 for r in rows)
     assert recs["trainer_bench"]["tokens_per_s"] > 0 and 0 < recs["trainer_bench"]["mfu"] < 1
