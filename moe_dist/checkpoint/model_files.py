@@ -91,14 +91,7 @@ def read_stored_model_files(model, run_dir: Path, resume: bool) -> None:
         return
     stored = run_dir / MODEL_FILES
     if resume and (stored / CONFIG).is_file() and has_checkpoint(run_dir):
-        model.read_config_from(str(stored))
-        log.info(
-            "model directory %s holds no config.json: resuming %s, whose checkpoint holds the weights, with "
-            "the config and tokenizer the run stored in %s",
-            spec,
-            run_dir,
-            stored,
-        )
+        model.read_config_from(str(stored))  # the launch's preflight logs it (once: after any re-exec)
         return
     why = "" if not has_checkpoint(run_dir) else f" (and {stored} holds no copy of it to resume with)"
     raise ConfigError(f"model.hf_config={spec!r} is not a directory with a config.json{why}")

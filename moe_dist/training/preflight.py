@@ -241,6 +241,14 @@ def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
     if found is None:
         return None
     ckpt, manifest = found
+    if cfg.model.hf_source != cfg.model.hf_config and rank == 0:  # config.RunConfig: read_stored_model_files
+        log.info(
+            "model directory %s holds no config.json: resuming %s, whose checkpoint holds the weights, with "
+            "the config and tokenizer files the run stored in %s",
+            cfg.model.hf_config,
+            cfg.run_dir,
+            cfg.model.hf_source,
+        )
     what_to_do = (
         "relaunch with the checkpoint's settings, or start a new run: another name=..., or "
         "train.resume=false train.overwrite=true (moves this run aside, deletes nothing)"
