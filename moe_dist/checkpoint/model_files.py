@@ -15,10 +15,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moe_dist.checkpoint.names import STEP_DIR
 from moe_dist.errors import ConfigError
 from moe_dist.runtime.durable import fsync_dir as _fsync_dir  # why not checkpoint.verify's: torch-free
+
+if TYPE_CHECKING:
+    from moe_dist.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +85,11 @@ def has_checkpoint(run_dir: Path) -> bool:
     return root.is_dir() and any(p.is_dir() and STEP_DIR.fullmatch(p.name) for p in root.iterdir())
 
 
-def read_stored_model_files(model, run_dir: Path, resume: bool) -> None:
-    """``model`` (a ModelConfig) whose ``hf_config`` directory holds no config.json (moved or deleted): when
-    this launch resumes a checkpoint of the run and the run directory holds its copy (``RUN/hf_model/``), the
-    config and tokenizer are read from the copy (``model.hf_source``; the checkpoint holds the weights). Else
-    one ConfigError line."""
+def read_stored_model_files(model: ModelConfig, run_dir: Path, resume: bool) -> None:
+    """``model``'s ``hf_config`` directory holds no config.json (moved or deleted): when this launch resumes
+    a checkpoint of the run and the run directory holds its copy (``RUN/hf_model/``), the config and
+    tokenizer are read from the copy (``model.hf_source``; the checkpoint holds the weights). Else one
+    ConfigError line."""
     spec = model.hf_config
     if model.kind != "hf" or not isinstance(spec, str) or (Path(spec) / CONFIG).is_file():
         return

@@ -74,6 +74,7 @@ class ModelConfig:
         return self.__dict__.get("_read_from") or self.hf_config
 
     def read_config_from(self, directory: str) -> None:
+        """``hf_source`` becomes ``directory`` (moe_dist/checkpoint/model_files.py decides when)."""
         self.__dict__["_read_from"] = directory
 
     def _check_hf(self) -> None:
