@@ -5,6 +5,7 @@ before the copy falls back to that directory (``model_files_dir``).
 
     store_model_files(Path(cfg.model.hf_config), cfg.run_dir)   # the trainer, rank 0, at the first start
     model_files_dir(run_dir, saved_config["model"])              # the export: where config.json is read
+    read_stored_model_files(cfg.model, cfg.run_dir, cfg.train.resume)  # the config check (RunConfig)
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moe_dist.checkpoint.verify import _fsync_dir
+from moe_dist.checkpoint.names import STEP_DIR
+from moe_dist.errors import ConfigError
+from moe_dist.runtime.durable import fsync_dir as _fsync_dir  # why not checkpoint.verify's: torch-free
+
+if TYPE_CHECKING:
+    from moe_dist.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +76,26 @@ def model_files_dir(run_dir: Path, model: dict) -> Path | None:
         return stored
     spec = model.get("hf_pretrained") or model.get("hf_config")
     return Path(spec) if isinstance(spec, str) else None
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir/checkpoints`` holds a checkpoint directory (torch-free: the config check runs before
+    torch is imported). A launch with ``train.resume`` then resumes one, or fails: it never starts afresh."""
+    root = run_dir / "checkpoints"
+    return root.is_dir() and any(p.is_dir() and STEP_DIR.fullmatch(p.name) for p in root.iterdir())
+
+
+def read_stored_model_files(model: ModelConfig, run_dir: Path, resume: bool) -> None:
+    """``model``'s ``hf_config`` directory holds no config.json (moved or deleted): when this launch resumes
+    a checkpoint of the run and the run directory holds its copy (``RUN/hf_model/``), the config and
+    tokenizer are read from the copy (``model.hf_source``; the checkpoint holds the weights). Else one
+    ConfigError line."""
+    spec = model.hf_config
+    if model.kind != "hf" or not isinstance(spec, str) or (Path(spec) / CONFIG).is_file():
+        return
+    stored = run_dir / MODEL_FILES
+    if resume and (stored / CONFIG).is_file() and has_checkpoint(run_dir):
+        model.read_config_from(str(stored))  # the launch's preflight logs it (once: after any re-exec)
+        return
+    why = "" if not has_checkpoint(run_dir) else f" (and {stored} holds no copy of it to resume with)"
+    raise ConfigError(f"model.hf_config={spec!r} is not a directory with a config.json{why}")

@@ -14,6 +14,8 @@ manifest is written last. A document goes to validation when a stable hash of it
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -31,6 +33,7 @@ from tqdm import tqdm
 from moe_dist.data.files import DataError
 from moe_dist.data.token_files import (
     FORMAT,
+    LOCK,
     MANIFEST,
     PARTS,
     SPLITS,
@@ -247,14 +250,39 @@ def _check_out(out: Path, job: str, overwrite: bool) -> dict | None:
         (out / MANIFEST).unlink()  # first: an interrupted overwrite must not look finished
         fsync_dir(out)
         return None
-    ours = {PARTS, *(split_file(s) for s in SPLITS)}
+    _refuse_strangers(out)
+    return None
+
+
+def _refuse_strangers(out: Path) -> None:
+    """Refuse an ``out`` (without a manifest) holding more than an unfinished preparation leaves."""
+    ours = {PARTS, LOCK, *(split_file(s) for s in SPLITS)}
     strangers = [p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith(".tmp")]
-    if out.is_dir() and strangers:
+    if strangers:
         raise DataError(
             f"--out {out} is not empty and is not a prepare_data directory (it holds {sorted(strangers)[0]!r}"
             "); choose a new or empty directory"
         )
-    return None
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` exclusively (``flock``, non-blocking) for the preparation: a second run on the same
+    directory gets one DataError line instead of writing the same parts and outputs at the same time. The
+    kernel releases the lock when its holder exits, however it exits: the file a killed run leaves behind
+    blocks nothing (it stays, empty; deleting it could split two runs over two files)."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(
+                f"--out {out} is being prepared by another prepare_data run right now (it holds {out / LOCK}"
+                "); wait for it to finish, or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock (forked tokenizer workers are gone by now)
 
 
 def prepare(
@@ -270,7 +298,8 @@ def prepare(
     chunk_bytes: int = CHUNK_BYTES,
     progress: bool = True,
 ) -> PrepareResult:
-    """Tokenize ``inputs`` into ``out`` (see the module docstring); every bad input is one DataError line."""
+    """Tokenize ``inputs`` into ``out`` (see the module docstring); every bad input is one DataError line.
+    One run at a time per ``out`` (``exclusive``)."""
     t0 = time.perf_counter()
     if not inputs:
         raise DataError("no inputs: name one or more .txt or .jsonl files")
@@ -280,6 +309,41 @@ def prepare(
         raise DataError(f"--processes must be >= 1, got {processes}")
     if chunk_bytes < 1:
         raise DataError(f"the chunk size must be >= 1 byte, got {chunk_bytes}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and not (out / MANIFEST).is_file():
+        _refuse_strangers(out)  # first: no lock file is written into another program's directory
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):  # a second run on this directory is refused, not interleaved with this one
+        return _prepare(
+            tok_dir,
+            out,
+            inputs,
+            field,
+            val_fraction,
+            processes,
+            overwrite,
+            keep_parts,
+            chunk_bytes,
+            progress,
+            t0,
+        )
+
+
+def _prepare(
+    tok_dir: str,
+    out: Path,
+    inputs: list[str],
+    field: str,
+    val_fraction: float,
+    processes: int,
+    overwrite: bool,
+    keep_parts: bool,
+    chunk_bytes: int,
+    progress: bool,
+    t0: float,
+) -> PrepareResult:
     tok = cached_tokenizer(tok_dir)
     tok_digest, tok_files = tokenizer_hash(tok_dir)  # type: ignore[misc] - load_tokenizer checked it exists
     if tok.eos_token_id is None:
@@ -289,9 +353,6 @@ def prepare(
     settings = json.dumps([FORMAT, tok_digest, field, val_fraction, dtype])
     pieces = plan_pieces(inputs, settings, field, chunk_bytes)
     job = hashlib.sha256(json.dumps([settings, inputs, [p.key for p in pieces]]).encode()).hexdigest()[:32]
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a directory")
     if out.is_dir():
         done = _check_out(out, job, overwrite)
         if done is not None:

@@ -8,6 +8,7 @@
                              (name, vocabulary, EOS id, a hash of its files), and per split the token,
                              document and UTF-8 byte counts (bits per byte = nats x tokens / (ln 2 x bytes))
     DATA_DIR/parts/          an unfinished preparation's finished pieces (removed at the end)
+    DATA_DIR/.lock           held (flock) by the prepare_data run writing the directory; empty, left in place
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from moe_dist.runtime.durable import file_sha256
 FORMAT = "moe_dist.tokens/1"
 MANIFEST = "manifest.json"
 PARTS = "parts"
+LOCK = ".lock"
 SPLITS = ("train", "val")
 TOKENIZER_FILES = (
     "tokenizer.json",

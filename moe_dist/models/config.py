@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from moe_dist.errors import ConfigError
 from moe_dist.models.hf_config import STRUCTURAL
@@ -67,6 +66,17 @@ class ModelConfig:
         if self.moe.d_model != self.d_model:
             raise ConfigError(f"model.moe.d_model={self.moe.d_model} must equal model.d_model={self.d_model}")
 
+    @property
+    def hf_source(self) -> str | dict | None:
+        """Where ``hf_config`` (and a pretrained model's structure and tokenizer) is read: ``hf_config``
+        itself, or the run directory's copy of its files when that directory is gone and the launch resumes a
+        checkpoint (``read_config_from``). Not a config key: the run config keeps naming the directory."""
+        return self.__dict__.get("_read_from") or self.hf_config
+
+    def read_config_from(self, directory: str) -> None:
+        """``hf_source`` becomes ``directory`` (moe_dist/checkpoint/model_files.py decides when)."""
+        self.__dict__["_read_from"] = directory
+
     def _check_hf(self) -> None:
         if self.kind not in ("moe_dist", "hf"):
             raise ConfigError(f"model.kind must be moe_dist or hf, got {self.kind!r}")
@@ -88,8 +98,8 @@ class ModelConfig:
             raise ConfigError("model.kind=hf needs model.hf_config (a directory or the config's fields)")
         if isinstance(self.hf_config, dict) and not self.hf_config.get("model_type"):
             raise ConfigError("model.hf_config needs a model_type (e.g. qwen3_moe, deepseek_v3)")
-        if isinstance(self.hf_config, str) and not (Path(self.hf_config) / "config.json").is_file():
-            raise ConfigError(f"model.hf_config={self.hf_config!r} is not a directory with a config.json")
+        # a directory without config.json: refused by RunConfig, which knows whether a resume may read the
+        # run directory's copy instead (moe_dist/checkpoint/model_files.py, read_stored_model_files)
         names = {f.name for f in dataclasses.fields(MoEConfig)} - set(STRUCTURAL)
         for key in self.hf_moe:
             if key not in names:

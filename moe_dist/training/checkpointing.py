@@ -49,7 +49,7 @@ from moe_dist.training.balance_controller import AuxController
 from moe_dist.training.config import RunConfig
 from moe_dist.training.engine import Engine
 from moe_dist.training.metrics import MetricsLogger, NullLogger
-from moe_dist.training.preflight import SHARED_CHECK, stored_global_batch
+from moe_dist.training.preflight import SHARED_CHECK, data_identity, stored_global_batch
 from moe_dist.training.rebalance_loop import RebalanceLoop
 
 log = logging.getLogger("moe_dist.train")
@@ -178,6 +178,7 @@ class CheckpointManager:
             "global_batch": self.cfg.train.global_batch,  # sequences per step: a resume keeps it
             "config_digest": self.cfg.digest(),
             "config": self.cfg.to_dict(),  # a resume names the keys that changed (training/preflight.py)
+            "data": data_identity(self.cfg),  # its tokenizer's hash: a resume on another's data is refused
         }
         return files, meta
 

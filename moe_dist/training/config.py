@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from moe_dist.checkpoint.model_files import has_checkpoint, read_stored_model_files
 from moe_dist.data.config import DataConfig
 from moe_dist.errors import ConfigError
 from moe_dist.models.config import ModelConfig
@@ -309,6 +310,7 @@ class RunConfig:
                 "name must be a plain directory name (not empty, '.' or '..'; no '/' or '\\'), got "
                 f"{self.name!r}"
             )
+        read_stored_model_files(self.model, self.run_dir, self.train.resume)  # a gone model dir, on resume
         if self.engine == "deepspeed" and self.parallel.redundant_experts:
             raise ConfigError(DEEPSPEED_REFUSES_REPLICAS)
         if self.engine == "deepspeed" and self.parallel.placement == "balanced":
@@ -329,8 +331,9 @@ class RunConfig:
         if self.model.kind == "hf":
             from moe_dist.models.hf_config import hf_num_experts
 
-            n = hf_num_experts(self.model.hf_config)
-            if self.model.hf_pretrained is not None:  # every shard and key, from the headers alone
+            n = hf_num_experts(self.model.hf_source)
+            resumes = self.train.resume and has_checkpoint(self.run_dir)  # reads no HF weight: needs no shard
+            if self.model.hf_pretrained is not None and not resumes:  # every shard and key, from the headers
                 from moe_dist.models.hf_load import check_pretrained
 
                 check_pretrained(self.model.hf_pretrained, self.model.seq_len)

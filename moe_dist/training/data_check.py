@@ -34,15 +34,15 @@ def check_data(cfg: RunConfig) -> None:
     if cfg.model.kind == "hf":
         from moe_dist.models.hf_config import hf_config_from
 
-        rows = hf_config_from(cfg.model.hf_config, cfg.model.seq_len).vocab_size
+        rows = hf_config_from(cfg.model.hf_source, cfg.model.seq_len).vocab_size
         if vocab > rows:
             raise ConfigError(
                 f"data.kind={cfg.data.kind}: {what} is larger than the model's embedding (its config's "
                 f"vocab_size={rows}); use a model made for this tokenizer, or a config with vocab_size >= "
                 f"{vocab}"
             )
-        if tokenizer and isinstance(cfg.model.hf_config, str):
-            _check_same_tokenizer(cfg.model.hf_config, tokenizer, cfg.data.path)
+        if tokenizer and isinstance(cfg.model.hf_source, str):  # the run's copy, when resuming without it
+            _check_same_tokenizer(cfg.model.hf_source, tokenizer, cfg.data.path)
     elif cfg.model.vocab_size and cfg.model.vocab_size < vocab:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than {what} of data.kind={cfg.data.kind}; "

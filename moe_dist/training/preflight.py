@@ -12,7 +12,10 @@ the same one-line error instead of one rank leaving its peers in a collective:
 - a checkpoint written under another world size or EP size: resharded (format 2, engine torch or fsdp), else
   refused (``ConfigError``: format 1, or engine deepspeed) — see ``moe_dist.checkpoint.files.layout_refusal``;
 - a checkpoint written under another config: keys that change what the model computes are refused;
-  the others (learning rate, step budget, logging, ...) are allowed with a warning naming each key.
+  the others (learning rate, step budget, logging, ...) are allowed with a warning naming each key;
+- a checkpoint trained on data of another tokenizer (its manifest's ``data``, ``data_identity``): refused,
+  naming both tokenizer hashes; other data of the same tokenizer (continued training) is allowed with the
+  config's ``data.path`` warning.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 
 from moe_dist.checkpoint.files import checkpoint_dirs, layout_refusal, stray_entries
 from moe_dist.checkpoint.names import MANIFEST
+from moe_dist.data.files import DataError
+from moe_dist.data.kinds import DATA_KINDS
 from moe_dist.errors import ConfigError
 from moe_dist.training.config import RunConfig, keep_global_batch
 
@@ -155,6 +160,59 @@ def stored_global_batch(manifest: dict) -> int | None:
         return None
 
 
+_TOKENIZERS: dict[tuple[str, str], dict | None] = {}
+"""(data.kind, data.path) -> its tokenizer's name and hash: read once per process (each save asks)."""
+
+
+def data_identity(cfg: RunConfig) -> dict:
+    """What each checkpoint's manifest stores of the data it was trained on (``data``): the kind, the path,
+    and the tokenizer's name and hash from the data's manifest (None: bytes; a hash of None: unreadable).
+    Same vocabulary size or not, data of another tokenizer means other text to the model."""
+    key = (cfg.data.kind, cfg.data.path)
+    if key not in _TOKENIZERS:
+        try:
+            tok = DATA_KINDS[cfg.data.kind].tokenizer(cfg.data)
+            _TOKENIZERS[key] = None if tok is None else {"name": tok["name"], "hash": tok["hash"]}
+        except (DataError, OSError):  # why not raise: a save must never fail on it (the data is mapped)
+            _TOKENIZERS[key] = {"name": None, "hash": None}
+    return {"kind": cfg.data.kind, "path": cfg.data.path, "tokenizer": _TOKENIZERS[key]}
+
+
+def _tokenizer_hash(data: dict) -> str | None:
+    """The tokenizer's hash, "bytes" for byte data (None: not known)."""
+    return "bytes" if data.get("tokenizer") is None else data["tokenizer"].get("hash")
+
+
+def _describe(data: dict) -> str:
+    tok = data.get("tokenizer")
+    if tok is None:
+        return f"bytes (data.kind={data.get('kind')})"
+    return f"tokenizer {tok.get('name')!r} (hash {str(tok.get('hash'))[:12]}, data.path={data.get('path')!r})"
+
+
+def check_same_data(cfg: RunConfig, ckpt: Path, manifest: dict, rank: int) -> None:
+    """Refuse (one ConfigError line) a resume on data of another tokenizer than the checkpoint's (or bytes
+    against tokens); a checkpoint that does not record its data (older) is resumed with a warning."""
+    now, saved = data_identity(cfg), manifest.get("data")
+    old = _tokenizer_hash(saved) if isinstance(saved, dict) else None
+    new = _tokenizer_hash(now)
+    if old is None or new is None:
+        if not (old is None and new == "bytes") and rank == 0:  # bytes then: a record could say no more
+            log.warning(
+                "checkpoint %s does not record the tokenizer of the data it was trained on (it predates the "
+                "record, or the data was unreadable): resuming without checking that it is %s's",
+                ckpt,
+                _describe(now),
+            )
+        return
+    if old != new:
+        raise ConfigError(
+            f"checkpoint {ckpt} was trained on data of {_describe(saved)}, but this launch's data is of "
+            f"{_describe(now)}: the same ids would mean other text to the model; prepare the data with the "
+            f"run's tokenizer, or start a new run (another name=...)"
+        )
+
+
 def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
     """Decide from the run directory's files whether this launch may start; raise ConfigError if not.
 
@@ -183,6 +241,14 @@ def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
     if found is None:
         return None
     ckpt, manifest = found
+    if cfg.model.hf_source != cfg.model.hf_config and rank == 0:  # config.RunConfig: read_stored_model_files
+        log.info(
+            "model directory %s holds no config.json: resuming %s, whose checkpoint holds the weights, with "
+            "the config and tokenizer files the run stored in %s",
+            cfg.model.hf_config,
+            cfg.run_dir,
+            cfg.model.hf_source,
+        )
     what_to_do = (
         "relaunch with the checkpoint's settings, or start a new run: another name=..., or "
         "train.resume=false train.overwrite=true (moves this run aside, deletes nothing)"
@@ -218,6 +284,7 @@ def preflight(cfg: RunConfig, world: int, rank: int) -> dict | None:
             )
         if allowed and rank == 0:
             log.warning("resuming %s under a changed config: %s", ckpt, "; ".join(allowed))
+    check_same_data(cfg, ckpt, manifest, rank)
     summary_path = cfg.run_dir / "summary.json"
     if int(manifest.get("step", -1)) >= cfg.train.steps and summary_path.is_file():
         try:

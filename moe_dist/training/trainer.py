@@ -90,9 +90,9 @@ class Trainer:
             from moe_dist.models.hf_load import pretrained_skeleton
 
             if cfg.model.hf_pretrained is not None:  # on the meta device; _hf_lm reads this rank's part
-                hf_model = pretrained_skeleton(cfg.model.hf_pretrained, cfg.model.seq_len)
+                hf_model = pretrained_skeleton(cfg.model.hf_source, cfg.model.seq_len)
             else:
-                hf_model = build_hf_model(cfg.model.hf_config, cfg.train.seed, cfg.model.seq_len)
+                hf_model = build_hf_model(cfg.model.hf_source, cfg.train.seed, cfg.model.seq_len)
             moe_ids = sparse_layer_ids(hf_model)
         else:
             moe_ids = [i for i in range(cfg.model.n_layers) if (i + 1) % cfg.model.moe_every == 0]
@@ -167,7 +167,7 @@ class Trainer:
         if self.cfg.model.kind == "hf":
             from moe_dist.models.hf_config import hf_num_experts
 
-            n = hf_num_experts(self.cfg.model.hf_config)
+            n = hf_num_experts(self.cfg.model.hf_source)
         else:
             n = self.cfg.model.moe.num_experts
         return Placement.contiguous(n, self.layout.ep, p.redundant_experts)

@@ -78,12 +78,15 @@ def probed_run(
 
 
 def preflighted_run(rank: int, world: int, cfg_dict: dict) -> dict:
-    """As the entry point: the preflight (which keeps the stored global batch), then the trainer; returns
-    the summary and the micro_batch and grad_accum the run trained with."""
+    """As the entry point: the data check (which resolves model.vocab_size), the preflight (which keeps the
+    stored global batch), then the trainer; returns the summary and the micro_batch and grad_accum the run
+    trained with."""
+    from moe_dist.training.data_check import check_data
     from moe_dist.training.preflight import preflight
     from moe_dist.training.trainer import Trainer
 
     cfg = config_from_dict(cfg_dict)
+    check_data(cfg)
     preflight(cfg, world, rank)
     trainer = Trainer(cfg, ParallelLayout.build(cfg.parallel.ep), torch.device("cpu"))
     summary = trainer.train()

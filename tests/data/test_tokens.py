@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import sys
@@ -220,6 +221,63 @@ def test_a_tokens_run_on_2_ranks_writes_val_bpb_by_the_formula(fx: dict, tmp_pat
         )
     assert summary["final_val_bpb"] == evals[-1]["val_bpb"]
     assert yaml.safe_load((tmp_path / "tok" / "config.yaml").read_text())["model"]["vocab_size"] == 400
+    _resume_on_other_data(fx, cfg, tmp_path)
+
+
+def _resume_on_other_data(fx: dict, cfg: dict, tmp_path: Path) -> None:
+    """The run's checkpoint records its data's tokenizer; the launch's checks before any process group (the
+    data check, then the preflight) on a resume with other data. Another tokenizer of the same vocabulary
+    (400 ids: a copy of the run's with one setting changed, so that the data check alone lets it through)
+    is one ConfigError line naming both hashes; the run's data at another path (continued training on new
+    data) resumes with a warning naming data.path; a checkpoint without the record (older) resumes with a
+    warning."""
+    from moe_dist.checkpoint.files import checkpoint_dirs
+    from moe_dist.training.preflight import preflight
+
+    ckpt = checkpoint_dirs(tmp_path / "tok" / "checkpoints")[-1]
+    made = read_manifest(fx["a"])["tokenizer"]
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    want = {"name": made["name"], "hash": made["hash"]}
+    assert manifest["data"] == {"kind": "tokens", "path": str(fx["a"]), "tokenizer": want}
+    other_tok = tmp_path / "other_tok"
+    shutil.copytree(fx["tok"], other_tok)
+    conf = json.loads((other_tok / "tokenizer_config.json").read_text())
+    (other_tok / "tokenizer_config.json").write_text(json.dumps({**conf, "model_max_length": 64}))
+    other = prepare(str(other_tok), tmp_path / "other", fx["inputs"][1:], val_fraction=0.5, progress=False)
+    new = other.manifest["tokenizer"]
+    assert new["vocab_size"] == made["vocab_size"] == 400 and new["hash"] != made["hash"]
+    shutil.copytree(fx["a"], tmp_path / "moved")
+
+    def launch_checks(path: Path) -> list[str]:
+        run = config_from_dict({**cfg, "data": {"kind": "tokens", "path": str(path)}})
+        check_data(run)
+        handler = _Records()
+        logging.getLogger("moe_dist.train").addHandler(handler)
+        try:
+            preflight(run, 2, 0)
+        finally:
+            logging.getLogger("moe_dist.train").removeHandler(handler)
+        return handler.lines
+
+    with pytest.raises(ConfigError) as err:
+        launch_checks(tmp_path / "other")
+    line = str(err.value)
+    assert made["hash"][:12] in line and new["hash"][:12] in line and "\n" not in line
+    assert any("data.path" in w and "moved" in w for w in launch_checks(tmp_path / "moved"))
+    del manifest["data"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))  # as a checkpoint from before the record
+    assert any("does not record the tokenizer" in w for w in launch_checks(tmp_path / "other"))
+
+
+class _Records(logging.Handler):
+    """The warnings a logger emitted (the preflight's), as lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 PREPARE_REFUSALS = {
@@ -263,6 +321,44 @@ def test_overwrite_replaces_another_jobs_directory(fx: dict, tmp_path: Path) -> 
     prepare(str(fx["tok"]), out, fx["inputs"][1:], val_fraction=VAL_FRACTION, progress=False)
     prepare(str(fx["tok"]), out, fx["inputs"][2:], val_fraction=VAL_FRACTION, overwrite=True, progress=False)
     assert read_manifest(out)["inputs"] == fx["inputs"][2:]
+
+
+HOLD_LOCK = (
+    "import sys, time; from pathlib import Path; from moe_dist.data.prepare import exclusive\n"
+    "with exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)"
+)
+"""A prepare_data run as far as the lock goes: holds DATA_DIR's lock until killed."""
+
+
+def test_a_second_prepare_on_a_directory_in_use_is_refused_and_a_killed_ones_lock_blocks_nothing(
+    fx: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """While another process holds DATA_DIR's lock (as a running prepare_data does), ``prepare-data`` on the
+    same directory is one DataError line naming it (exit 2) and writes nothing there. Once that process is
+    SIGKILLed (no clean-up: its lock file stays) the kernel has dropped its lock, and the same command
+    prepares the directory."""
+    import subprocess
+
+    from moe_dist.prepare_data import main
+
+    out = tmp_path / "d"
+    out.mkdir()
+    argv = ["--tokenizer", str(fx["tok"]), "--out", str(out), *fx["inputs"][1:]]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)], env=child_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out} is being prepared by another" in err, err
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == -9 and (out / ".lock").is_file()
+    assert main(argv) == 0
+    assert read_manifest(out)["inputs"] == fx["inputs"][1:]
 
 
 def _hf_dir(path: Path, vocab: int) -> Path:

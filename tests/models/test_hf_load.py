@@ -277,11 +277,14 @@ def test_finetuned_pretrained_model_resumes_at_another_layout(
     ckpts: dict[str, Path], ranks: dict, tmp_path: Path
 ) -> None:
     """The fine-tuned run's step-20 checkpoint (EP=2 x DP=2, one replica per rank) resumed on one rank (EP=1,
-    the global batch kept by grad_accum): the resume self-check passes (the loaded model's val loss is the
-    stored one) and it trains on (two steps, to stay cheap). The resume reads none of the pretrained
-    weights (the checkpoint overwrites them): it runs with the shards moved away, and hf_load.json keeps
-    the first start's record."""
-    from tests.checkpoint.reshard_workers import preflighted_run
+    the global batch kept by grad_accum) through the entry point (``python -m moe_dist.train``, no launcher):
+    the resume self-check passes (the loaded model's val loss is the stored one) and it trains on (two steps,
+    to stay cheap). The resume needs nothing of the model directory: it runs with the directory moved away
+    (no shard, no config.json: the launch's shard check is skipped, the config is read from the run's
+    ``hf_model/`` copy, and the log says so), and hf_load.json keeps the first start's record. Without that
+    copy, the same launch is one ConfigError line."""
+    from moe_dist.training.config import config_from_dict
+    from tests.helpers.launch import launch, python_cmd
     from tests.helpers.shared_runs import cut_back
 
     shutil.copytree(ranks["runs"] / "tiny", tmp_path / "tiny")
@@ -289,18 +292,23 @@ def test_finetuned_pretrained_model_resumes_at_another_layout(
     train = {**FINETUNE_TRAIN, "micro_batch": 8, "steps": 22}  # world 1: the stored global batch of 4 x 2
     cfg = _hf_run(ckpts["qwen3_moe"], tmp_path, "tiny", {"ep": 1}, train)
     cfg["model"]["hf_moe"] = HF_MOE
+    (tmp_path / "run.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     record = (tmp_path / "tiny" / "hf_load.json").read_text()
-    aside = tmp_path / "aside"  # the weights are away during the resume: reading one would fail the launch
-    aside.mkdir()
-    shards = sorted(ckpts["qwen3_moe"].glob("*.safetensors"))
-    for f in shards:
-        f.rename(aside / f.name)
+    aside = tmp_path / "aside"  # the model directory is away during the resume: reading it would fail
+    shutil.move(ckpts["qwen3_moe"], aside)
     try:
-        (res,) = run_ranks(preflighted_run, 1, cfg, timeout=400)
+        p = launch(python_cmd(tmp_path / "run.yaml"), timeout=400)
+        bare = {**cfg, "name": "bare"}  # the same checkpoint without the run's copy of the model's files
+        shutil.copytree(tmp_path / "tiny" / "checkpoints", tmp_path / "bare" / "checkpoints")
+        with pytest.raises(ConfigError, match="is not a directory with a config.json") as err:
+            config_from_dict(bare)
     finally:
-        for f in shards:
-            (aside / f.name).rename(f)
-    assert res["summary"]["steps"] == 22
+        shutil.move(aside, ckpts["qwen3_moe"])
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-5000:])
+    assert "hf_model holds no copy" in str(err.value) and "\n" not in str(err.value)
+    assert f"resuming {tmp_path / 'tiny'}" in p.stderr and str(tmp_path / "tiny" / "hf_model") in p.stderr
+    assert "weights not read" in p.stderr
+    assert json.loads((tmp_path / "tiny" / "summary.json").read_text())["steps"] == 22
     assert (tmp_path / "tiny" / "hf_load.json").read_text() == record  # the first start's (4 rows), kept
     rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "resume_check" in r]
