@@ -337,3 +337,21 @@ def test_measured_wire_bytes_reach_the_report_and_the_whatif(real_run: Path, rea
     old = {k: v for k, v in recs[0].items() if not k.startswith("wire_")}
     assert StepExtras.from_jsonl(old).wire is None
     assert "wire_rows" not in StepExtras.from_jsonl(old).to_jsonl()
+
+
+def test_whatif_states_a_dedup_runs_measured_bytes_at_the_recorded_ep(real_run: Path, tmp_path: Path) -> None:
+    """Per-expert counts cannot tell dedup's rows, so the what-if's a2a column is empty for a dedup run
+    except at the recorded EP size and placement, where it is the run's measured ``wire_bytes`` (the same
+    run's records, relabelled ``moe.dispatch: dedup``)."""
+    run = tmp_path / "dedup"
+    shutil.copytree(real_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["moe"]["dispatch"] = "dedup"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    recs = jsonl(run / "straggler.jsonl")
+    measured = sum(sum(r["wire_bytes"]) for r in recs) / len(recs)
+    rows = {(r["ep"], r["placement"]): r for r in whatif.project(run, [2, 4], ["contiguous", "greedy"])}
+    assert rows[(2, "contiguous")]["a2a_measured"] is True
+    assert rows[(2, "contiguous")]["a2a_bytes"] == pytest.approx(measured, rel=1e-12)
+    for key in ((2, "greedy"), (4, "contiguous")):
+        assert rows[key]["a2a_bytes"] is None and rows[key]["a2a_measured"] is False, key
