@@ -60,7 +60,8 @@ DEDUP_FROM_TOP_K = 8
 destination rank) unless ``model.hf_moe`` says otherwise. Why 8: measured (docs/benchmarks.md, bench-dispatch,
 2026-12-06) dedup was faster than ``pairs`` at K = 8 in every case (0.67-0.95x) and slower at K = 2
 (0.85-1.30x); the published DeepSeek-V3, Qwen3-MoE and OLMoE routers are K = 8, Mixtral's and the tiny test
-configs' K = 2 stay ``pairs``."""
+configs' K = 2 stay ``pairs``. Re-measured after dedup lost its second all-to-all, count exchange and sort:
+about even at K = 2 (0.97-1.04x), not never slower, so 8 stands."""
 
 
 def block_kind(block: nn.Module) -> str:

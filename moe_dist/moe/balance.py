@@ -276,7 +276,9 @@ class DispatchCounts(BalanceTerm):
         if c.count_row is None:
             return []
         row, rows = c.count_row
-        block_RN = torch.zeros(rows, c.N, dtype=torch.float64, device=c.route.scores_TN.device)
+        # why the counts' own width: N, or N + R when the dispatcher folds its own numbers in (prepare())
+        width = c.kept_counts_N.numel()
+        block_RN = torch.zeros(rows, width, dtype=torch.float64, device=c.route.scores_TN.device)
         block_RN[row] = c.kept_counts_N.to(torch.float64)
         return [Block("dispatch_counts", block_RN, HOST)]
 
@@ -466,7 +468,8 @@ def balance_terms(
     kept_counts_RN = None
     if count_row is not None:
         flat = [int(round(v)) for v in host["dispatch_counts"]]
-        kept_counts_RN = [flat[r * N : (r + 1) * N] for r in range(count_row[1])]
+        W = len(flat) // count_row[1]  # N kept-pair counts, then any the dispatcher folded in
+        kept_counts_RN = [flat[r * W : (r + 1) * W] for r in range(count_row[1])]
     return BalanceResult(
         aux_loss=aux,
         terms=terms,

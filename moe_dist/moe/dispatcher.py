@@ -54,6 +54,8 @@ class RoutePlan:
     any_dropped: bool
     gates_TK: Tensor | None = None
     """The routing gates, for a dispatcher that weights on the receiving side ("dedup"); None elsewhere."""
+    prepared: object = None
+    """What the dispatcher's ``prepare`` computed from this plan (dedup: its token rows); None elsewhere."""
 
 
 @dataclass
@@ -193,6 +195,8 @@ class Dispatcher(Protocol):
     layer: int
     num_slots: int
 
+    def prepare(self, plan: RoutePlan) -> Tensor | None: ...
+
     def dispatch(
         self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
     ) -> tuple[Tensor, Tensor, DispatchMeta]: ...
@@ -253,6 +257,12 @@ class LocalDispatcher:
     def set_placement(self, placement: Placement) -> None:
         """One rank: the slot order lives in the route plan alone, so only the record changes."""
         self.placement = placement
+
+    def prepare(self, plan: RoutePlan) -> Tensor | None:
+        """Called on the route plan before the balancing all-reduce: the int64 [R] numbers this rank wants
+        carried in that all-reduce's dispatch-count block after its N kept-pair counts (then
+        ``counts_RN[q][N + r]`` is sender q's number for rank r), or None (nothing: one rank)."""
+        return None
 
     def dispatch(
         self, x_TD: Tensor, plan: RoutePlan, counts_RN: list[list[int]] | None = None
@@ -326,6 +336,12 @@ class AllToAllDispatcher(LocalDispatcher):
         self._recv_from = [
             [(q - self.rank * L, e) for e, q in enumerate(t) if q // L == self.rank] for t in tables
         ]
+
+    def prepare(self, plan: RoutePlan) -> Tensor | None:
+        """R zeros: "pairs" needs no more than the N counts. why not None: every EP dispatcher folds the
+        same [R_balance, N + R] block, so the balancing all-reduce has one layout (and summation order)
+        whichever dispatch runs, and "dedup" stays comparable to "pairs" bit for bit where it was."""
+        return plan.counts_Q.new_zeros(self.world)
 
     def _splits(self, plan: RoutePlan, counts_RN: list[list[int]] | None) -> tuple[list, list]:
         """[R][L] rows this rank sends to each rank's slots, and receives from each rank into its slots."""

@@ -131,7 +131,7 @@ class MoELayer(nn.Module):
         self.count_row: tuple[int, int] | None = None
         count_rows = None
         if ep_group is not None and ep_size > 1:
-            count_rows = self._count_rows(ep_group, balance_group, cfg.num_experts)
+            count_rows = self._count_rows(ep_group, balance_group, cfg.num_experts + ep_size)
         spec = DispatcherSpec(cfg.num_experts, placement, ep_group, layer_idx, timing_hook, count_rows)
         self.dispatcher: Dispatcher = make_dispatcher(
             dispatcher or default_dispatcher(ep_size, cfg.dispatch), spec
@@ -202,18 +202,18 @@ class MoELayer(nn.Module):
         self.route_slot_N.copy_(table)  # why copy_: the buffer keeps its device
         self.dispatcher.set_placement(placement)
 
-    def _count_rows(self, ep_group, balance_group, num_experts: int) -> list[int] | None:
+    def _count_rows(self, ep_group, balance_group, width: int) -> list[int] | None:
         """Rows of the EP-group members in the balance group, when the dispatch counts can ride the
         balancing all-reduce (one collective per layer fewer); None keeps the count all-to-all.
 
-        why a size cap: the block is R_balance x N numbers on every rank; past ~64k (0.5 MB of fp64 per
-        layer) a count all-to-all of N numbers is the cheaper collective.
+        why a size cap: the block is R_balance x ``width`` (N + R) numbers on every rank; past ~64k (0.5 MB
+        of fp64 per layer) a count all-to-all of N numbers is the cheaper collective.
         """
         if balance_group is None:
             return None
         bal_ranks = dist.get_process_group_ranks(balance_group)
         ep_ranks = dist.get_process_group_ranks(ep_group)
-        if not set(ep_ranks) <= set(bal_ranks) or len(bal_ranks) * num_experts > MAX_FOLDED_COUNTS:
+        if not set(ep_ranks) <= set(bal_ranks) or len(bal_ranks) * width > MAX_FOLDED_COUNTS:
             return None
         self.count_row = (bal_ranks.index(dist.get_rank()), len(bal_ranks))
         return [bal_ranks.index(g) for g in ep_ranks]
@@ -270,6 +270,9 @@ class MoELayer(nn.Module):
             )
             # kept pairs per logical expert: each maps to exactly one slot of this rank's route table
             kept_counts_N = plan.counts_Q[self.route_slot_N] if self.count_row is not None else None
+            extra_R = self.dispatcher.prepare(plan)  # dedup: its distinct-token rows per destination rank
+            if kept_counts_N is not None and extra_R is not None:
+                kept_counts_N = torch.cat([kept_counts_N, extra_R])
             # why torch.where (no host sync): whoever zeroes window_tokens has emptied this window too
             window_aux_N = torch.where(self.window_tokens > 0, self.window_aux_counts, 0.0)
             bal: BalanceResult = balance_terms(

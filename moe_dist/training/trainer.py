@@ -45,6 +45,7 @@ from profiling.runtime.record import (
     SkippedStep,
     StepExtras,
     StepRecord,
+    WireCount,
 )
 from profiling.runtime.straggler import StragglerProfiler
 
@@ -335,6 +336,7 @@ class Trainer:
         term_sums: dict[str, float] = {}
         dropped = [0] * len(moe_layers(self.model))
         local_maxvio = [0.0] * len(dropped)  # per-batch MaxVio: this rank's micro-batch alone
+        wire = WireCount.zeros(len(dropped))  # the measured dispatch all-to-all (straggler.jsonl)
         for micro in range(t.grad_accum):
             x, y = self.corpus.batch(
                 "train", t.micro_batch, cfg.model.seq_len, t.seed, self.rank, self.step, micro
@@ -355,6 +357,7 @@ class Trainer:
             for layer_out in out.moe:
                 for k, v in layer_out.terms.items():
                     term_sums[k] = term_sums.get(k, 0.0) + float(v.detach())
+            wire.add(out.moe)
             for i, layer_out in enumerate(out.moe):
                 dropped[i] += int(layer_out.stats.dropped)
                 local = layer_out.stats.tokens_per_expert_local
@@ -406,7 +409,7 @@ class Trainer:
             routing.tokens_per_expert_RN = placed.tokens_per_expert_RN
             routing.rebalance_window_steps = placed.window_steps
         self.metrics.log(self.step, routing.to_jsonl(), {}, jsonl="routing.jsonl")
-        extras = StepExtras(dropped, self._padding(counts))
+        extras = StepExtras(dropped, self._padding(counts), wire=wire)
         replicated = any(m.placement.is_replicated() for m in moe_layers(self.model))
         if replicated or self.rebalancer is not None:
             extras.placement = PlacementRecord(

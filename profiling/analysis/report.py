@@ -317,6 +317,49 @@ def md_capacity(run: Run, s: dict) -> list[str]:
     ]
 
 
+def wire_summary(run: Run) -> dict | None:
+    """The measured dispatch all-to-all per step (straggler.jsonl ``wire_rows`` / ``wire_bytes``: rows and
+    bytes every rank sent to other ranks, summed over ranks), mean over the profiled steps, per MoE layer;
+    None for a run recorded before they were logged."""
+    wires = [w for w in (StepExtras.from_jsonl(rec).wire for rec in run.straggler) if w is not None]
+    if not wires:
+        return None
+    n = len(run.layers)
+    rows = [mean([float(w.rows[li]) for w in wires]) for li in range(n)]
+    nbytes = [mean([float(w.bytes[li]) for w in wires]) for li in range(n)]
+    model = run.config.get("model", {})
+    if model.get("kind", "moe_dist") == "moe_dist":
+        dispatch = str(model.get("moe", {}).get("dispatch", "pairs"))
+    else:  # an HF block's default depends on its K (moe_dist.models.hf.DEDUP_FROM_TOP_K)
+        dispatch = str(model.get("hf_moe", {}).get("dispatch", "the HF default"))
+    return {
+        "dispatch": dispatch,
+        "steps": len(wires),
+        "rows": rows,
+        "bytes": nbytes,
+        "total_bytes": sum(nbytes),
+    }
+
+
+def md_wire(run: Run) -> list[str]:
+    w = wire_summary(run)
+    if w is None:
+        return []
+    out = [
+        "## All-to-all bytes (measured)",
+        "",
+        f"Dispatch all-to-all of `moe.dispatch: {w['dispatch']}` per step, summed over ranks (what each rank "
+        f"sent to other ranks; the combine sends the rows back, the backward both again), mean over "
+        f"{w['steps']} steps: {w['total_bytes'] / 1e6:.3f} MB in all MoE layers.",
+        "",
+        "| layer | wire rows/step | wire MB/step |",
+        "|---|---|---|",
+    ]
+    for layer, r, b in zip(run.layers, w["rows"], w["bytes"], strict=True):
+        out.append(f"| L{layer} | {r:.1f} | {b / 1e6:.3f} |")
+    return out + [""]
+
+
 def make_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write report.md, report.html (self-contained) and the plots into ``out`` (default ``run_dir``);
     return report.md's path."""
@@ -336,7 +379,7 @@ def make_report(run_dir: Path, out: Path | None = None) -> Path:
         ]
     else:
         s = summarize(run)
-        lines += md_summary(run, s) + md_overall(s) + md_layers(s) + md_capacity(run, s)
+        lines += md_summary(run, s) + md_overall(s) + md_layers(s) + md_capacity(run, s) + md_wire(run)
         lines += md_crosscheck(s) + md_breakdown(s, plot_breakdown(s, out))
         lines += [
             "## Straggler vs load",

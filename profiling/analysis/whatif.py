@@ -82,7 +82,8 @@ ASSUMPTIONS = [
     "R' must divide the number of experts; other sizes are skipped",
     "all-to-all rows (moe.dispatch pairs): a pair's source rank is any of the R' with equal chance, so"
     " 1 - 1/R' of the pairs cross; dedup sends one row per distinct (token, rank), which per-expert counts"
-    " do not determine: for a model.kind hf run moe-dist a2a-bytes RUN --ep R' counts them from the model",
+    " do not determine: for a model.kind hf run moe-dist a2a-bytes RUN --ep R' counts them from the model;"
+    " at the recorded EP and placement the run's measured wire_bytes (straggler.jsonl) stand for them",
 ]
 A2A_VALUE_BYTES = 4
 """fp32 rows on the wire."""
@@ -176,7 +177,16 @@ def recorded(run: Run, costs: dict[tuple[int, str], Cost]) -> dict:
         "model_straggler_ms": model,
         "model_straggler_frac": model / step if step > 0 else 0.0,
         "placement": recorded_placement(run.config),
+        "a2a_bytes_measured": measured_a2a_bytes(recs),
     }
+
+
+def measured_a2a_bytes(recs: list[dict]) -> float | None:
+    """The recorded dispatch all-to-all bytes per step, all ranks and MoE layers (straggler.jsonl
+    ``wire_bytes``: what the configured dispatch measured, dedup's pair lists included), mean over ``recs``;
+    None for a run recorded before they were logged."""
+    wires = [sum(r["wire_bytes"]) for r in recs if "wire_bytes" in r]
+    return mean(wires) if len(wires) == len(recs) and wires else None
 
 
 def recorded_placement(config: dict) -> str:
@@ -187,14 +197,23 @@ def recorded_placement(config: dict) -> str:
     return f"{name}+{k}" if k else name
 
 
-def a2a_projection(run: Run, ranks: int) -> dict:
+def a2a_projection(run: Run, ranks: int, policy: str | None = None) -> dict:
     """Dispatch-direction all-to-all rows (and bytes when D is known) per step at EP size ``ranks``, summed
     over ranks and MoE layers, for the run's ``moe.dispatch`` (the combine sends as many back). None where the
-    routing counts cannot tell: under ``dedup`` (see ASSUMPTIONS)."""
+    routing counts cannot tell: under ``dedup`` (see ASSUMPTIONS), except at the recorded EP size and
+    placement, where the recorded ``wire_bytes`` are the answer (``a2a_measured``)."""
     model = run.config.get("model", {})
     dispatch = str(model.get("moe", {}).get("dispatch", "pairs"))
     if dispatch != "pairs":
-        return {"dispatch": dispatch, "a2a_rows": None, "a2a_bytes": None}
+        measured = None
+        if ranks == run.ep and policy == recorded_placement(run.config):
+            measured = measured_a2a_bytes(common_steps(run))
+        return {
+            "dispatch": dispatch,
+            "a2a_rows": None,
+            "a2a_bytes": measured,
+            "a2a_measured": measured is not None,
+        }
     recs = common_steps(run)
     pairs = mean([sum(map(sum, run.routing[r["step"]])) for r in recs]) * ranks / run.world
     rows = pairs * (1.0 - 1.0 / ranks)
@@ -235,7 +254,7 @@ def project_one(run: Run, costs: dict[tuple[int, str], Cost], ranks: int, policy
         "skipped": None,
         "experts_per_rank": run.num_experts // ranks,
         "token_scale": scale,
-        **a2a_projection(run, ranks),
+        **a2a_projection(run, ranks, policy),
         "load_ratio": mean([x["load_ratio"] for x in layers]),
         "straggler_ms": straggler,
         "sum_max_E_ms": summax,
@@ -314,11 +333,17 @@ def format_table(base: dict, rows: list[dict]) -> str:
         f"{base['steps']} steps; "
         f"mean step {base['step_ms']:.2f} ms, straggler {base['straggler_ms']:.2f} ms "
         f"({100 * base['straggler_frac']:.2f} %); cost model on the recorded loads: "
-        f"{base['model_straggler_ms']:.2f} ms ({100 * base['model_straggler_frac']:.2f} %)",
+        f"{base['model_straggler_ms']:.2f} ms ({100 * base['model_straggler_frac']:.2f} %)"
+        + (
+            f"; measured dispatch all-to-all {base['a2a_bytes_measured'] / 1e6:.3f} MB per step"
+            if base.get("a2a_bytes_measured") is not None
+            else ""
+        ),
         "step ms = recorded mean step - recorded sum of max_r E_r + projected sum of max_r E_r; "
         "x base = step ms / the baseline's mean step",
         "a2a MB = dispatch all-to-all MB per step, all ranks and layers, of the run's moe.dispatch "
-        "(- where the counts cannot tell: dedup, replicas; a2a-bytes --ep counts those of an hf run)",
+        "(- where the counts cannot tell: dedup, replicas; a2a-bytes --ep counts those of an hf run; "
+        "dedup at the recorded EP and placement: the measured bytes)",
         f"{'EP':>5}  {'placement':<12} {'exp/rank':>8} {'max/mean':>9} {'a2a MB':>9} {'straggler ms':>13} "
         f"{'step ms':>10} {'x base':>7} {'straggler %':>12}",
     ]

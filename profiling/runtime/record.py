@@ -198,6 +198,26 @@ class PlacementRecord:
 
 
 @dataclass
+class WireCount:
+    """Per MoE layer, what this rank's dispatch all-to-all sent to other ranks in one step (``MoEStats``'
+    ``wire_rows`` / ``wire_bytes`` summed over the step's micro-batches): the configured ``moe.dispatch``'s
+    own count, rows and (dedup) pair lists; the combine sends the rows back, the backward both again."""
+
+    rows: list[int]
+    bytes: list[int]
+
+    @classmethod
+    def zeros(cls, layers: int) -> WireCount:
+        return cls([0] * layers, [0] * layers)
+
+    def add(self, moe_outs: Any) -> None:
+        """Add one forward's layer outputs (``MoEOutput`` per MoE layer, in order)."""
+        for i, out in enumerate(moe_outs):
+            self.rows[i] += int(out.stats.wire_rows)
+            self.bytes[i] += int(out.stats.wire_bytes)
+
+
+@dataclass
 class StepExtras:
     """What the trainer adds to the profiler's straggler.jsonl row of a step."""
 
@@ -206,12 +226,16 @@ class StepExtras:
     capacity_padding: list[float] | None = None
     """Capacity mode: rows a fixed-capacity buffer would carry beyond the kept tokens, per layer."""
     placement: PlacementRecord | None = None
+    wire: WireCount | None = None
+    """The measured dispatch all-to-all per layer: this rank's from the trainer; in straggler.jsonl
+    (``wire_rows`` / ``wire_bytes``, absent in older runs) summed over the ranks by the profiler's gather."""
 
     @classmethod
     def from_jsonl(cls, row: dict[str, Any]) -> StepExtras:
         """A straggler.jsonl row's trainer fields."""
         placed = PlacementRecord.from_jsonl(row) if PlacementRecord.in_row(row) else None
-        return cls(row.get("dropped", []), row.get("capacity_padding"), placed)
+        wire = WireCount(row["wire_rows"], row["wire_bytes"]) if "wire_bytes" in row else None
+        return cls(row.get("dropped", []), row.get("capacity_padding"), placed, wire)
 
     def to_jsonl(self) -> dict[str, Any]:
         row: dict[str, Any] = {"dropped": self.dropped}
@@ -219,4 +243,6 @@ class StepExtras:
             row["capacity_padding"] = self.capacity_padding
         if self.placement is not None:
             row.update(self.placement.to_jsonl())
+        if self.wire is not None:
+            row.update(wire_rows=self.wire.rows, wire_bytes=self.wire.bytes)
         return row

@@ -5,6 +5,7 @@ torch.profiler traces (one file per rank per window, in the run's ``tb/``, named
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch.distributed as dist
 
 from profiling.runtime.analysis import StragglerAnalyzer, scalars, summary_line
 from profiling.runtime.quiet import without_kineto_markers
-from profiling.runtime.record import StepExtras
+from profiling.runtime.record import StepExtras, WireCount
 from profiling.runtime.timer import Injection, StragglerTimer
 
 log = logging.getLogger("moe_dist.profile")
@@ -81,6 +82,14 @@ class StragglerProfiler:
         if self.timer is None:
             return None
         data = self.timer.collect().to(self.device)
+        wire = extra.wire if extra is not None else None
+        if wire is not None and len(wire.bytes) == data.shape[0]:
+            # why two columns of the same gather: every rank's measured wire counts reach rank 0 without
+            # another collective (fp64 holds byte counts exactly below 2^53)
+            cols = torch.tensor([wire.rows, wire.bytes], dtype=torch.float64, device=data.device).t()
+            data = torch.cat([data, cols], 1)
+        else:
+            wire = None
         gathered = [torch.empty_like(data) for _ in range(self.world)] if self.rank == 0 else None
         if self.world > 1:
             dist.gather(data, gathered, dst=0)  # one small tensor per rank, once per step
@@ -88,7 +97,12 @@ class StragglerProfiler:
             gathered = [data]
         if self.rank != 0:
             return None
-        rec = self.analyzer.update(step, step_s * 1e3, torch.stack(gathered).cpu())
+        data_RMX = torch.stack(gathered).cpu()
+        if wire is not None and extra is not None:  # the step's wire, summed over ranks, per layer
+            rows_M, bytes_M = data_RMX[:, :, -2:].sum(0).round().to(torch.int64).t().tolist()
+            extra = dataclasses.replace(extra, wire=WireCount(rows_M, bytes_M))
+            data_RMX = data_RMX[:, :, :-2]
+        rec = self.analyzer.update(step, step_s * 1e3, data_RMX)
         if extra is not None:
             rec.update(extra.to_jsonl())
         self.metrics.log(step, rec, scalars(rec), jsonl="straggler.jsonl")

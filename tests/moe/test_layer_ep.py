@@ -172,12 +172,14 @@ def test_global_batch_running_f(world: int) -> None:
         assert float(res[r]["after_reset"].abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("capacity", [None, 1.0])
-def test_dispatch_counts_ride_the_statistics_all_reduce(capacity: float | None) -> None:
+@pytest.mark.parametrize(("capacity", "dispatch"), [(None, "pairs"), (1.0, "pairs"), (1.0, "dedup")])
+def test_dispatch_counts_ride_the_statistics_all_reduce(capacity: float | None, dispatch: str) -> None:
     """With the balance group holding the EP group, the per-rank dispatch counts travel in the statistics
     all-reduce: the forward issues two all-to-alls (rows out and back) instead of three, with bit-equal
-    outputs and gradients (kept counts under a capacity too)."""
-    case = Case("fold", dict(num_experts=8, top_k=2, d_model=16, d_ff=32, capacity_factor=capacity), [24, 40])
+    outputs and gradients (kept counts under a capacity too). dedup too: its token rows per rank ride the
+    same block, and its pair lists the rows' all-to-all."""
+    cfg = dict(num_experts=8, top_k=2, d_model=16, d_ff=32, capacity_factor=capacity, dispatch=dispatch)
+    case = Case("fold", cfg, [24, 40])
     for rank_out in run_ranks(folded_counts_worker, 2, case):
         folded, plain = rank_out[True], rank_out[False]
         assert (folded["forward_a2a"], plain["forward_a2a"]) == (2, 3)

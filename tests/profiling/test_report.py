@@ -17,6 +17,7 @@ from PIL import Image
 
 from profiling.analysis import report, whatif
 from profiling.runtime.analysis import StragglerAnalyzer
+from profiling.runtime.record import StepExtras
 from tests.helpers.launch import run_ranks
 from tests.training.train_workers import tiny, train_worker
 
@@ -306,3 +307,51 @@ def test_report_on_the_hand_made_trace(synthetic: Path) -> None:
     )
     for name in ("load_heatmap_L1.png", "load_heatmap_L3.png", "rank_breakdown.png", "straggler_vs_load.png"):
         assert (synthetic / name).stat().st_size > PNG_MIN_BYTES
+
+
+def test_measured_wire_bytes_reach_the_report_and_the_whatif(real_run: Path, real_report: Path) -> None:
+    """Every straggler.jsonl step carries each MoE layer's measured dispatch all-to-all (``wire_rows`` /
+    ``wire_bytes``, summed over the ranks by the profiler's gather): for this pairs run in fp32, 4·D bytes a
+    row, and no more rows than the step's (token, expert) pairs; the report states their mean per step and
+    layer, the what-if's baseline their total, and a row written before the keys existed reads as none."""
+    run = report.load_run(real_run)
+    d = run.config["model"]["d_model"]
+    routing = {r["step"]: r["tokens_per_expert"] for r in jsonl(real_run / "routing.jsonl")}
+    recs = jsonl(real_run / "straggler.jsonl")
+    for rec in recs:
+        assert len(rec["wire_rows"]) == len(rec["wire_bytes"]) == len(run.layers)
+        for li, (rows, nbytes) in enumerate(zip(rec["wire_rows"], rec["wire_bytes"], strict=True)):
+            assert nbytes == rows * d * 4 and 0 < rows <= sum(routing[rec["step"]][li]), (rec["step"], li)
+    md = real_report.read_text()
+    total = sum(sum(r["wire_bytes"]) for r in recs) / len(recs)
+    assert number(md, r"moe\.dispatch: pairs` per step.*?: ([\d.]+) MB in all MoE layers") == pytest.approx(
+        total / 1e6, abs=5e-4
+    )
+    for li, layer in enumerate(run.layers):
+        section = md.split("## All-to-all bytes (measured)")[1]
+        cells = re.search(rf"\| L{layer} \| ([\d.]+) \| ([\d.]+) \|", section).groups()
+        assert float(cells[0]) == pytest.approx(sum(r["wire_rows"][li] for r in recs) / len(recs), abs=0.05)
+    base = whatif.recorded(run, whatif.cost_models(run))
+    assert base["a2a_bytes_measured"] == pytest.approx(total, rel=1e-12)
+    assert "measured dispatch all-to-all" in whatif.format_table(base, [])
+    old = {k: v for k, v in recs[0].items() if not k.startswith("wire_")}
+    assert StepExtras.from_jsonl(old).wire is None
+    assert "wire_rows" not in StepExtras.from_jsonl(old).to_jsonl()
+
+
+def test_whatif_states_a_dedup_runs_measured_bytes_at_the_recorded_ep(real_run: Path, tmp_path: Path) -> None:
+    """Per-expert counts cannot tell dedup's rows, so the what-if's a2a column is empty for a dedup run
+    except at the recorded EP size and placement, where it is the run's measured ``wire_bytes`` (the same
+    run's records, relabelled ``moe.dispatch: dedup``)."""
+    run = tmp_path / "dedup"
+    shutil.copytree(real_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["moe"]["dispatch"] = "dedup"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    recs = jsonl(run / "straggler.jsonl")
+    measured = sum(sum(r["wire_bytes"]) for r in recs) / len(recs)
+    rows = {(r["ep"], r["placement"]): r for r in whatif.project(run, [2, 4], ["contiguous", "greedy"])}
+    assert rows[(2, "contiguous")]["a2a_measured"] is True
+    assert rows[(2, "contiguous")]["a2a_bytes"] == pytest.approx(measured, rel=1e-12)
+    for key in ((2, "greedy"), (4, "contiguous")):
+        assert rows[key]["a2a_bytes"] is None and rows[key]["a2a_measured"] is False, key

@@ -138,7 +138,7 @@ def test_report_html_renders_offline_in_chromium(report_dir: Path, tmp_path: Pat
     md = (report_dir / "report.md").read_text()
     plots = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)$", md, flags=re.M)
     tables = len(re.findall(r"^\|---", md, flags=re.M))
-    assert len(plots) == 4 and tables == 5, (plots, tables)
+    assert len(plots) == 4 and tables == 6, (plots, tables)  # 6: with the measured all-to-all bytes
     # self-contained: every image is a data URI, nothing is fetched from anywhere
     assert page.count('src="data:image/png;base64,') == len(plots)
     assert not re.search(r"(src|href)=\"(?!data:)", page) and "<link" not in page
