@@ -31,7 +31,6 @@ from moe_dist.checkpoint.files import (
     SaveError,
     UnsafeCheckpointError,
     atomic_write_text,
-    checkpoint_dirs,
     files_to_read,
     layout_refusal,
     load_obj,
@@ -39,7 +38,7 @@ from moe_dist.checkpoint.files import (
     verified_checkpoints,
 )
 from moe_dist.checkpoint.global_state import join_model, layer_placements, owned_expert_ids, split_model
-from moe_dist.checkpoint.model_files import store_model_files
+from moe_dist.checkpoint.model_files import has_checkpoint, store_model_files
 from moe_dist.checkpoint.names import DENSE, experts_file, is_rank_file, rank_file
 from moe_dist.errors import ConfigError
 from moe_dist.moe.layer import moe_layers
@@ -61,7 +60,7 @@ RESUME_CHECK_RTOL = 1e-5
 def will_resume(cfg: RunConfig) -> bool:
     """Whether this launch resumes a checkpoint, from the files, before the model is built (``resume`` then
     loads one or raises: with a checkpoint directory there, it never starts afresh)."""
-    return cfg.train.resume and bool(checkpoint_dirs(cfg.run_dir / "checkpoints"))
+    return cfg.train.resume and has_checkpoint(cfg.run_dir)
 
 
 class ResumeCheckError(CheckpointError):

@@ -130,7 +130,7 @@ def _hf_counts(cfg: RunConfig) -> ModelCounts:
 
     from moe_dist.models.hf_families import BY_CLASS
 
-    config = _hf_config(cfg.model.hf_config)
+    config = _hf_config(cfg.model.hf_source)
     with torch.device("meta"):  # why meta: shapes only, so a 30B model costs nothing here
         model = AutoModelForCausalLM.from_config(config)
     blocks = [m for m in model.modules() if type(m).__name__ in BY_CLASS]
