@@ -147,7 +147,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, dt
 EXAMPLE = "example: moe-dist export-hf runs/hf_demo exported/ --step 100"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moe_dist.export_hf", description=__doc__.split("\n")[0], epilog=EXAMPLE
     )
@@ -162,12 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
-    export(args.run_dir, args.out_dir, args.step, args.dtype)
+    try:
+        export(args.run_dir, args.out_dir, args.step, args.dtype)
+    except (ConfigError, CheckpointError) as e:  # one line, as python -m and moe-dist export-hf both print it
+        logging.getLogger("moe_dist").error("%s: %s", type(e).__name__, e)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError) as e:
-        logging.getLogger("moe_dist").error("%s: %s", type(e).__name__, e)
-        sys.exit(2)
+    sys.exit(main())

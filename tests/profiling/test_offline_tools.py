@@ -131,3 +131,21 @@ def test_study_says_when_no_method_qualifies(tmp_path: Path, caplog: pytest.LogC
     assert study.best_balanced(rows) == "alpha1e-2"
     line = study.readable(rows["alpha0"]["per_seed"][0])
     assert "straggler_frac 0.01235" in line and not LONG_FLOAT.search(line), line
+
+
+def test_export_hf_bad_input_is_one_line_through_moe_dist(tmp_path: Path) -> None:
+    """``moe-dist export-hf`` on a directory without checkpoints, and into a non-empty OUT, exits 2 with one
+    error line and no traceback (the handler lived only under ``python -m`` before)."""
+    exe = shutil.which("moe-dist")
+    assert exe, "the moe-dist console script is not installed (pip install -e .)"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("the user's file")
+    for run, out, want in [
+        (tmp_path / "no_run", tmp_path / "new", "CheckpointError: no checkpoint under"),
+        (tmp_path / "no_run", tmp_path / "out", "ConfigError: export: "),
+    ]:
+        p = subprocess.run([exe, "export-hf", str(run), str(out)], capture_output=True, text=True, timeout=99)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and want in lines[0], p.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "the user's file"
