@@ -361,8 +361,10 @@ def test_zero_step_round_trip_is_exact(ckpts: dict[str, Path], ranks: dict, tmp_
             for key, t in disk_want.items():
                 assert disk_got[key].dtype == t.dtype and torch.equal(disk_got[key], t), (name, key)
     assert (tmp_path / "qwen3_moe" / "tokenizer_config.json").is_file()  # the copy above checked something
-    with pytest.raises(ConfigError, match="exists and is not an empty directory"):
-        main([str(ranks["runs"] / "convert_qwen3_moe"), str(tmp_path / "qwen3_moe")])  # never overwritten
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "qwen3_moe").iterdir()}
+    # never overwritten: exit 2, one ConfigError line (test_offline_tools.py reads the line)
+    assert main([str(ranks["runs"] / "convert_qwen3_moe"), str(tmp_path / "qwen3_moe")]) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "qwen3_moe").iterdir()} == before
 
 
 def _val_loss(model, x, y) -> float:
