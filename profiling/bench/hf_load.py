@@ -32,14 +32,11 @@ log = logging.getLogger("moe_dist.bench")
 MB = 1e6
 
 
-def make_qwen3(out: Path, experts: int, layers: int, hidden: int, moe_ffn: int, seed: int = 0) -> Path:
-    """A seeded Qwen3-MoE checkpoint (vocab 256, fp32) in 100 MB shards; kept if ``out`` has one."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+def qwen3_config(experts: int, layers: int, hidden: int, moe_ffn: int):
+    """A Qwen3-MoE config of this size (vocab 256, heads of 64, top-min(8, experts)): the benches' shapes."""
+    from transformers import Qwen3MoeConfig
 
-    if (out / "config.json").is_file():
-        log.info("%s exists: using it", out)
-        return out
-    config = Qwen3MoeConfig(
+    return Qwen3MoeConfig(
         vocab_size=256,
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -50,6 +47,16 @@ def make_qwen3(out: Path, experts: int, layers: int, hidden: int, moe_ffn: int, 
         num_experts_per_tok=min(8, experts),
         moe_intermediate_size=moe_ffn,
     )
+
+
+def make_qwen3(out: Path, experts: int, layers: int, hidden: int, moe_ffn: int, seed: int = 0) -> Path:
+    """A seeded Qwen3-MoE checkpoint (vocab 256, fp32) in 100 MB shards; kept if ``out`` has one."""
+    from transformers import AutoModelForCausalLM
+
+    if (out / "config.json").is_file():
+        log.info("%s exists: using it", out)
+        return out
+    config = qwen3_config(experts, layers, hidden, moe_ffn)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out, max_shard_size="100MB")
     return out

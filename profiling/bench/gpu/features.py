@@ -23,30 +23,14 @@ import yaml
 from moe_dist import MoEConfig, MoELayer
 from moe_dist.runtime.spawn import run_ranks
 from profiling.bench.gpu.common import device_for, rel_err, sync
-from profiling.bench.gpu.trainer import numeric_rows, run_config
+from profiling.bench.gpu.trainer import numeric_rows, run_config, suite_model
+from profiling.bench.hf_load import qwen3_config
 
 FSDP_LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
 """Per-step loss, engine fsdp against engine torch. fp32 (a smoke run: bf16 is a CUDA option): the same
 math, summed in another order. bf16: MixedPrecisionPolicy casts every parameter to bf16 (norms and the
 embedding too) where autocast casts only the matmuls' inputs, so the two differ by bf16 roundings (~4e-3
 each) that a few optimizer steps carry along."""
-
-
-def _model(smoke: bool) -> dict:
-    return {
-        "d_model": 64 if smoke else 256,
-        "n_layers": 2,
-        "n_heads": 2 if smoke else 4,
-        "seq_len": 32 if smoke else 256,
-        "d_ff_dense": 128,
-        "moe": {
-            "num_experts": 4 if smoke else 8,
-            "top_k": 2,
-            "d_ff": 64 if smoke else 512,
-            "activation": "swiglu",
-            "aux_loss_coef": 0.01,
-        },
-    }
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -74,7 +58,7 @@ def fsdp_bf16(smoke: bool, out: Path) -> dict:
     then the activation meter against the CUDA allocator over one forward (``activation_forward``)."""
     device = device_for(smoke)
     steps = 4 if smoke else 12
-    model = _model(smoke)
+    model = suite_model(smoke)
     train = {
         "steps": steps,
         "micro_batch": 4 if smoke else 8,
@@ -309,7 +293,7 @@ def hf_pretrained(smoke: bool, out: Path) -> dict:
     same tokens (relative max error <= 1e-4; the CPU's and the GPU's fp32 kernels sum in other orders), then
     one bf16-autocast forward + backward of the loaded model on the device (a finite loss). The model is a
     seeded tiny Qwen3-MoE (transformers is on the GPU machine)."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM
 
     from moe_dist.models.hf import HFCausalLM
     from moe_dist.models.hf_load import load_pretrained, pretrained_skeleton
@@ -318,17 +302,7 @@ def hf_pretrained(smoke: bool, out: Path) -> dict:
     work = out / "hf_pretrained_model"
     shutil.rmtree(work, ignore_errors=True)
     experts, layers, hidden = (4, 2, 64) if smoke else (16, 4, 512)
-    config = Qwen3MoeConfig(  # profiling.bench.hf_load.make_qwen3's shape rule
-        vocab_size=256,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 128),
-        head_dim=64,
-        num_experts=experts,
-        num_experts_per_tok=min(8, experts),
-        moe_intermediate_size=hidden // 2,
-    )
+    config = qwen3_config(experts, layers, hidden, hidden // 2)
     torch.manual_seed(0)
     # why this model as the reference: what save_pretrained wrote is what from_pretrained would read back
     ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -21,6 +21,25 @@ TIMING_KEYS = ("step_time", "tokens_per_s", "tflops", "resume_check")
 """metrics.jsonl keys that measure the clock, not the numbers: left out of the bit-exact comparison."""
 
 
+
+def suite_model(smoke: bool) -> dict:
+    """The small MoE LM of the suite's trainer parts (``model:`` of a run config)."""
+    return {
+        "d_model": 64 if smoke else 256,
+        "n_layers": 2,
+        "n_heads": 2 if smoke else 4,
+        "seq_len": 32 if smoke else 256,
+        "d_ff_dense": 128,
+        "moe": {
+            "num_experts": 4 if smoke else 8,
+            "top_k": 2,
+            "d_ff": 64 if smoke else 512,
+            "activation": "swiglu",
+            "aux_loss_coef": 0.01,
+        },
+    }
+
+
 def run_config(name: str, out_dir: Path, smoke: bool, model: dict, train: dict) -> dict:
     """A run config for ``python -m moe_dist.train``: synthetic bytes, EP 1, bf16 on the GPU."""
     return {
@@ -67,20 +86,7 @@ def trainer_resume(smoke: bool, out: Path) -> dict:
     GPU a second fresh run says whether the run is deterministic at all (a resume cannot beat that)."""
     device_for(smoke)  # a full run without a GPU stops here with one line
     steps = 4 if smoke else 30
-    model = {
-        "d_model": 64 if smoke else 256,
-        "n_layers": 2,
-        "n_heads": 2 if smoke else 4,
-        "seq_len": 32 if smoke else 256,
-        "d_ff_dense": 128,
-        "moe": {
-            "num_experts": 4 if smoke else 8,
-            "top_k": 2,
-            "d_ff": 64 if smoke else 512,
-            "activation": "swiglu",
-            "aux_loss_coef": 0.01,
-        },
-    }
+    model = suite_model(smoke)
     train = {
         "steps": steps,
         "micro_batch": 4 if smoke else 8,
