@@ -286,7 +286,6 @@ INT_FIELDS = [
     "model.moe.num_experts",
     "model.moe.top_k",
     "model.moe.d_ff",
-    "train.steps",
     "train.micro_batch",
     "train.grad_accum",
     "parallel.ep",
@@ -307,9 +306,9 @@ FLOAT_FIELDS = [
 ]
 ENUM_FIELDS = {
     "model.moe.score_func": ["softmax", "sigmoid", "exp"],
-    "engine": ["torch", "deepspeed"],
+    "engine": ["torch", "deepspeed", "fsdp"],
     "model.moe.balance_scope": ["global", "local", "global_batch"],
-    "data.kind": ["stdlib", "synthetic"],
+    "data.kind": ["stdlib", "text", "synthetic", "tokens"],
     "parallel.backend": ["auto", "gloo", "nccl"],
     "train.on_nonfinite": ["raise", "skip"],
 }
@@ -360,6 +359,8 @@ bad_float = st.one_of(
 )
 bad_config = st.one_of(
     st.tuples(st.sampled_from(INT_FIELDS), bad_int),
+    # train.steps may be 0 (a conversion run: load, evaluate, save step 0), never negative
+    st.tuples(st.just("train.steps"), st.one_of(st.integers(max_value=-1), not_number)),
     st.tuples(st.sampled_from(FLOAT_FIELDS), bad_float),
     st.sampled_from(sorted(ENUM_FIELDS)).flatmap(
         lambda k: st.tuples(st.just(k), st.text(max_size=8).filter(lambda v: v not in ENUM_FIELDS[k]))
