@@ -239,14 +239,7 @@ class DedupDispatcher(AllToAllDispatcher):
             # a token's pairs on this rank, gate-weighted, summed into the one row it arrived as
             y_w_PD = y_PD * meta.gate_P.to(y_PD.dtype).unsqueeze(1)
             y_UD = y_PD.new_zeros(sum(meta.rows_recv), y_PD.shape[1]).index_add(0, meta.row_P, y_w_PD)
-        if self.hook is not None:
-            self.hook.record(self.layer, "fwd", "combine_start")
-        with stage_range(self.layer, "combine_a2a"):
-            y_UD = self.exchange(
-                y_UD, meta.rows_sent, meta.rows_recv, f"MoE layer {self.layer}: combine all-to-all"
-            )
-        if self.hook is not None:
-            self.hook.record(self.layer, "fwd", "combine_end")
+        y_UD = self.combine_exchange(y_UD, meta.rows_sent, meta.rows_recv)
         with stage_range(self.layer, "unpermute"):
             out_TD = y_UD.new_zeros(meta.num_tokens, y_UD.shape[1]).index_add(0, meta.tok_U, y_UD)
         return out_TD

@@ -439,15 +439,19 @@ class AllToAllDispatcher(LocalDispatcher):
         with stage_range(self.layer, "unpermute"):
             if meta.regroup_idx is not None:
                 y_PD = permute_rows(y_PD, meta.regroup_inv, meta.regroup_idx)
+        y_PD = self.combine_exchange(y_PD, meta.send_splits, meta.recv_splits)
+        return super().combine(y_PD, gates_TK, meta)
+
+    def combine_exchange(self, y_XD: Tensor, sent: list[int], recv: list[int]) -> Tensor:
+        """The combine all-to-all inside the profiler's combine span (X: the rows on the wire, P for pairs
+        and U for dedup)."""
         if self.hook is not None:
             self.hook.record(self.layer, "fwd", "combine_start")
         with stage_range(self.layer, "combine_a2a"):
-            y_PD = self.exchange(
-                y_PD, meta.send_splits, meta.recv_splits, f"MoE layer {self.layer}: combine all-to-all"
-            )
+            y_XD = self.exchange(y_XD, sent, recv, f"MoE layer {self.layer}: combine all-to-all")
         if self.hook is not None:
             self.hook.record(self.layer, "fwd", "combine_end")
-        return super().combine(y_PD, gates_TK, meta)
+        return y_XD
 
 
 def _regroup_index(recv_RL: list[list[int]], device: torch.device) -> Tensor:
